@@ -1,0 +1,69 @@
+"""Shared fixture access. Everything the suite reads lives under tests/fixtures/ (no ../shared needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = ROOT / "tests" / "fixtures" / "deepseek-ocr"
+MODEL_DIR = FIXTURES / "model"
+
+
+@cache
+def cases_manifest() -> dict[str, Any]:
+    return json.loads((FIXTURES / "cases.json").read_text())
+
+
+def model_cases() -> list[dict[str, Any]]:
+    """The 11 image cases plus the text-only case, in manifest order."""
+    manifest = cases_manifest()
+    return list(manifest["cases"]) + list(manifest["lm_only"])
+
+
+def model_case_ids() -> list[str]:
+    return [c["id"] for c in model_cases()]
+
+
+def case_by_id(case_id: str) -> dict[str, Any]:
+    for case in model_cases():
+        if case["id"] == case_id:
+            return case
+    raise KeyError(case_id)
+
+
+@cache
+def case_tensors(case_id: str) -> dict[str, Any]:
+    """numpy arrays of cases/<id>.safetensors (bf16 entries, if any, come back as float32)."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(FIXTURES / "cases" / f"{case_id}.safetensors"))
+
+
+def rel_err(actual: Any, expected: Any) -> float:
+    """max|actual - expected| / max|expected|, the per-tensor parity measure used throughout."""
+    import numpy as np
+
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+    scale = float(np.abs(e).max()) or 1.0
+    return float(np.abs(a - e).max()) / scale
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
