@@ -50,13 +50,17 @@ def select_backend(backend: str | None = None, device: str | None = None) -> tup
         if backend == "torch":
             raise BackendUnavailableError("--device metal runs on the mlx backend; drop --backend torch")
         if not metal_available():
-            raise BackendUnavailableError("--device metal needs Apple Silicon with mlx installed (pip install 'dsocr[mlx]')")
+            raise BackendUnavailableError(
+                "--device metal needs Apple Silicon with mlx installed (pip install 'dsocr[mlx]')"
+            )
         return "mlx", "metal"
     if device == "cuda":
         if backend == "mlx":
             raise BackendUnavailableError("the mlx backend cannot use CUDA; use --backend torch")
         if not cuda_available():
-            raise BackendUnavailableError("--device cuda: no CUDA device is visible to torch (or torch is not installed)")
+            raise BackendUnavailableError(
+                "--device cuda: no CUDA device is visible to torch (or torch is not installed)"
+            )
         return "torch", "cuda"
     if device == "cpu":
         if backend is None:

@@ -140,7 +140,7 @@ class Generation:
     def _finish(
         self, ids: list[int], text: str, finish: str, t0: float, t_first: float | None, t_end: float
     ) -> GenerationResult:
-        engine, prepared = self.engine, self.prepared
+        prepared = self.prepared
         raw = clean_output(text) if text.strip() else ""
         display = raw
         if prepared.image_sizes:

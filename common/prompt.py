@@ -1,0 +1,140 @@
+"""Prompts: task presets, the official `plain` template with `<image>` expansion, and chat folding.
+
+infer() formats the conversation with the `plain` template, which reduces to `prompt.strip()`, splits it on
+`<image>`, encodes every text piece without special tokens, replaces each `<image>` by its run of image tokens
+and prepends BOS (no EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from common.backend import ImageInput, PreparedInputs
+from common.errors import InputError
+from common.modes import Mode
+from common.tiling import image_token_count, tile_image, to_image_input
+from common.tokenizer import Tokenizer
+
+IMAGE_TOKEN = "<image>"
+_REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
+
+# The prompts the authors use (README and run_dpsk_ocr.py).
+TASKS: dict[str, str] = {
+    "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
+    "ocr": "<image>\nFree OCR.",
+    "figure": "<image>\nParse the figure.",
+    "describe": "<image>\nDescribe this image in detail.",
+    "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
+    "grounding": "<image>\n<|grounding|>OCR this image.",
+}
+
+
+def task_prompt(task: str, ref: str | None = None) -> str:
+    """The preset prompt of a task; `locate` needs `ref`, the text to find."""
+    key = task.strip().lower()
+    if key not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    template = TASKS[key]
+    if _REF_PLACEHOLDER in template:
+        if ref is None or not ref.strip():
+            raise InputError(f"task {key!r} needs the text to locate (ref)")
+        return template.replace(_REF_PLACEHOLDER, f"<|ref|>{ref.strip()}<|/ref|>")
+    return template
+
+
+def prepare_inputs(
+    tokenizer: Tokenizer, prompt: str, images: list[Image.Image], mode: Mode
+) -> PreparedInputs:
+    """Token ids, image mask and views for one request, identical to what infer() builds.
+
+    A prompt without `<image>` gets one `<image>\\n` per image in front; otherwise the number of `<image>`
+    placeholders must equal the number of images.
+    """
+    text = prompt.strip()
+    placeholders = text.count(IMAGE_TOKEN)
+    if placeholders == 0 and images:
+        text = f"{IMAGE_TOKEN}\n" * len(images) + text
+        placeholders = len(images)
+    if placeholders != len(images):
+        raise InputError(
+            f"the prompt has {placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)"
+            " were given"
+        )
+    pieces = text.split(IMAGE_TOKEN)
+    input_ids: list[int] = [tokenizer.bos_id]
+    mask: list[bool] = [False]
+    prepared_images: list[ImageInput] = []
+    for piece, image in zip(pieces, images, strict=False):
+        piece_ids = tokenizer.encode(piece)
+        input_ids += piece_ids
+        mask += [False] * len(piece_ids)
+        tiled = tile_image(image, mode)
+        image_input = to_image_input(tiled)
+        count = image_token_count(mode, image_input.crop_grid, image_input.has_crops)
+        input_ids += [tokenizer.image_token_id] * count
+        mask += [True] * count
+        prepared_images.append(image_input)
+    tail_ids = tokenizer.encode(pieces[-1])
+    input_ids += tail_ids
+    mask += [False] * len(tail_ids)
+    return PreparedInputs(
+        input_ids=np.asarray(input_ids, dtype=np.int64),
+        images_seq_mask=np.asarray(mask, dtype=np.bool_),
+        images=prepared_images,
+    )
+
+
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class ImagePart:
+    image: object  # opaque payload (a URL, bytes, a path...); the caller decodes it
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    parts: list[TextPart | ImagePart] = field(default_factory=list)
+
+
+def _has_images(message: ChatMessage) -> bool:
+    return any(isinstance(part, ImagePart) for part in message.parts)
+
+
+def fold_conversation(messages: list[ChatMessage]) -> tuple[str, list[object]]:
+    """Reduces an OpenAI-style chat to what the model can answer: the last user turn.
+
+    The model is single-turn: system and assistant text and earlier user turns are dropped. A follow-up
+    question without an image (as Open WebUI sends them) keeps the images of the latest earlier user turn that
+    had some, placed in front of the question. Each image becomes `<image>\\n` at its place in the text.
+    """
+    user_turns = [m for m in messages if m.role.strip().lower() == "user"]
+    if not user_turns:
+        raise InputError("the conversation has no user message")
+    last = user_turns[-1]
+    pieces: list[str] = []
+    images: list[object] = []
+    if not _has_images(last):
+        for earlier in reversed(user_turns[:-1]):
+            if _has_images(earlier):
+                carried = [part.image for part in earlier.parts if isinstance(part, ImagePart)]
+                images.extend(carried)
+                pieces.append(f"{IMAGE_TOKEN}\n" * len(carried))
+                break
+    previous_was_text = False
+    for part in last.parts:
+        if isinstance(part, ImagePart):
+            images.append(part.image)
+            pieces.append(f"{IMAGE_TOKEN}\n")
+            previous_was_text = False
+        else:
+            # Separate consecutive text parts so words from different parts do not run together.
+            pieces.append(("\n" if previous_was_text else "") + part.text)
+            previous_was_text = True
+    return "".join(pieces), images
