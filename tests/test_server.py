@@ -1,0 +1,468 @@
+"""The OpenAI-compatible server, end to end: a live uvicorn server on loopback driven by the `openai` client.
+
+The main server runs the tiny fixture model (torch, CPU, float32); its outputs are compared with the Engine run
+directly on the same inputs. A second server runs a slow stand-in backend to make queueing, keep-alives and
+cancellation timing deterministic.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.server
+import io
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from common.backend import PreparedInputs
+from common.config import load_config
+from common.engine import Engine
+from common.errors import ImageError
+from common.images import load_image
+from common.modes import resolve_mode
+from common.remote import RemoteFetchError, fetch_url
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from server import ServerSettings, create_app
+from tests.conftest import FIXTURES, MODEL_DIR
+
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key-123"
+DOC_IMAGE = FIXTURES / "images" / "doc_text.png"
+MODE = "tiny"  # smallest views: keeps the vision prefill of the fixture model quick
+MAX_TOKENS = 12
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+
+class SlowBackend:
+    """A stand-in backend: a fixed prefill delay, then one token per `step_s`, never EOS (unless asked)."""
+
+    name, device, dtype = "fake", "cpu", "float32"
+
+    def __init__(self, eos_token_id: int, prefill_s: float = 0.0, step_s: float = 0.0) -> None:
+        self.eos_token_id, self.prefill_s, self.step_s = eos_token_id, prefill_s, step_s
+        self.started = 0
+        self.finished_steps: list[int] = []
+
+    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
+        self.started += 1
+        time.sleep(self.prefill_s)
+        steps = 0
+        try:
+            seed = int(inputs.input_ids.sum())
+            for i in range(params.max_new_tokens):
+                steps += 1
+                yield 1000 + (seed + 7 * i) % 500
+                time.sleep(self.step_s)
+        finally:
+            self.finished_steps.append(steps)
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def live(engine: Engine) -> Iterator[LiveServer]:
+    settings = ServerSettings(mode=MODE, max_queue=16, max_body_mb=1.0, api_key=API_KEY, max_new_tokens=16,
+                              keepalive_s=1.0)
+    with LiveServer(create_app(engine, settings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow() -> Iterator[tuple[LiveServer, SlowBackend]]:
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    backend = SlowBackend(tokenizer.eos_id, prefill_s=0.6, step_s=0.02)
+    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)
+    settings = ServerSettings(mode=MODE, max_queue=1, max_new_tokens=400, keepalive_s=0.1)
+    with LiveServer(create_app(fake, settings)) as server:
+        yield server, backend
+
+
+@pytest.fixture(scope="module")
+def client(live: LiveServer) -> Any:
+    return openai.OpenAI(base_url=f"{live.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def engine_text(engine: Engine, prompt: str, images: list[Image.Image], max_tokens: int) -> tuple[str, Any]:
+    prepared = engine.prepare(prompt, images, resolve_mode(MODE))
+    generation = engine.generate(prepared, SamplingParams(max_new_tokens=max_tokens))
+    text = "".join(generation)
+    return text, generation.result
+
+
+def image_message(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(DOC_IMAGE)}},
+        {"type": "text", "text": text},
+    ]}]
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI client
+
+
+def test_models_list(client: Any, live: LiveServer) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["deepseek-ocr"]
+    assert client.models.retrieve("deepseek-ocr").id == "deepseek-ocr"
+    assert client.models.retrieve(MODEL_DIR.name).id == "deepseek-ocr"  # the model directory name is accepted
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_stream_equals_nonstream_equals_engine(client: Any, engine: Engine) -> None:
+    expected, result = engine_text(engine, "<image>\nFree OCR.", [load_image(DOC_IMAGE)], MAX_TOKENS)
+    completion = client.chat.completions.create(model="deepseek-ocr", messages=image_message("Free OCR."),
+                                                max_tokens=MAX_TOKENS)
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason == result.finish_reason
+    assert completion.usage.prompt_tokens == result.prompt_tokens
+    assert completion.usage.completion_tokens == result.completion_tokens
+
+    pieces, finish, usage = [], None, None
+    stream = client.chat.completions.create(model="deepseek-ocr", messages=image_message("Free OCR."),
+                                            max_tokens=MAX_TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == expected
+    assert finish == result.finish_reason
+    assert usage is not None and usage.completion_tokens == result.completion_tokens
+    assert usage.total_tokens == result.prompt_tokens + result.completion_tokens
+
+
+def test_responses_api(client: Any, engine: Engine) -> None:
+    expected, result = engine_text(engine, "<image>\nFree OCR.", [load_image(DOC_IMAGE)], MAX_TOKENS)
+    items = [{"role": "user", "content": [
+        {"type": "input_image", "image_url": data_url(DOC_IMAGE)},
+        {"type": "input_text", "text": "Free OCR."},
+    ]}]
+    response = client.responses.create(model="deepseek-ocr", input=items, max_output_tokens=MAX_TOKENS)
+    assert response.output_text == expected
+    assert response.usage.input_tokens == result.prompt_tokens
+    assert response.usage.output_tokens == result.completion_tokens
+
+    deltas, kinds, final = [], [], None
+    for event in client.responses.create(model="deepseek-ocr", input=items, max_output_tokens=MAX_TOKENS,
+                                         stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[0] == "response.created"
+    assert "".join(deltas) == expected
+    assert final is not None and final.usage.output_tokens == result.completion_tokens
+
+
+def test_text_only_request(client: Any, engine: Engine) -> None:
+    expected, result = engine_text(engine, "Write a title for this chat.", [], 8)
+    completion = client.chat.completions.create(
+        model="deepseek-ocr", max_tokens=8,
+        messages=[{"role": "system", "content": "You are helpful."},
+                  {"role": "user", "content": "Write a title for this chat."}])
+    assert completion.choices[0].message.content == expected
+    assert completion.usage.prompt_tokens == result.prompt_tokens
+    response = client.responses.create(model="deepseek-ocr", input="Write a title for this chat.",
+                                       max_output_tokens=8)
+    assert response.output_text == expected
+
+
+def test_pdf_file_part(client: Any, engine: Engine) -> None:
+    pages = [load_image(DOC_IMAGE), Image.new("RGB", (300, 200), "white")]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "PDF", save_all=True, append_images=pages[1:], resolution=144)
+    pdf_url = "data:application/pdf;base64," + base64.b64encode(buffer.getvalue()).decode()
+    completion = client.chat.completions.create(model="deepseek-ocr", max_tokens=4, messages=[
+        {"role": "user", "content": [{"type": "file", "file": {"file_data": pdf_url, "filename": "scan.pdf"}},
+                                     {"type": "text", "text": "Free OCR."}]}])
+    # Each page is one image: the prompt holds two image runs.
+    single = engine.prepare("<image>\nFree OCR.", [pages[1]], resolve_mode(MODE))
+    assert completion.usage.prompt_tokens > single.prompt_tokens + single.image_tokens
+    assert completion.usage.completion_tokens == 4
+
+
+def test_concurrent_clients_match_sequential(client: Any) -> None:
+    prompts = [f"Free OCR. {i}" for i in range(8)]
+
+    def ask(prompt: str) -> str:
+        completion = client.chat.completions.create(model="deepseek-ocr", messages=image_message(prompt),
+                                                    max_tokens=6)
+        return completion.choices[0].message.content
+
+    sequential = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        concurrent_results = list(pool.map(ask, prompts))
+    assert concurrent_results == sequential
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def post_chat(live: LiveServer, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None
+              ) -> httpx.Response:
+    headers = {**auth(), **(headers or {})}
+    if raw is not None:
+        return httpx.post(f"{live.base}/v1/chat/completions", content=raw,
+                          headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(f"{live.base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def assert_openai_error(response: httpx.Response, status: int, needle: str = "") -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle.lower() in error["message"].lower()
+    return error
+
+
+def chat_with_url(url: str) -> dict[str, Any]:
+    return {"model": "deepseek-ocr", "max_tokens": 2,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_auth_required(live: LiveServer) -> None:
+    body = {"model": "deepseek-ocr", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    no_key = httpx.post(f"{live.base}/v1/chat/completions", json=body, timeout=10)
+    assert_openai_error(no_key, 401, "api key")
+    wrong = post_chat(live, body, headers={"Authorization": "Bearer nope"})
+    assert_openai_error(wrong, 401)
+    assert httpx.get(f"{live.base}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(f"{live.base}/health", timeout=10).json()["status"] == "ready"
+
+
+def test_body_too_large(live: LiveServer) -> None:
+    blob = base64.b64encode(np.random.default_rng(0).bytes(1_200_000)).decode()
+    response = post_chat(live, chat_with_url("data:image/png;base64," + blob))
+    assert_openai_error(response, 413)
+
+
+def test_bad_inputs(live: LiveServer) -> None:
+    assert_openai_error(post_chat(live, chat_with_url("data:image/png;base64,@@not base64!!")), 400, "base64")
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50).decode()
+    assert_openai_error(post_chat(live, chat_with_url(corrupt)), 400, "image")
+    assert_openai_error(post_chat(live, chat_with_url("ftp://example.com/a.png")), 400)
+    assert_openai_error(post_chat(live, None, raw=b"{not json"), 400)
+    assert post_chat(live, {"model": "deepseek-ocr"}).status_code in (400, 422)  # messages missing
+    assert post_chat(live, {"messages": [], "max_tokens": "many"}).status_code in (400, 422)
+    assert_openai_error(post_chat(live, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}), 404)
+    assert_openai_error(post_chat(live, {"messages": [{"role": "system", "content": "x"}]}), 400, "user")
+    assert_openai_error(post_chat(live, {"messages": [{"role": "user", "content": "x"}], "mode": "huge"}), 400)
+    # the worker survived all of that
+    ok = post_chat(live, {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_ssrf_refused(live: LiveServer) -> None:
+    for url in ("http://127.0.0.1:1/secret.png", "http://169.254.169.254/latest/meta-data/",
+                "http://[::1]/x.png", "http://localhost/x.png", "http://10.0.0.1/x.png"):
+        assert_openai_error(post_chat(live, chat_with_url(url)), 400, "non-public")
+
+
+def test_fetch_url_limits_and_private_opt_in() -> None:
+    png = DOC_IMAGE.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "/doc.png")
+                self.end_headers()
+                return
+            body, kind = (png, "image/png") if self.path == "/doc.png" else (b"<html>", "text/html")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(RemoteFetchError, match="non-public"):
+            fetch_url(f"{base}/doc.png")
+        fetched = fetch_url(f"{base}/redirect", allow_private=True)
+        assert fetched.data == png and fetched.url.endswith("/doc.png")
+        with pytest.raises(RemoteFetchError, match="not an image"):
+            fetch_url(f"{base}/page.html", allow_private=True)
+        with pytest.raises(ImageError, match="limit"):
+            fetch_url(f"{base}/doc.png", allow_private=True, max_bytes=1000)
+        with pytest.raises(RemoteFetchError, match="redirects"):
+            fetch_url(f"{base}/redirect", allow_private=True, max_redirects=0)
+    finally:
+        httpd.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- slow backend
+
+
+def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
+    server, _ = slow
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 400, "stream": True}  # ~8 s
+    with (
+        httpx.Client(base_url=server.base, timeout=30) as http_client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        with http_client.stream("POST", "/v1/chat/completions", json=body) as running:
+            next(running.iter_lines())
+            wait_for_metric(server, "dsocr_requests_running", 1)  # the first request is being generated
+            queued = pool.submit(
+                httpx.post,
+                f"{server.base}/v1/chat/completions",
+                json={**body, "stream": False, "max_tokens": 2},
+                timeout=30,
+            )
+            wait_for_metric(server, "dsocr_queue_depth", 1)  # the second one waits
+            refused = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=30)
+            error = assert_openai_error(refused, 429, "busy")
+            assert error["type"] == "rate_limit_error"
+            assert int(refused.headers["Retry-After"]) >= 1
+        # leaving the stream cancels the first request; the queued one is then served
+        queued_response = queued.result()
+        assert queued_response.status_code == 200
+        assert queued_response.json()["usage"]["completion_tokens"] == 2
+
+
+def wait_for_metric(server: LiveServer, name: str, value: float, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while server.metric(name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
+def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) -> None:
+    server, backend = slow
+    body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 400, "stream": True}
+    cancelled_before = server.metric("dsocr_generations_cancelled_total")
+    lines = []
+    with httpx.Client(base_url=server.base, timeout=30) as http_client, \
+            http_client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if sum(line.startswith("data: {") for line in lines) >= 4:  # role chunk + 3 content chunks
+                break
+    assert ": keep-alive" in lines  # sent during the 0.6 s prefill
+    deadline = time.monotonic() + 10
+    while server.metric("dsocr_generations_cancelled_total") == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("dsocr_generations_cancelled_total") == cancelled_before + 1
+    assert backend.finished_steps and backend.finished_steps[-1] < 100  # stopped long before 400 tokens
+    # a non-streamed request whose client gives up is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
+    wait_for_metric(server, "dsocr_generations_cancelled_total", cancelled_before + 2)
+    assert backend.finished_steps[-1] < 200
+    follow_up = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": "next"}], "max_tokens": 3})
+    assert follow_up.status_code == 200
+    assert follow_up.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_metrics_and_openapi(live: LiveServer) -> None:
+    text = httpx.get(f"{live.base}/metrics", timeout=10).text
+    for name in ("dsocr_requests_total", "dsocr_generated_tokens_total", "dsocr_queue_depth",
+                 "dsocr_time_to_first_token_seconds_bucket"):
+        assert name in text
+    schema = httpx.get(f"{live.base}/schema/openapi.json", timeout=10).json()
+    assert "/v1/chat/completions" in schema["paths"] and "/v1/responses" in schema["paths"]
+
+
+def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{live.base}/schema/openapi.json")
+    statuses: list[int] = []
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        strategy = schema[path]["POST"].as_strategy()
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case: Any) -> None:
+            response = case.call(base_url=live.base, headers=auth(), timeout=60)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, response.text
+            if response.status_code >= 400:
+                assert "error" in json.loads(response.text)
+
+        check()
+    assert len(statuses) >= 20
