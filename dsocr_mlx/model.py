@@ -1,0 +1,215 @@
+"""DeepSeek-OCR on MLX: SAM -> CLIP -> projector -> image-token layout -> DeepSeek-V2 MoE decoder.
+
+Mirrors dsocr_torch/model.py. MLX convolutions are channels-last, so pixels go in as NHWC and SAM's
+output stays [B, g, g, C]; everything after the projector is layout-independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from common.backend import ImageInput
+from common.config import ModelConfig
+from dsocr_mlx import clip as clip_module
+from dsocr_mlx import sam as sam_module
+from dsocr_mlx.language import DeepseekV2DecoderLayer, decoder_forward, stack_experts
+
+SAM_PREFIX = "model.sam_model."
+CLIP_PREFIX = "model.vision_model."
+
+
+class Projector(nn.Module):
+    """`model.projector.layers`: Linear(clip width + SAM channels -> hidden) with bias."""
+
+    def __init__(self, input_dim: int, n_embed: int) -> None:
+        super().__init__()
+        self.layers = nn.Linear(input_dim, n_embed, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.layers(x)
+
+
+class DeepseekOCRModel(nn.Module):
+    """`model.*`: token embeddings, decoder layers, final norm and the vision tower."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        lm = cfg.language
+        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.layers = [DeepseekV2DecoderLayer(lm, i) for i in range(lm.num_hidden_layers)]
+        self.norm = nn.RMSNorm(lm.hidden_size, eps=lm.rms_norm_eps)
+        self.sam_model = sam_module.ImageEncoderViT(cfg.sam)
+        self.vision_model = clip_module.VitModel(cfg.clip)
+        self.projector = Projector(cfg.projector.input_dim, cfg.projector.n_embed)
+        # The authors' spelling: "seperator".
+        self.image_newline = mx.zeros((lm.hidden_size,))
+        self.view_seperator = mx.zeros((lm.hidden_size,))
+
+
+class DeepseekOCRForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekOCRModel(cfg)
+        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DeepseekV2DecoderLayer]:
+        return self.model.layers
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.model.norm.weight.dtype
+
+    # ---- vision -------------------------------------------------------------------------------------
+
+    def vision_features(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
+        """[B, S, S, 3] NHWC pixels -> (SAM output [B, g, g, C], CLIP output [B, 1 + g*g, C])."""
+        sam_out = self.model.sam_model(pixels.astype(self.dtype))
+        return sam_out, self.model.vision_model(sam_out)
+
+    def project(self, sam_out: mx.array, clip_out: mx.array) -> mx.array:
+        """cat(CLIP tokens without CLS, SAM features) on channels -> projector: [B, g*g, hidden]."""
+        batch, grid_h, grid_w, channels = sam_out.shape
+        features = mx.concatenate(
+            [clip_out[:, 1:], sam_out.reshape(batch, grid_h * grid_w, channels)], axis=-1
+        )
+        return self.model.projector(features)
+
+    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+        """[B, S, S, 3] NHWC pixels -> [B, g*g, hidden] projected features (row-major over the g x g grid)."""
+        sam_out, clip_out = self.vision_features(pixels)
+        projected = self.project(sam_out, clip_out)
+        if record is not None:
+            record.update(sam_out=sam_out, clip_out=clip_out, projector_out=projected)
+        return projected
+
+    def _with_newlines(self, grid: mx.array) -> mx.array:
+        """[rows, cols, H] -> [rows * (cols + 1), H] with `image_newline` closing every row."""
+        rows, _, hidden = grid.shape
+        newline = mx.broadcast_to(self.model.image_newline.astype(grid.dtype), (rows, 1, hidden))
+        return mx.concatenate([grid, newline], axis=1).reshape(-1, hidden)
+
+    def layout_image_tokens(
+        self, global_features: mx.array, local_features: mx.array | None, crop_grid: tuple[int, int]
+    ) -> mx.array:
+        """Projected views -> the image's token embeddings in sequence order.
+
+        `global_features` [g*g, H]; `local_features` [tiles, t*t, H] (row-major tiles of a crop grid of
+        (width tiles, height tiles)) or None. Order: [local rows..., global rows..., view separator], each
+        row closed by `image_newline`; the local tiles form one (h_tiles*t) x (w_tiles*t) grid.
+        """
+        hidden = global_features.shape[-1]
+        parts = []
+        if local_features is not None:
+            width_tiles, height_tiles = crop_grid
+            tile = _square_side(local_features.shape[1])
+            tiles = local_features.reshape(height_tiles, width_tiles, tile, tile, hidden)
+            tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(height_tiles * tile, width_tiles * tile, hidden)
+            parts.append(self._with_newlines(tiles))
+        grid = _square_side(global_features.shape[0])
+        parts.append(self._with_newlines(global_features.reshape(grid, grid, hidden)))
+        parts.append(self.model.view_seperator.astype(global_features.dtype)[None])
+        return mx.concatenate(parts, axis=0)
+
+    def image_embeddings(self, image: ImageInput, record: dict[str, Any] | None = None) -> mx.array:
+        """One preprocessed image -> its token embeddings (see `layout_image_tokens`)."""
+        global_record: dict[str, mx.array] | None = {} if record is not None else None
+        global_pixels = mx.array(np.ascontiguousarray(image.global_view.transpose(1, 2, 0)))[None]
+        global_features = self.encode_views(global_pixels, global_record)[0]
+        local_features = None
+        if image.has_crops:
+            assert image.local_views is not None
+            local_record: dict[str, mx.array] | None = {} if record is not None else None
+            local_pixels = mx.array(np.ascontiguousarray(image.local_views.transpose(0, 2, 3, 1)))
+            local_features = self.encode_views(local_pixels, local_record)
+            if record is not None:
+                record["local"] = local_record
+        if record is not None:
+            record["global"] = global_record
+        return self.layout_image_tokens(global_features, local_features, image.crop_grid)
+
+    def embed_inputs(
+        self,
+        input_ids: np.ndarray | Sequence[int],
+        images_seq_mask: np.ndarray | None = None,
+        images: Sequence[ImageInput] = (),
+        record: dict[str, Any] | None = None,
+    ) -> mx.array:
+        """[L] ids -> [1, L, hidden]: text embeddings, image embeddings scattered at the masked positions."""
+        ids = mx.array(np.asarray(input_ids, dtype=np.int64).astype(np.int32))
+        embeds = self.model.embed_tokens(ids)
+        if images and images_seq_mask is not None and bool(np.any(images_seq_mask)):
+            per_image = []
+            for image in images:
+                image_record: dict[str, Any] | None = {} if record is not None else None
+                per_image.append(self.image_embeddings(image, image_record))
+                if record is not None:
+                    record.setdefault("images", []).append(image_record)
+            image_embeds = mx.concatenate(per_image, axis=0)
+            embeds = scatter_image_embeds(embeds, images_seq_mask, image_embeds)
+            if record is not None:
+                record["image_embeds"] = image_embeds
+        if record is not None:
+            record["inputs_embeds"] = embeds
+        return embeds[None]
+
+    # ---- language -----------------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        inputs_embeds: mx.array,
+        cache: list[KVCache] | None = None,
+        layer_outputs: list[mx.array] | None = None,
+    ) -> mx.array:
+        """[B, L, hidden] embeddings -> final-normed hidden states (the cache gives positions and mask)."""
+        return decoder_forward(self.model.layers, self.model.norm, inputs_embeds, cache, layer_outputs)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.lm_head(hidden).astype(mx.float32)
+
+    def __call__(self, inputs_embeds: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Logits of the last position, float32 [B, vocab]."""
+        return self.logits(self.hidden_states(inputs_embeds, cache)[:, -1, :])
+
+    # ---- weights ------------------------------------------------------------------------------------
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Official Hugging Face names/layouts -> this model's; idempotent (sanitising twice equals once).
+
+        Per-expert tensors are stacked; SAM/CLIP conv weights go from OIHW to OHWI through their own
+        `sanitize`. Nothing else is renamed or dropped.
+        """
+        weights = stack_experts(dict(weights), self.config.language)
+        for prefix, tower_sanitize in (
+            (SAM_PREFIX, sam_module.sanitize),
+            (CLIP_PREFIX, clip_module.sanitize),
+        ):
+            tower = {k[len(prefix) :]: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
+            weights.update({prefix + k: v for k, v in tower_sanitize(tower).items()})
+        return weights
+
+
+def _square_side(count: int) -> int:
+    side = int(round(count**0.5))
+    if side * side != count:
+        raise ValueError(f"{count} image features do not form a square grid")
+    return side
+
+
+def scatter_image_embeds(embeds: mx.array, images_seq_mask: np.ndarray, image_embeds: mx.array) -> mx.array:
+    """[L, H] text embeddings with `image_embeds` written, in order, at the True positions of the mask."""
+    positions = np.flatnonzero(np.asarray(images_seq_mask))
+    if positions.size != image_embeds.shape[0]:
+        raise ValueError(
+            f"images_seq_mask marks {positions.size} positions but the images give "
+            f"{image_embeds.shape[0]} embeddings"
+        )
+    embeds[mx.array(positions.astype(np.int32))] = image_embeds.astype(embeds.dtype)
+    return embeds
