@@ -72,6 +72,7 @@ from common.openai_schema import (
     now,
     stop_strings,
 )
+from common.postprocess import GroundingStripper
 from common.prompt import IMAGE_TOKEN, TASKS, ChatMessage, ImagePart, TextPart, fold_conversation
 from common.remote import fetch_url
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -346,6 +347,7 @@ class InferenceRequest:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.perf_counter)
     generation: GenerationLike | None = None
+    strip_grounding: bool = True
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -504,15 +506,21 @@ class Scheduler:
             if request.cancelled:  # cancel() raced with generate(): make sure the generation sees it
                 generation.cancel()
             deltas = iter(generation)
+            stripper = GroundingStripper() if request.strip_grounding else None
             first = True
             try:
                 for delta in deltas:
                     if first:
                         self.metrics.record_ttft(time.perf_counter() - started)
                         first = False
-                    request.emit("delta", delta)
+                    if stripper is not None:
+                        delta = stripper.feed(delta)
+                    if delta:
+                        request.emit("delta", delta)
                     if request.cancelled:
                         break
+                if stripper is not None and (tail := stripper.flush()):
+                    request.emit("delta", tail)
             finally:
                 close = getattr(deltas, "close", None)
                 if close is not None:
@@ -663,6 +671,7 @@ class Job:
     refs: list[MediaRef]
     mode: Mode
     params: SamplingParams
+    strip_grounding: bool = True
 
 
 def _mode_for(options: GenerationOptions, settings: ServerSettings) -> Mode:
@@ -724,7 +733,7 @@ def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
         seed=body.seed,
         stop=body.stop,
     )
-    return Job(prompt, refs, _mode_for(body, settings), params)
+    return Job(prompt, refs, _mode_for(body, settings), params, body.grounding != "keep")
 
 
 def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
@@ -743,7 +752,7 @@ def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
         seed=body.seed,
         stop=body.stop,
     )
-    return Job(prompt, refs, _mode_for(body, settings), params)
+    return Job(prompt, refs, _mode_for(body, settings), params, body.grounding != "keep")
 
 
 def prepare_job(engine: EngineLike, job: Job, settings: ServerSettings) -> Any:
@@ -811,7 +820,9 @@ async def _submit(request: Request, job: Job) -> InferenceRequest:
         scheduler.metrics.rejected_queue_full += 1
         raise _queue_full(scheduler)
     prepared = await asyncio.to_thread(prepare_job, engine, job, settings)
-    inference = InferenceRequest(prepared=prepared, params=job.params, loop=asyncio.get_running_loop())
+    inference = InferenceRequest(
+        prepared=prepared, params=job.params, loop=asyncio.get_running_loop(), strip_grounding=job.strip_grounding
+    )
     try:
         scheduler.submit(inference)
     except QueueFullError:

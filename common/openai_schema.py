@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -73,6 +73,9 @@ class GenerationOptions(Struct):
     max_crops: PositiveInt | None = None
     no_repeat_ngram_size: NonNegativeInt | None = None
     ngram_window: NonNegativeInt | None = None
+    # "strip" (default): <|ref|>/<|det|> grounding markup is removed, as chat clients cannot show boxes;
+    # "keep": the model's raw text with the boxes.
+    grounding: Literal["strip", "keep"] | None = None
 
 
 class ChatCompletionRequest(GenerationOptions, kw_only=True):

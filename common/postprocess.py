@@ -204,3 +204,55 @@ def draw_boxes(image: Image.Image, boxes: list[GroundingBox]) -> Image.Image:
                 pass  # a label the font cannot render: the box alone is still useful
     canvas.paste(overlay, (0, 0), overlay)
     return canvas
+
+
+_REF_OPEN = "<|ref|>"
+_DET_CLOSE = "<|/det|>"
+
+
+def strip_grounding(text: str) -> str:
+    """Removes every `<|ref|>…<|/ref|><|det|>…<|/det|>` group, keeping the text around it (for chat clients)."""
+    return GROUNDING_PATTERN.sub("", text)
+
+
+class GroundingStripper:
+    """Streaming `strip_grounding`: feed text deltas, get back deltas with the grounding groups removed.
+
+    Text that might start a group is held back until the group closes; an opening tag with no close within
+    `max_group` characters is malformed output and is passed through as text rather than held forever.
+    """
+
+    def __init__(self, max_group: int = 512) -> None:
+        self.max_group = max_group
+        self._pending = ""
+
+    def feed(self, delta: str) -> str:
+        buf = self._pending + delta
+        out: list[str] = []
+        while True:
+            start = buf.find(_REF_OPEN)
+            if start < 0:
+                keep = next((k for k in range(min(len(_REF_OPEN) - 1, len(buf)), 0, -1)
+                             if buf.endswith(_REF_OPEN[:k])), 0)
+                out.append(buf[: len(buf) - keep])
+                buf = buf[len(buf) - keep:]
+                break
+            out.append(buf[:start])
+            rest = buf[start:]
+            end = rest.find(_DET_CLOSE)
+            if end < 0:
+                if len(rest) > self.max_group:  # malformed: give the tag back as text and move on
+                    out.append(_REF_OPEN)
+                    buf = rest[len(_REF_OPEN):]
+                    continue
+                buf = rest
+                break
+            group = rest[: end + len(_DET_CLOSE)]
+            out.append(strip_grounding(group))  # a stray open tag inside stays as text
+            buf = rest[end + len(_DET_CLOSE):]
+        self._pending = buf
+        return "".join(out)
+
+    def flush(self) -> str:
+        rest, self._pending = self._pending, ""
+        return rest

@@ -251,3 +251,25 @@ def test_draw_boxes_accepts_other_modes_and_labels() -> None:
     boxes = [GroundingBox("标题 ✓\nline", "", [(0, 0, 999, 999)], [(5, 20, 100, 70)])]
     out = draw_boxes(rgba, boxes)
     assert out.mode == "RGB" and out.size == (120, 80)
+
+
+def test_grounding_stripper_streams_like_one_shot() -> None:
+    from common.postprocess import GroundingStripper, strip_grounding
+
+    for case in golden_cases():
+        text = case["model_text"]
+        expected = strip_grounding(text)
+        assert "<|ref|>" not in expected and "<|det|>" not in expected
+        for step in (1, 2, 3, 7, 50):
+            stripper = GroundingStripper()
+            streamed = "".join(stripper.feed(text[i:i + step]) for i in range(0, len(text), step)) + stripper.flush()
+            assert streamed == expected, (case["id"], step)
+
+
+def test_grounding_stripper_passes_malformed_output() -> None:
+    from common.postprocess import GroundingStripper
+
+    text = "a <|ref|>never closed " + "x" * 600 + " end <|re"
+    stripper = GroundingStripper(max_group=100)
+    out = "".join(stripper.feed(ch) for ch in text) + stripper.flush()
+    assert out == text

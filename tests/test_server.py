@@ -466,3 +466,44 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
 
         check()
     assert len(statuses) >= 20
+
+
+class ScriptedBackend:
+    """Replays fixed token ids (here: a grounded page from postprocess_goldens.json)."""
+
+    name, device, dtype = "fake", "cpu", "float32"
+
+    def __init__(self, ids: list[int], eos_token_id: int) -> None:
+        self.ids, self.eos_token_id = ids, eos_token_id
+
+    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
+        yield from self.ids[: params.max_new_tokens]
+
+    def close(self) -> None:
+        pass
+
+
+def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
+    import json as _json
+
+    from common.postprocess import strip_grounding
+    from tests.conftest import FIXTURES
+
+    golden = _json.loads((FIXTURES / "postprocess_goldens.json").read_text())["cases"][0]
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), ScriptedBackend(golden["generated_ids"], 1))
+    with LiveServer(create_app(fake, ServerSettings(mode=MODE, max_new_tokens=400))) as server:
+        body = {"messages": [{"role": "user", "content": "page"}]}
+        plain = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=30).json()
+        kept = httpx.post(f"{server.base}/v1/chat/completions", json={**body, "grounding": "keep"}, timeout=30).json()
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as response:
+            pieces = [
+                _json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                for line in response.iter_lines()
+                if line.startswith("data: {") and _json.loads(line[6:])["choices"]
+            ]
+    assert "<|ref|>" in golden["model_text"]
+    assert kept["choices"][0]["message"]["content"] == golden["model_text"]
+    assert plain["choices"][0]["message"]["content"] == strip_grounding(golden["model_text"])
+    assert "".join(pieces) == strip_grounding(golden["model_text"])
