@@ -1,0 +1,1 @@
+"""PyTorch backend for DeepSeek-OCR (CPU and CUDA)."""
