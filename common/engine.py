@@ -187,9 +187,10 @@ class Engine:
         offline: bool = False,
         weights: bool = True,
         progress: ProgressCallback | None = None,
+        show_download_progress: bool = True,
     ) -> Engine:
         """Resolves the model (downloading on first use) and, unless `weights=False`, loads it on a backend."""
-        model_dir = resolve_model(model, revision=revision, offline=offline)
+        model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
         config = load_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         loaded: Backend | None = None

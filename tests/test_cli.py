@@ -1,0 +1,499 @@
+"""End-to-end tests of cli.py on the tiny fixture model.
+
+Generation runs in-process on one engine loaded once (torch, CPU, float32); a few runs go through a subprocess
+for exit codes, stdin and environment-dependent behaviour. A scripted fake backend covers what random tiny
+weights never produce (grounding boxes and figures) and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import cli
+from common.backend import PreparedInputs
+from common.config import load_config
+from common.engine import Engine
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
+
+GEN_FLAGS = ["--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
+FAST = ["--mode", "tiny", *GEN_FLAGS]  # 512 px global view, no tiles: the cheapest real run
+
+
+class SharedEngine:
+    """The module's engine handed to main(); main() closes its engine at the end, this one stays open."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def real_engine() -> Iterator[Engine]:
+    engine = Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32")
+    yield engine
+    engine.close()
+
+
+class ScriptedBackend:
+    """Yields a fixed token sequence (then EOS); optionally raises KeyboardInterrupt on the n-th request."""
+
+    name, device, dtype = "fake", "cpu", "float32"
+
+    def __init__(self, ids: list[int], eos: int, interrupt_on: int | None = None) -> None:
+        self.ids, self.eos_token_id, self.interrupt_on = ids, eos, interrupt_on
+        self.requests = 0
+
+    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
+        self.requests += 1
+        if self.interrupt_on is not None and self.requests >= self.interrupt_on:
+            raise KeyboardInterrupt
+        yield from self.ids[: params.max_new_tokens]
+        if len(self.ids) < params.max_new_tokens:
+            yield self.eos_token_id
+
+    def close(self) -> None:
+        pass
+
+
+GROUNDED_TEXT = (
+    "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 150]]<|/det|>\n# Quarterly report\n\n"
+    "<|ref|>image<|/ref|><|det|>[[100, 200, 600, 700]]<|/det|>\n\n"
+    "<|ref|>text<|/ref|><|det|>[[100, 750, 900, 950]]<|/det|>\nRevenue grew."
+)
+
+
+def scripted_engine(text: str = GROUNDED_TEXT, interrupt_on: int | None = None) -> Engine:
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    backend = ScriptedBackend(tokenizer.encode(text), tokenizer.eos_id, interrupt_on)
+    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)  # type: ignore[arg-type]
+
+
+def run(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, engine: Any = None
+) -> tuple[int, str, str]:
+    """main(argv) in-process with `engine` injected (None: main loads the model itself)."""
+    if engine is not None:
+        shared = SharedEngine(engine) if isinstance(engine, Engine) else engine
+        monkeypatch.setattr(cli, "load_engine", lambda args, weights, reporter: shared)
+    code = cli.main(["--model", str(MODEL_DIR), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def page_image(text: str, size: tuple[int, int] = (300, 400)) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((20, 20), text, fill="black")
+    return image
+
+
+def make_pdf(path: Path, pages: int) -> Path:
+    images = [page_image(f"Page {i + 1}") for i in range(pages)]
+    images[0].save(path, "PDF", save_all=True, append_images=images[1:], resolution=72.0)
+    return path
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dsocr: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ dry run
+
+
+@pytest.mark.parametrize(
+    "case_id",
+    ["pm01_doc_base", "pm02_doc_gundam", "pm04_receipt_tall_gundam", "pm05_banner_wide_base", "pm07_gray_tiny"],
+)
+def test_dry_run_counts_equal_fixtures(case_id: str, capsys, monkeypatch) -> None:
+    case = case_by_id(case_id)
+    code, out, _ = run(
+        [
+            "--image",
+            str(FIXTURES / case["image"]),
+            "--prompt",
+            case["prompt"],
+            "--mode",
+            case["mode"],
+            "--dry-run",
+            "--json",
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0
+    [record] = json_lines(out)
+    assert record["prompt_tokens"] == case["input_len"]
+    assert record["image_tokens"] == case["n_image_tokens"]
+    expected_grid = case["images_spatial_crop"] if case["n_local_crops"] else None
+    assert record["crop_grid"] == expected_grid
+    assert record["mode"] == case["mode"]
+    assert record["tiles"] == case["n_local_crops"]
+
+
+def test_dry_run_literal_backslash_n_is_a_newline(capsys, monkeypatch) -> None:
+    case = case_by_id("pm01_doc_base")
+    shell_prompt = case["prompt"].replace("\n", "\\n")  # what `--prompt "<image>\n..."` passes from a shell
+    code, out, _ = run(
+        [str(FIXTURES / case["image"]), "--prompt", shell_prompt, "--mode", "base", "--dry-run", "--json"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0
+    assert json_lines(out)[0]["prompt_tokens"] == case["input_len"]
+
+
+def test_dry_run_multipage_tiff_and_pages(tmp_path, capsys, monkeypatch) -> None:
+    tiff = tmp_path / "scan.tiff"
+    frames = [page_image(f"frame {i}") for i in range(3)]
+    frames[0].save(tiff, save_all=True, append_images=frames[1:])
+    code, out, _ = run([str(tiff), "--pages", "2-", "--mode", "tiny", "--dry-run", "--json"], capsys, monkeypatch)
+    assert code == 0
+    records = json_lines(out)
+    assert [r["page"] for r in records] == [2, 3]
+    assert all(r["image_tokens"] == case_by_id("pm07_gray_tiny")["n_image_tokens"] for r in records)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_json_token_ids_match_official_infer(real_engine, capsys, monkeypatch) -> None:
+    case = case_by_id("pm01_doc_base")
+    code, out, _ = run(
+        [
+            "--image",
+            str(FIXTURES / case["image"]),
+            "--prompt",
+            case["prompt"],
+            "--mode",
+            "base",
+            "--backend",
+            "torch",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "32",
+            "--no-repeat-ngram-size",
+            "20",
+            "--json",
+        ],
+        capsys,
+        monkeypatch,
+        real_engine,
+    )
+    assert code == 0
+    [record] = json_lines(out)
+    expected = case_tensors("pm01_doc_base")["infer.ids"].reshape(-1).tolist()
+    assert record["token_ids"] == expected
+    assert record["finish_reason"] == "length"
+    assert record["usage"] == {
+        "prompt_tokens": case["input_len"],
+        "completion_tokens": 32,
+        "image_tokens": case["n_image_tokens"],
+    }
+    assert record["crop_grid"] is None
+    assert record["source"] == str(FIXTURES / case["image"]) and record["page"] is None
+    assert record["raw_text"] == real_engine.tokenizer.decode(expected).strip()
+    assert set(record["timings"]) >= {"prepare_s", "ttft_s", "total_s"}
+
+
+def test_pdf_three_pages_outputs_and_json_lines(real_engine, tmp_path, capsys, monkeypatch) -> None:
+    pdf = make_pdf(tmp_path / "report.pdf", 3)
+    out_dir = tmp_path / "out"
+    code, out, err = run(
+        [str(pdf), "-o", str(out_dir), "--dpi", "72", "--json", *FAST], capsys, monkeypatch, real_engine
+    )
+    assert code == 0, err
+    records = json_lines(out)
+    assert [r["page"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert record["source"] == str(pdf)
+        assert record["image_size"] == [300, 400]  # 72 dpi: one pixel per point
+        assert record["usage"]["completion_tokens"] == len(record["token_ids"]) <= 8
+        assert record["usage"]["image_tokens"] == case_by_id("pm07_gray_tiny")["n_image_tokens"]
+        assert record["finish_reason"] in ("stop", "length")
+        stored = json.loads((out_dir / f"report_page{record['page']:03d}.json").read_text())
+        assert stored["token_ids"] == record["token_ids"] and stored["boxes"] == []
+        md = (out_dir / f"report_page{record['page']:03d}.md").read_text()
+        assert md == record["text"].rstrip() + "\n"
+    combined = (out_dir / "report.md").read_text()
+    assert [combined.find(f"<!-- page {p} -->") >= 0 for p in (1, 2, 3)] == [True] * 3
+    assert combined.index("<!-- page 1 -->") < combined.index("<!-- page 2 -->") < combined.index("<!-- page 3 -->")
+    assert "[3/3] ok" in err and "dsocr summary" in err
+
+
+def test_folder_with_corrupt_file_and_resume(real_engine, tmp_path, capsys, monkeypatch) -> None:
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    page_image("first").save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    page_image("third").save(folder / "sub" / "c.jpg")
+    (folder / "notes.txt").write_text("ignored: not an image")
+    out_dir = tmp_path / "out"
+    code, out, err = run([str(folder), "-o", str(out_dir), *FAST], capsys, monkeypatch, real_engine)
+    assert code == 1
+    assert out == ""
+    assert (out_dir / "a.md").is_file() and (out_dir / "a.json").is_file()
+    assert (out_dir / "sub" / "c.md").is_file() and (out_dir / "sub" / "c.json").is_file()
+    assert not (out_dir / "b.json").exists()
+    assert "failed" in err and "b.png" in err and "dsocr summary" in err
+    a_mtime = (out_dir / "a.json").stat().st_mtime_ns
+
+    # Second run: finished items are skipped, the corrupt one fails again.
+    code, out, err = run([str(folder), "-o", str(out_dir), *FAST], capsys, monkeypatch, real_engine)
+    assert code == 1
+    assert err.count("skipped") >= 2 and "already done" in err
+    assert (out_dir / "a.json").stat().st_mtime_ns == a_mtime
+
+    # --json on a resumed run still prints every item: stored records for the skipped ones, an error line for b.
+    (folder / "b.png").unlink()
+    code, out, _ = run([str(folder), "-o", str(out_dir), "--json", *FAST], capsys, monkeypatch, real_engine)
+    assert code == 0
+    records = json_lines(out)
+    assert [Path(r["source"]).name for r in records] == ["a.png", "c.jpg"]
+    assert records[0] == {k: v for k, v in json.loads((out_dir / "a.json").read_text()).items()}
+
+    code, _, err = run([str(folder), "-o", str(out_dir), "--overwrite", *FAST], capsys, monkeypatch, real_engine)
+    assert code == 0 and "skipped" not in err.split("dsocr summary")[0]
+    assert (out_dir / "a.json").stat().st_mtime_ns != a_mtime
+
+
+def test_text_only_prompt_and_streaming(real_engine, capsys, monkeypatch) -> None:
+    code, out, _ = run(["--prompt", "The quick brown fox", "--json", *GEN_FLAGS], capsys, monkeypatch, real_engine)
+    assert code == 0
+    [record] = json_lines(out)
+    assert record["usage"]["image_tokens"] == 0 and record["crop_grid"] is None and record["source"] == ""
+    # Without --json or -o the same generation streams to stdout.
+    code, streamed, _ = run(["--prompt", "The quick brown fox", *GEN_FLAGS], capsys, monkeypatch, real_engine)
+    assert code == 0
+    assert streamed.strip() == record["raw_text"]
+
+
+def test_stdin_subprocess(tmp_path) -> None:
+    png = tmp_path / "in.png"
+    page_image("from stdin").save(png)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "-", "--model", str(MODEL_DIR), "--json", *FAST],
+        input=png.read_bytes(),
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    [record] = json_lines(proc.stdout.decode())
+    assert record["source"] == "-" and record["image_size"] == [300, 400]
+    assert 1 <= record["usage"]["completion_tokens"] <= 8
+
+
+# ------------------------------------------------------------------------------------------ scripted backend
+
+
+def test_grounding_outputs_figures_and_boxes(tmp_path, capsys, monkeypatch) -> None:
+    image = page_image("report", size=(1000, 1000))
+    source = tmp_path / "page.png"
+    image.save(source)
+    out_dir = tmp_path / "out"
+    code, out, err = run(
+        [str(source), "-o", str(out_dir), "--json", "--mode", "tiny"], capsys, monkeypatch, scripted_engine()
+    )
+    assert code == 0, err
+    [record] = json_lines(out)
+    md = (out_dir / "page.md").read_text()
+    assert "![](page_images/0.jpg)" in md and "# Quarterly report" in md and "<|ref|>" not in md
+    crop = Image.open(out_dir / "page_images" / "0.jpg")
+    assert crop.size == (500, 500)  # [100, 200, 600, 700] / 999 * 1000 px, truncated like the official code
+    assert Image.open(out_dir / "page.boxes.jpg").size == (1000, 1000)
+    stored = json.loads((out_dir / "page.json").read_text())
+    assert [b["label"] for b in stored["boxes"]] == ["title", "image", "text"]
+    assert stored["boxes"][0]["boxes"] == [[100, 50, 900, 150]]
+    assert stored["boxes"][0]["points"] == [[100, 50, 900, 150]]
+    assert record["finish_reason"] == "stop" and record["raw_text"] == GROUNDED_TEXT
+    assert record["boxes"] == stored["boxes"] and record["text"] == stored["text"]
+    assert md == record["text"].rstrip() + "\n"
+
+
+def test_output_folder_inside_input_folder_is_not_scanned(tmp_path, capsys, monkeypatch) -> None:
+    page_image("report", size=(1000, 1000)).save(tmp_path / "page.png")
+    out_dir = tmp_path / "out"
+    for _ in range(2):  # the second scan must not pick up out/page_images/0.jpg or out/page.boxes.jpg
+        code, out, _ = run(
+            [str(tmp_path), "-o", str(out_dir), "--json", "--mode", "tiny"], capsys, monkeypatch, scripted_engine()
+        )
+        assert code == 0
+        assert [Path(r["source"]).name for r in json_lines(out)] == ["page.png"]
+    assert (out_dir / "page_images" / "0.jpg").is_file()
+
+
+def test_ctrl_c_keeps_finished_outputs(tmp_path, capsys, monkeypatch) -> None:
+    for name in ("one", "two", "three"):
+        page_image(name).save(tmp_path / f"{name}.png")
+    out_dir = tmp_path / "out"
+    engine = scripted_engine("Hello.", interrupt_on=2)
+    code, _, err = run(
+        [
+            str(tmp_path / "one.png"),
+            str(tmp_path / "two.png"),
+            str(tmp_path / "three.png"),
+            "-o",
+            str(out_dir),
+            "--mode",
+            "tiny",
+        ],
+        capsys,
+        monkeypatch,
+        engine,
+    )
+    assert code == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert (out_dir / "one.json").is_file() and (out_dir / "one.md").read_text() == "Hello.\n"
+    assert not (out_dir / "two.json").exists() and not (out_dir / "three.json").exists()
+
+
+def test_no_prefetch_gives_same_results(tmp_path, capsys, monkeypatch) -> None:
+    pdf = make_pdf(tmp_path / "doc.pdf", 3)
+    results = []
+    for prefetch in ("0", "2"):
+        code, out, _ = run(
+            [str(pdf), "--json", "--dpi", "72", "--mode", "tiny", "--prefetch", prefetch],
+            capsys,
+            monkeypatch,
+            scripted_engine("Same."),
+        )
+        assert code == 0
+        results.append([(r["page"], r["text"], r["usage"]) for r in json_lines(out)])
+    assert results[0] == results[1] and [r[0] for r in results[0]] == [1, 2, 3]
+
+
+def test_convert_subcommand_delegates(monkeypatch) -> None:
+    import types
+
+    seen: list[list[str]] = []
+    fake = types.ModuleType("dsocr_mlx.convert")
+    fake.main = lambda argv: seen.append(list(argv)) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dsocr_mlx.convert", fake)
+    assert cli.main(["convert", "--model", "a", "--out", "b"]) == 0
+    assert seen == [["--model", "a", "--out", "b"]]
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.png"], "input not found: missing.png"),
+        (["{txt}"], "unsupported input format"),
+        (["{pdf}", "--pages", "3-1"], "bad --pages '3-1'"),
+        (["{pdf}", "--pages", "one"], "bad --pages 'one'"),
+        (["{pdf}", "--pages", "5"], "has 2 page(s); --pages asks for page 5"),
+        (["{png}", "--mode", "huge"], "argument --mode: invalid choice: 'huge'"),
+        (["{png}", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+        (["{png}", "--temperature", "hot"], "argument --temperature: expected a number"),
+        (["{png}", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+        (["{png}", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["{png}", "--task", "locate"], "--task locate needs --ref"),
+        (["{png}", "--prompt", "Free OCR."], "the prompt has no <image> placeholder"),
+        (["--task", "ocr"], "no input given"),
+        (["{png}", "--base-size", "100"], "base"),
+        (["{png}", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch) -> None:
+    txt = tmp_path / "notes.txt"
+    txt.write_text("plain text")
+    pdf = make_pdf(tmp_path / "two.pdf", 2)
+    png = tmp_path / "p.png"
+    page_image("x").save(png)
+    argv = [a.format(txt=txt, pdf=pdf, png=png) for a in argv]
+    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    code, out, err = run([*argv, "--dry-run"], capsys, monkeypatch)
+    assert code == 2
+    assert message in one_error_line(err)
+    assert out == ""
+
+
+def test_model_dir_without_weights(tmp_path, capsys, monkeypatch) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (model / name).write_bytes((MODEL_DIR / name).read_bytes())
+    png = tmp_path / "p.png"
+    page_image("x").save(png)
+    code = cli.main([str(png), "--model", str(model), *FAST])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "has no weights" in one_error_line(err)
+
+
+def test_corrupt_single_input_exit_1(tmp_path, capsys, monkeypatch) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    code, out, err = run([str(bad), *FAST], capsys, monkeypatch, scripted_engine())
+    assert code == 1 and out == ""
+    assert "bad.jpg" in one_error_line(err)
+
+
+def test_subprocess_exit_codes_offline_and_missing(tmp_path) -> None:
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    png = tmp_path / "p.png"
+    page_image("x").save(png)
+    offline = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), str(png), "--model", "someone/not-cached", "--offline"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert offline.returncode == 2
+    line = one_error_line(offline.stderr)
+    assert "someone/not-cached is not in the Hugging Face cache" in line and str(tmp_path / "hf") in line
+
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), str(tmp_path / "nope.png"), "--model", str(MODEL_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert one_error_line(missing.stderr) == f"dsocr: error: input not found: {tmp_path / 'nope.png'}"
+
+
+def test_help_and_default_max_new_tokens(capsys) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-new-tokens" in out and "default 8192" in out
+    assert cli.build_parser().parse_args([]).max_new_tokens == 8192
+
+
+def test_page_ranges() -> None:
+    assert cli.parse_page_ranges("1-3,7,10-") == [(1, 3), (7, 7), (10, None)]
+    assert cli.select_pages(cli.parse_page_ranges("2,1-2,4-"), 5, "x.pdf", strict=True) == [1, 2, 4, 5]
+    assert cli.select_pages(cli.parse_page_ranges("4-"), 3, "x.pdf", strict=False) == []
+    assert np.array_equal(cli.select_pages(None, 3, "x.pdf", strict=True), [1, 2, 3])
