@@ -93,7 +93,7 @@ def test_vision_matches_reference(case: dict[str, Any], encoders: Encoders) -> N
             errors[f"vision.{role}.{name}"] = rel_err(outputs[name], reference[f"vision.{role}.{name}"])
         debug_prefix = f"sam_debug.{role}."
         for ref_name in (n for n in reference if n.startswith(debug_prefix)):
-            errors[ref_name] = rel_err(outputs[f"debug.{ref_name[len(debug_prefix):]}"], reference[ref_name])
+            errors[ref_name] = rel_err(outputs[f"debug.{ref_name[len(debug_prefix) :]}"], reference[ref_name])
 
     expected_roles = {"global", "local"} if case["n_local_crops"] else {"global"}
     stored = {name.split(".")[1] for name in reference if name.startswith("vision.")}

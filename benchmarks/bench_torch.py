@@ -1,0 +1,366 @@
+"""Full-size benchmark of the torch backend with RANDOM weights at the real DeepSeek-OCR config's size.
+
+The real weights cannot be downloaded here, so a random bfloat16 checkpoint with exactly the real tensor names
+and shapes (6.67 GB, sharded) is written once and loaded through the normal loader. Shapes, FLOPs and bytes
+equal the real model's; MoE routing on random weights is close to uniform (real routing is skewed, which does
+not change the bytes one decode step reads: always k routed + the shared experts per MoE layer).
+
+Each (device, dtype) runs in its own process so that peak RSS is that configuration's alone.
+
+    nice python benchmarks/bench_torch.py                       # cpu float32 + bfloat16 (+ cuda bfloat16)
+    python benchmarks/bench_torch.py --configs cpu:bfloat16 --decode-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REAL_CONFIG = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "real_config.json"
+REAL_SHAPES = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "real_checkpoint_shapes.json"
+GiB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+def write_random_checkpoint(folder: Path, shard_bytes: int = 2 * GiB) -> None:
+    """Random bf16 tensors named and shaped as the real checkpoint, as index + shards (skipped if present)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dsocr_torch.loader import INDEX_FILE
+
+    if (folder / INDEX_FILE).is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(REAL_CONFIG.read_text())
+    shapes = json.loads(REAL_SHAPES.read_text())["tensors"]
+    generator = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, Any] = {}
+    size, index = 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, index
+        index += 1
+        name = f"model-{index:05d}.safetensors"
+        save_file(shard, str(folder / name))
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if name.endswith("position_ids"):
+            tensor = torch.arange(shape[-1], dtype=torch.int64).view(shape)
+        elif name.endswith(
+            (
+                "norm.weight",
+                "norm1.weight",
+                "norm2.weight",
+                "layer_norm1.weight",
+                "layer_norm2.weight",
+                "pre_layrnorm.weight",
+            )
+        ):
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        shard[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+
+
+def measure_bandwidth(device: Any) -> float:
+    """Bytes/s of a large tensor copy (read + write counted)."""
+    import torch
+
+    src = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32, device=device)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def measure_matmul_rate(device: Any, dtype: Any) -> float:
+    import torch
+
+    n = 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_bytes_per_token(model: Any, context: int) -> float:
+    """Weight + KV-cache bytes one decode step must read (k routed + shared experts per MoE layer)."""
+    lm = model.config.language
+    elem = model.lm_head.weight.element_size()
+    hidden, heads, head_dim = lm.hidden_size, lm.num_attention_heads, lm.head_dim
+    attn = hidden * heads * head_dim * 2 + hidden * lm.num_key_value_heads * head_dim * 2
+    total = 0
+    for i in range(lm.num_hidden_layers):
+        total += attn + 2 * hidden
+        if lm.is_moe_layer(i):
+            per_expert = 3 * hidden * lm.moe_intermediate_size
+            total += per_expert * (lm.num_experts_per_tok + lm.n_shared_experts) + lm.n_routed_experts * hidden
+        else:
+            total += 3 * hidden * lm.intermediate_size
+        total += 2 * lm.num_key_value_heads * head_dim * context  # K and V read by attention
+    total += hidden + lm.vocab_size * hidden + hidden  # final norm, lm_head, one embedding row
+    return float(total * elem)
+
+
+def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
+    """FLOPs of the vision towers + projector, counted on the meta device (no compute)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsocr_torch.loader import build_meta_model
+
+    meta = build_meta_model(model.config)
+    total = 0.0
+    for count, size in views:
+        pixels = torch.empty(count, 3, size, size, device="meta")
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            meta.model.encode_views(pixels)
+        total += counter.get_total_flops()
+    return total
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from dsocr_torch.generate import generate_ids
+    from dsocr_torch.loader import load_model
+    from dsocr_torch.model import ImageTensors
+
+    torch.manual_seed(0)
+    result: dict[str, Any] = {"config": f"{args.device}:{args.dtype}", "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
+    result["load_s"] = time.perf_counter() - start
+    result["rss_after_load_gib"] = peak_rss_gib()
+    device, dtype = model.device, model.dtype
+    lm = model.config.language
+
+    def views(count: int, size: int) -> torch.Tensor:
+        return (torch.rand(count, 3, size, size, device=device) * 2 - 1).to(dtype)
+
+    base = ImageTensors(views(1, 1024), None, (1, 1))
+    gundam = ImageTensors(views(1, 1024), views(6, 640), (2, 3))
+
+    def timed(fn: Any, repeat: int = 1) -> tuple[float, Any]:
+        best, out = float("inf"), None
+        for _ in range(repeat):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    with torch.inference_mode():
+        timed(lambda: model.model.image_embeddings(base))  # warm-up (allocator, kernels, position tables)
+        result["vision_base_s"], base_tokens = timed(lambda: model.model.image_embeddings(base), args.repeat)
+        result["vision_gundam_s"], gundam_tokens = timed(lambda: model.model.image_embeddings(gundam), args.repeat)
+    n_text = 10
+    ids = torch.randint(3, 128000, (base_tokens.shape[0] + n_text + 1,))
+    ids[0] = lm.bos_token_id
+    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+    mask[1 : 1 + base_tokens.shape[0]] = True
+    result["prompt_tokens"] = int(ids.shape[0])
+    result["gundam_image_tokens"] = int(gundam_tokens.shape[0])
+
+    with torch.inference_mode():
+        embeds = model.model.embed(ids.to(device), mask.to(device), [base])
+
+        def prefill() -> Any:
+            return model.prefill_embeds(embeds, model.new_cache(ids.shape[0] + 8))
+
+        prefill()
+        result["prefill_s"], _ = timed(prefill, args.repeat)
+
+    from common.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0)
+    stamps: list[float] = []
+    sync(device)
+    start = time.perf_counter()
+    for _ in generate_ids(model, ids, mask, [base], params, eos_token_id=-1):  # -1: EOS never stops it
+        stamps.append(time.perf_counter())
+    result["ttft_s"] = stamps[0] - start
+    result["decode_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    result["decode_tokens"] = len(stamps)
+    result["peak_rss_gib"] = peak_rss_gib()
+    print(json.dumps(result), file=sys.stderr)
+
+    context = ids.shape[0] + args.decode_tokens // 2
+    result["bytes_per_token"] = decode_bytes_per_token(model, context)
+    result["bandwidth_Bps"] = measure_bandwidth(device)
+    result["matmul_flops"] = measure_matmul_rate(device, dtype)
+    result["vision_flops_base"] = vision_flops(model, [(1, 1024)])
+    result["vision_flops_gundam"] = vision_flops(model, [(1, 1024), (6, 640)])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- table
+REFERENCE = {  # the authors' code on this machine, 2 threads, Base mode
+    "cpu:float32": {"vision_base_s": "8.4–9.5", "decode_tok_s": "≈7", "peak_rss_gib": "13.9"},
+    "cpu:bfloat16": {"vision_base_s": "4–6.5", "decode_tok_s": "12.5–15.7", "peak_rss_gib": "7.4"},
+}
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dsocr torch backend — real DeepSeek-OCR size, random weights (routing ~uniform)")
+    table.add_column("metric")
+    for r in results:
+        table.add_column(f"{r['config']} ({r['threads']} thr)", justify="right")
+        if r["config"] in REFERENCE:
+            table.add_column("authors' code", justify="right", style="dim")
+
+    def row(label: str, fmt: Any, key: str | None = None) -> None:
+        cells = [label]
+        for r in results:
+            cells.append(fmt(r))
+            if r["config"] in REFERENCE:
+                cells.append(REFERENCE[r["config"]].get(key or "", ""))
+        table.add_row(*cells)
+
+    row("load (s)", lambda r: f"{r['load_s']:.1f}")
+    row("vision Base 1024² (s)", lambda r: f"{r['vision_base_s']:.2f}", "vision_base_s")
+    row("vision Gundam 1024²+2x3x640² (s)", lambda r: f"{r['vision_gundam_s']:.2f}")
+    row("prefill Base, LM only (s)", lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok)")
+    row("time to first token, Base (s)", lambda r: f"{r['ttft_s']:.2f}")
+    row("decode (tok/s)", lambda r: f"{r['decode_tok_s']:.1f} ({r['decode_tokens']} tok)", "decode_tok_s")
+    row("peak RSS (GiB)", lambda r: f"{r['peak_rss_gib']:.1f}", "peak_rss_gib")
+    row("bytes read / decoded token", lambda r: f"{r['bytes_per_token'] / GiB:.2f} GiB")
+    row("measured bandwidth (copy)", lambda r: f"{r['bandwidth_Bps'] / 1e9:.1f} GB/s")
+    row(
+        "decode floor (tok/s) / reached",
+        lambda r: (
+            f"{r['bandwidth_Bps'] / r['bytes_per_token']:.1f} / "
+            f"{r['decode_tok_s'] * r['bytes_per_token'] / r['bandwidth_Bps']:.0%}"
+        ),
+    )
+    row("measured matmul rate", lambda r: f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s")
+    row(
+        "vision Base FLOPs / floor (s) / reached",
+        lambda r: (
+            f"{r['vision_flops_base'] / 1e9:.0f} G / {r['vision_flops_base'] / r['matmul_flops']:.2f} / "
+            f"{r['vision_flops_base'] / r['matmul_flops'] / r['vision_base_s']:.0%}"
+        ),
+    )
+    row(
+        "vision Gundam FLOPs / floor (s) / reached",
+        lambda r: (
+            f"{r['vision_flops_gundam'] / 1e9:.0f} G / {r['vision_flops_gundam'] / r['matmul_flops']:.2f} / "
+            f"{r['vision_flops_gundam'] / r['matmul_flops'] / r['vision_gundam_s']:.0%}"
+        ),
+    )
+    Console(width=180).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/dsocr-bench-random-ckpt"))
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="comma list of device:dtype (default: cpu:float32,cpu:bfloat16 and cuda:bfloat16 when CUDA is present)",
+    )
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=2, help="best of N for vision and prefill timings")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+
+    if args.worker:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.device, args.dtype = args.worker
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+
+    configs = [c for c in args.configs.split(",") if c] or (
+        ["cpu:float32", "cpu:bfloat16"] + (["cuda:bfloat16"] if torch.cuda.is_available() else [])
+    )
+    start = time.perf_counter()
+    write_random_checkpoint(args.checkpoint)
+    print(f"random checkpoint ready in {args.checkpoint} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    results = []
+    for config in configs:
+        device, dtype = config.split(":")
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            device,
+            dtype,
+            "--checkpoint",
+            str(args.checkpoint),
+            "--decode-tokens",
+            str(args.decode_tokens),
+            "--repeat",
+            str(args.repeat),
+            "--threads",
+            str(args.threads),
+        ]
+        print(f"running {config} ...", file=sys.stderr)
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode != 0:
+            print(f"{config} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if results:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()

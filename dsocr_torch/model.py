@@ -1,0 +1,223 @@
+"""DeepSeek-OCR: SAM ViT-B + CLIP-L vision towers, a linear projector and the DeepSeek-V2 MoE decoder.
+
+Attribute paths equal the checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`,
+`model.sam_model.neck.0.weight`, `lm_head.weight`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from common.config import ModelConfig
+from dsocr_torch.clip import VitModel
+from dsocr_torch.language import DeepseekV2DecoderLayer, KVCache, RMSNorm, Trace, rope_tables
+from dsocr_torch.sam import ImageEncoderViT
+
+
+class Projector(nn.Module):
+    """`model.projector.layers`: one Linear from [CLIP | SAM] features to the decoder width."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.Linear(cfg.projector.input_dim, cfg.projector.n_embed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@dataclass
+class ImageTensors:
+    """One image's views as compute-dtype tensors on the model's device."""
+
+    global_view: torch.Tensor  # [1, 3, S, S]
+    local_views: torch.Tensor | None  # [n_tiles, 3, s, s]
+    crop_grid: tuple[int, int]  # (width tiles, height tiles)
+
+
+@dataclass
+class VisionTrace:
+    """Per-view intermediates for parity tests: sam_out, clip_out, projector_out for 'global'/'local'."""
+
+    views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    image_embeds: torch.Tensor | None = None
+
+
+class DeepseekOCRModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        lm = cfg.language
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(lm, i) for i in range(lm.num_hidden_layers))
+        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+        self.sam_model = ImageEncoderViT(cfg.sam)
+        self.vision_model = VitModel(cfg.clip)
+        self.projector = Projector(cfg)
+        self.image_newline = nn.Parameter(torch.zeros(lm.hidden_size))
+        self.view_seperator = nn.Parameter(torch.zeros(lm.hidden_size))  # sic: the checkpoint's spelling
+        self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_cast: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- vision -------------------------------------------------------------------------------------
+    def encode_views(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pixels [B, 3, S, S] -> SAM features, CLIP features and projected tokens [B, (S/64)^2, hidden]."""
+        sam_out = self.sam_model(pixels)
+        clip_out = self.vision_model(sam_out)
+        features = torch.cat((clip_out[:, 1:], sam_out.flatten(2).transpose(1, 2)), dim=-1)
+        return {"sam_out": sam_out, "clip_out": clip_out, "projector_out": self.projector(features)}
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid [rows, cols, hidden] -> [rows * (cols + 1), hidden] with image_newline closing every row."""
+        rows, _, hidden = grid.shape
+        newline = self.image_newline.to(grid.dtype).view(1, 1, hidden).expand(rows, 1, hidden)
+        return torch.cat((grid, newline), dim=1).reshape(-1, hidden)
+
+    def image_embeddings(self, image: ImageTensors, trace: VisionTrace | None = None) -> torch.Tensor:
+        """The image's token embeddings in sequence order: [local rows..., global rows..., view_seperator]."""
+        global_out = self.encode_views(image.global_view)
+        local_out = None
+        if image.local_views is not None and image.local_views.shape[0] > 0:
+            local_out = self.encode_views(image.local_views)
+        if trace is not None:
+            trace.views["global"] = global_out
+            if local_out is not None:
+                trace.views["local"] = local_out
+        local_tokens = None if local_out is None else local_out["projector_out"]
+        return self.layout_image_tokens(global_out["projector_out"][0], local_tokens, image.crop_grid)
+
+    def layout_image_tokens(
+        self, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None, crop_grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """global [g*g, hidden], local [n_tiles, t*t, hidden] -> rows with newlines, local first, separator last."""
+        side = _square_side(global_tokens.shape[0])
+        parts = []
+        if local_tokens is not None:
+            width_tiles, height_tiles = crop_grid
+            n_tiles, per_tile, hidden = local_tokens.shape
+            if n_tiles != width_tiles * height_tiles:
+                raise ValueError(f"{n_tiles} local views do not fill a {width_tiles}x{height_tiles} crop grid")
+            tile_side = _square_side(per_tile)
+            # Tile t sits at row t // width_tiles, column t % width_tiles of the crop grid.
+            grid = (
+                local_tokens.view(height_tiles, width_tiles, tile_side, tile_side, hidden)
+                .permute(0, 2, 1, 3, 4)
+                .reshape(height_tiles * tile_side, width_tiles * tile_side, hidden)
+            )
+            parts.append(self._with_newlines(grid))
+        parts.append(self._with_newlines(global_tokens.view(side, side, -1)))
+        parts.append(self.view_seperator.to(global_tokens.dtype).view(1, -1))
+        return torch.cat(parts, dim=0)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None,
+        images: list[ImageTensors],
+        trace: VisionTrace | None = None,
+    ) -> torch.Tensor:
+        """input_ids [L] -> inputs_embeds [1, L, hidden] with the image embeddings scattered in order."""
+        embeds = self.embed_tokens(input_ids)
+        if images and images_seq_mask is not None:
+            image_embeds = torch.cat([self.image_embeddings(img, trace) for img in images], dim=0)
+            if trace is not None:
+                trace.image_embeds = image_embeds
+            positions = images_seq_mask.nonzero().squeeze(-1)  # prefill only: one sync per request
+            if positions.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"the prompt has {positions.shape[0]} image positions but the images give "
+                    f"{image_embeds.shape[0]} embeddings"
+                )
+            embeds = embeds.index_copy(0, positions, image_embeds.to(embeds.dtype))
+        return embeds.unsqueeze(0)
+
+    # ---- decoder ------------------------------------------------------------------------------------
+    def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = start + length
+        if self._rope_cast is None or self._rope_cast[0].dtype != dtype or self._rope_cast[0].shape[0] < needed:
+            lm = self.config.language
+            # Positions past max_position_embeddings keep the same formula (as the reference's RoPE does).
+            size = max(lm.max_position_embeddings, needed)
+            cos, sin = rope_tables(lm.head_dim, size, lm.rope_theta)
+            device = self.embed_tokens.weight.device
+            self._rope_cast = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+        cos, sin = self._rope_cast
+        return cos[start : start + length], sin[start : start + length]
+
+    def decode(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, start: int, trace: Trace | None = None
+    ) -> torch.Tensor:
+        """inputs_embeds [B, T, hidden] at positions start.. -> final-norm hidden states [B, T, hidden]."""
+        length = inputs_embeds.shape[1]
+        cos, sin = self.rope(start, length, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, start, trace)
+            if trace is not None:
+                trace.layer_outputs.append(h)
+        h = self.norm(h)
+        if trace is not None:
+            trace.final_norm = h
+        return h
+
+
+class DeepseekOCRForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekOCRModel(cfg)
+        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        return KVCache.allocate(self.config.language, batch, capacity, self.device, self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None,
+        images: list[ImageTensors],
+        cache: KVCache,
+        trace: Trace | None = None,
+        vision_trace: VisionTrace | None = None,
+    ) -> torch.Tensor:
+        """Runs the prompt (vision included) into the cache; returns the last position's float32 logits [V]."""
+        embeds = self.model.embed(input_ids, images_seq_mask, images, vision_trace)
+        hidden = self.model.decode(embeds, cache, 0, trace)
+        return self.logits(hidden[0, -1])
+
+    def prefill_embeds(self, inputs_embeds: torch.Tensor, cache: KVCache, trace: Trace | None = None) -> torch.Tensor:
+        hidden = self.model.decode(inputs_embeds, cache, 0, trace)
+        return self.logits(hidden[0, -1])
+
+    def step(self, token: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+        """One decode step: token id tensor [1] at `position` -> float32 logits [V]. No host sync."""
+        embeds = self.model.embed_tokens(token).view(1, 1, -1)
+        hidden = self.model.decode(embeds, cache, position)
+        return self.logits(hidden[0, -1])
+
+    def bind_stacked_experts(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        from dsocr_torch.language import MoEFeedForward
+
+        for module in self.modules():
+            if isinstance(module, MoEFeedForward):
+                module.bind_stacked_experts(device, dtype)
+
+
+def _square_side(count: int) -> int:
+    side = int(round(count**0.5))
+    if side * side != count:
+        raise ValueError(f"{count} vision tokens do not form a square grid")
+    return side
