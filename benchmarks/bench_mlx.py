@@ -14,7 +14,7 @@ On a Mac (Apple Silicon, `pip install 'dsocr[mlx]'`), Metal is used automaticall
 
 On Linux, MLX runs on the CPU (slow; float32 is MLX-CPU's fast path, half-precision matmuls are not):
 
-    python benchmarks/bench_mlx.py --device cpu --configs q4 --decode-tokens 16 --repeat 1
+    python benchmarks/bench_mlx.py --device cpu --configs q4 --vision-size 512 --no-gundam --decode-tokens 8 --repeat 1
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     mx.set_default_device(mx.gpu if args.device == "metal" else mx.cpu)
     kind, metal_dtype, cpu_dtype = CONFIGS[args.config]
     dtype = metal_dtype if args.device == "metal" else cpu_dtype
-    result: dict[str, Any] = {"config": f"{args.device}:{args.config}", "compute": dtype}
+    result: dict[str, Any] = {"config": f"{args.device}:{args.config}", "compute": dtype,
+                              "vision_size": args.vision_size}
     start = time.perf_counter()
     model, _ = load_model(args.checkpoint, dtype)
     result["load_s"] = time.perf_counter() - start
@@ -163,7 +164,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def views(count: int, size: int) -> np.ndarray:
         return (rng.random((count, 3, size, size), dtype=np.float32) * 2 - 1).astype(np.float32)
 
-    base = ImageInput(views(1, 1024)[0], None, (1, 1))
+    base = ImageInput(views(1, args.vision_size)[0], None, (1, 1))
     gundam = ImageInput(views(1, 1024)[0], views(6, 640), (2, 3))
 
     def timed(fn: Any, repeat: int) -> tuple[float, Any]:
@@ -230,10 +231,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
     row("weights on disk (GiB)", lambda r: f"{r['disk_gib']:.2f}")
     row("load (s)", lambda r: f"{r['load_s']:.1f}")
-    row("vision Base 1024² (s)", lambda r: f"{r['vision_base_s']:.2f}")
+    row("vision, one global view (s)", lambda r: f"{r['vision_base_s']:.2f} ({r['vision_size']}²)")
     row("vision Gundam 1024²+2x3x640² (s)", lambda r: f"{r['vision_gundam_s']:.2f}")
-    row("prefill Base, LM only (s)", lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok)")
-    row("time to first token, Base (s)", lambda r: f"{r['ttft_s']:.2f}")
+    row("prefill, LM only (s)", lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok)")
+    row("time to first token (s)", lambda r: f"{r['ttft_s']:.2f}")
     row("decode (tok/s)", lambda r: f"{r['decode_tok_s']:.1f} ({r['decode_tokens']} tok)")
     row("peak RSS (GiB)", lambda r: f"{r['peak_rss_gib']:.1f}")
     row("peak MLX memory (GiB)", lambda r: f"{r['peak_mlx_gib']:.1f}")
@@ -256,6 +257,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2, help="best of N for vision and prefill timings")
     parser.add_argument("--no-gundam", dest="gundam", action="store_false", help="skip the Gundam vision row")
+    parser.add_argument("--vision-size", type=int, default=1024,
+                        help="global view size for the vision/prefill rows (1024 = Base; 512 = Tiny, for slow CPUs)")
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -279,7 +282,8 @@ def main() -> None:
         print(f"{config}: checkpoint {checkpoint} ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
         command = [sys.executable, __file__, "--worker", config, "--checkpoint", str(checkpoint),
                    "--device", args.device, "--decode-tokens", str(args.decode_tokens),
-                   "--repeat", str(args.repeat)] + ([] if args.gundam else ["--no-gundam"])
+                   "--repeat", str(args.repeat), "--vision-size", str(args.vision_size)]
+        command += [] if args.gundam else ["--no-gundam"]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if done.returncode != 0:
             print(f"{config} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
