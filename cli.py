@@ -31,6 +31,7 @@ from typing import IO, Any
 from PIL import Image
 
 from common.errors import DsocrError, InputError
+from common.postprocess import GroundingStripper
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
 log = logging.getLogger("dsocr")
@@ -911,14 +912,19 @@ def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, reporter: Rep
     t0 = time.perf_counter()
     deltas = 0
     wrote_text = False
+    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it).
+    stripper = GroundingStripper()
     try:
         for delta in generation:
             deltas += 1
-            if opts.stream_text:
-                out.write(delta)
+            if opts.stream_text and (shown := stripper.feed(delta)):
+                out.write(shown)
                 out.flush()
                 wrote_text = True
             reporter.token(deltas, time.perf_counter() - t0)
+        if opts.stream_text and (tail := stripper.flush()):
+            out.write(tail)
+            wrote_text = True
     except KeyboardInterrupt:
         generation.cancel()
         raise

@@ -23,6 +23,7 @@ import cli
 from common.backend import PreparedInputs
 from common.config import load_config
 from common.engine import Engine
+from common.postprocess import strip_grounding
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
@@ -291,7 +292,16 @@ def test_text_only_prompt_and_streaming(real_engine, capsys, monkeypatch) -> Non
     # Without --json or -o the same generation streams to stdout.
     code, streamed, _ = run(["--prompt", "The quick brown fox", *GEN_FLAGS], capsys, monkeypatch, real_engine)
     assert code == 0
-    assert streamed.strip() == record["raw_text"]
+    assert streamed.strip() == strip_grounding(record["raw_text"])
+
+
+def test_terminal_stream_drops_grounding_markup(tmp_path, capsys, monkeypatch) -> None:
+    source = tmp_path / "page.png"
+    page_image("streamed").save(source)
+    code, streamed, _ = run([str(source), "--mode", "tiny"], capsys, monkeypatch, scripted_engine())
+    assert code == 0
+    assert streamed.strip() == strip_grounding(GROUNDED_TEXT).strip()
+    assert "<|ref|>" not in streamed and "# Quarterly report" in streamed and "Revenue grew." in streamed
 
 
 def test_stdin_subprocess(tmp_path) -> None:
