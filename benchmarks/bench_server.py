@@ -174,6 +174,29 @@ def wait_ready(base: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise SystemExit("server did not become ready in time")
 
 
+def engine_baseline(args: argparse.Namespace, seconds: float) -> tuple[float, float]:
+    """The same request through the Engine in this process, back to back: (requests/s, output tokens/s)."""
+    sys.path.insert(0, str(ROOT))
+    from common.engine import Engine
+    from common.images import load_image
+    from common.modes import resolve_mode
+    from common.sampling import SamplingParams
+
+    engine = Engine.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    image = load_image(args.image)
+    params = SamplingParams(max_new_tokens=args.max_tokens)
+    engine.generate(engine.prepare("<image>\nFree OCR.", [image], resolve_mode(args.mode)), params).run()  # warm-up
+    done = tokens = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        prepared = engine.prepare("<image>\nFree OCR.", [image], resolve_mode(args.mode))
+        tokens += engine.generate(prepared, params).run().completion_tokens
+        done += 1
+    elapsed = time.perf_counter() - start
+    engine.close()
+    return done / elapsed, tokens / elapsed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(FIXTURES / "model"), help="model directory (default: tiny fixture)")
@@ -196,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         make_random_full(args.make_random_full)
         console.print(f"wrote a full-size random checkpoint to {args.make_random_full}")
         return 0
+
+    baseline = None
+    if not args.url:  # before the server starts, so the two never share the CPU
+        with console.status("in-process baseline (Engine, no server)"):
+            baseline = engine_baseline(args, min(args.seconds, 15.0))
 
     process = None
     headers: dict[str, str] = {}
@@ -259,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         ("TTFT p95 (s)", f"{percentile(ttfts, 0.95):.3f}"),
         ("latency mean (s)", f"{statistics.fmean(latencies):.3f}" if latencies else "nan"),
     ]
+    if baseline is not None:
+        rows += [
+            ("baseline: Engine in-process requests/s", f"{baseline[0]:.2f}"),
+            ("server requests/s ÷ in-process", f"{len(samples) / elapsed / baseline[0]:.2f}x"),
+            ("server output tokens/s ÷ in-process", f"{tokens / elapsed / baseline[1]:.2f}x"),
+        ]
     for line in metrics.splitlines():
         if line.startswith(("dsocr_generated_tokens_total", "dsocr_generations_total", "dsocr_requests_rejected")):
             name, value = line.split(" ", 1)
