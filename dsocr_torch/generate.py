@@ -75,6 +75,7 @@ def generate_ids(
     the embedding + vision stage (parity tests); `raw_logits`, when given, receives each step's logits.
     """
     prompt_len = int(input_ids.shape[0])
+    model.pack_for_cpu_decode()  # once per model (a no-op afterwards); faster bf16 CPU decode
     cache = model.new_cache(prompt_len + params.max_new_tokens)
     guard = NGramGuard(params.no_repeat_ngram_size, params.ngram_window, params.ngram_whitelist)
     guard.reset(input_ids.tolist())

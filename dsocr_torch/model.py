@@ -13,7 +13,15 @@ from torch import nn
 
 from common.config import ModelConfig
 from dsocr_torch.clip import VitModel
-from dsocr_torch.language import DeepseekV2DecoderLayer, KVCache, RMSNorm, Trace, rope_tables
+from dsocr_torch.language import (
+    DeepseekV2DecoderLayer,
+    KVCache,
+    Linear,
+    MoEFeedForward,
+    RMSNorm,
+    Trace,
+    rope_tables,
+)
 from dsocr_torch.sam import ImageEncoderViT
 
 
@@ -168,18 +176,37 @@ class DeepseekOCRForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekOCRModel(cfg)
-        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        # The embedding table, never packed (see pack_for_cpu_decode), tells the compute device and dtype.
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
+
+    def pack_for_cpu_decode(self) -> int:
+        """Packs the decoder's dense Linear weights for oneDNN where that is faster (bfloat16 on CPU).
+
+        Idempotent; returns how many layers are packed. After packing, those layers' `weight` Parameters
+        are meta tensors (the values live in oneDNN's layout only), so the model is for inference only.
+        Routed experts are skipped: their per-expert weights are views of the stacks the MoE reads.
+        Measured on the full-size model, 2 threads: bf16 decode step 80-86 ms -> 62-65 ms.
+        """
+        experts = {
+            id(linear) for moe in self.modules() if isinstance(moe, MoEFeedForward) for linear in moe.experts.modules()
+        }
+        packed = 0
+        for module in self.model.layers.modules():
+            if isinstance(module, Linear) and id(module) not in experts and module.pack_weight():
+                packed += 1
+        return packed + int(self.lm_head.pack_weight())
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        return KVCache.allocate(self.config.language, batch, capacity, self.device, self.dtype)
+        dtype = KVCache.dtype_for(self.device, self.dtype)
+        return KVCache.allocate(self.config.language, batch, capacity, self.device, dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -209,8 +236,6 @@ class DeepseekOCRForCausalLM(nn.Module):
         return self.logits(hidden[0, -1])
 
     def bind_stacked_experts(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        from dsocr_torch.language import MoEFeedForward
-
         for module in self.modules():
             if isinstance(module, MoEFeedForward):
                 module.bind_stacked_experts(device, dtype)
