@@ -720,13 +720,16 @@ def _fold(messages: list[ChatMessage]) -> tuple[str, list[MediaRef]]:
     return prompt, refs
 
 
-def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
-    messages = [ChatMessage(role=m.role, parts=_parts_of(m.content)) for m in body.messages]
+def _job(
+    body: ChatCompletionRequest | ResponsesRequest, messages: list[ChatMessage], max_tokens: int | None,
+    settings: ServerSettings,
+) -> Job:
+    """Both APIs share the sampling and DeepSeek-OCR fields; only the messages and the token limit differ."""
     prompt, refs = _fold(messages)
     params = _params_for(
         body,
         settings,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -734,6 +737,11 @@ def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
         stop=body.stop,
     )
     return Job(prompt, refs, _mode_for(body, settings), params, body.grounding != "keep")
+
+
+def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
+    messages = [ChatMessage(role=m.role, parts=_parts_of(m.content)) for m in body.messages]
+    return _job(body, messages, body.max_completion_tokens or body.max_tokens, settings)
 
 
 def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
@@ -741,18 +749,7 @@ def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
         messages = [ChatMessage(role="user", parts=[TextPart(_clean_text(body.input))])]
     else:
         messages = [ChatMessage(role=item.role, parts=_parts_of(item.content)) for item in body.input]
-    prompt, refs = _fold(messages)
-    params = _params_for(
-        body,
-        settings,
-        max_tokens=body.max_output_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop,
-    )
-    return Job(prompt, refs, _mode_for(body, settings), params, body.grounding != "keep")
+    return _job(body, messages, body.max_output_tokens, settings)
 
 
 def prepare_job(engine: EngineLike, job: Job, settings: ServerSettings) -> Any:
