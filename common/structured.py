@@ -248,8 +248,9 @@ class GrammarMatcher:
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Writes the allowed-token bitmask for the next token into `row` (int32, C-contiguous)."""
-        _check_mask_rows(row.reshape(1, -1) if row.ndim == 1 else row, self.vocab_size, 1)
-        llg_numpy.fill_next_token_bitmask(self._matcher, row.reshape(1, -1))
+        rows = row[None, :] if row.ndim == 1 else row  # a view, never a copy: the writes must land in `row`
+        _check_mask_rows(rows, self.vocab_size, 1)
+        llg_numpy.fill_next_token_bitmask(self._matcher, rows)
 
     def consume(self, token_id: int) -> bool:
         """Advances over the sampled token; False (and `error` set) when the grammar does not allow it."""
@@ -294,7 +295,7 @@ class GrammarCompiler:
     def __init__(
         self, tokenizer_json: str, *, eos_id: int, vocab_size: int, max_cached: int = 64, threads: int | None = None
     ) -> None:
-        try:
+        try:  # llguidance's end-of-grammar token is the model's EOS, so "stop" in its masks is `eos_id`
             self._tokenizer = llg.LLTokenizer(
                 tokenizer_json, n_vocab=vocab_size, eos_token=eos_id, slices=llg.LLTokenizer.json_slices()
             )

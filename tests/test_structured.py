@@ -345,6 +345,9 @@ def test_wrong_mask_shape_is_refused() -> None:
         matcher.fill_mask(np.zeros(compiler().mask_width - 1, dtype=np.int32))
     with pytest.raises(ValueError, match="int32"):
         compiler().fill_masks([matcher, None], compiler().allocate_masks(1))
+    strided = np.zeros(2 * compiler().mask_width, dtype=np.int32)[::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        matcher.fill_mask(strided)  # writing into a copy would lose the mask
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-by-one", "thread-pool"])
