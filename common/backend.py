@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.errors import BackendUnavailableError
+from common.errors import BackendUnavailableError, InputError
 
 
 @dataclass
@@ -152,6 +152,15 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def lane_capacity(model_context: int, max_context: int | None) -> int:
+    """Positions per KV-cache lane: the model's context, or less when the user asks (to fit more lanes)."""
+    if max_context is None:
+        return model_context
+    if max_context < 16:
+        raise InputError(f"max_context must be at least 16 positions, got {max_context}")
+    return min(max_context, model_context)
+
+
 BACKENDS = ("torch", "mlx")
 
 
@@ -164,12 +173,14 @@ def load_backend(
     *,
     max_batch: int | None = None,
     kv_cache_gib: float | None = None,
+    max_context: int | None = None,
     cuda_graphs: bool | None = None,
 ) -> Backend:
     """Imports the named backend lazily (so `common` stays framework-free) and loads the model.
 
     `max_batch` bounds the lanes (sequences decoded together), `kv_cache_gib` the KV cache's memory (each
-    backend has a per-device default), `cuda_graphs` turns decode-step capture on or off (CUDA only).
+    backend has a per-device default), `max_context` the positions per lane (prompt + output; default and
+    most: the model's `max_position_embeddings`), `cuda_graphs` turns decode-step capture on or off (CUDA).
     """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -190,5 +201,6 @@ def load_backend(
         progress=progress,
         max_batch=max_batch,
         kv_cache_gib=kv_cache_gib,
+        max_context=max_context,
         cuda_graphs=cuda_graphs,
     )

@@ -57,12 +57,13 @@ class Engine:
         show_download_progress: bool = True,
         max_batch: int | None = None,
         kv_cache_gib: float | None = None,
+        max_context: int | None = None,
         cuda_graphs: bool | None = None,
     ) -> Engine:
         """Resolves the model (downloading on first use) and, unless `weights=False`, loads it on a backend.
 
         `max_batch` is the most sequences decoded together (default: the backend's per-device default);
-        `kv_cache_gib` and `cuda_graphs` go to the backend (see `common.backend.load_backend`).
+        `kv_cache_gib`, `max_context` and `cuda_graphs` go to the backend (see `common.backend.load_backend`).
         """
         model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
         config = load_config(model_dir)
@@ -74,7 +75,7 @@ class Engine:
             t0 = time.perf_counter()
             loaded = load_backend(
                 name, model_dir, dev, dtype, progress,
-                max_batch=max_batch, kv_cache_gib=kv_cache_gib, cuda_graphs=cuda_graphs,
+                max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs,
             )
             log.info("model loaded in %.1f s (%d lanes of %d positions)", time.perf_counter() - t0,
                      loaded.lanes, loaded.lane_capacity)

@@ -398,7 +398,7 @@ class GenerationLoop:
         if seq.t_first is None:
             seq.t_first = now
         seq.ids.append(token)
-        if token == self.eos:
+        if token == self.eos and not seq.gen.params.ignore_eos:
             return FINISH_STOP
         before = len(seq.text)
         seq.text += seq.detok.add(token)

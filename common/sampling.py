@@ -32,6 +32,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 20
     ngram_window: int = 0
     ngram_whitelist: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep going past EOS until max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

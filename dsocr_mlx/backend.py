@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls
+from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls, lane_capacity
 from common.errors import BackendUnavailableError, InputError
 from dsocr_mlx.cache import LanePool
 from dsocr_mlx.loader import load_model
@@ -66,6 +66,7 @@ class MlxBackend:
         *,
         max_batch: int | None = None,
         kv_cache_gib: float | None = None,
+        max_context: int | None = None,
     ) -> None:
         self.model: DeepseekOCRForCausalLM | None = model
         lm = model.config.language
@@ -74,7 +75,7 @@ class MlxBackend:
         self.dtype = f"q{quantization['bits']}" if quantization else compute_dtype
         self.eos_token_id = lm.eos_token_id
         self.vocab_size = lm.vocab_size
-        self.lane_capacity = lm.max_position_embeddings
+        self.lane_capacity = lane_capacity(lm.max_position_embeddings, max_context)
         kv_dtype = model.dtype
         per_lane = LanePool.bytes_per_position(lm, kv_dtype) * self.lane_capacity
         budget = int(kv_cache_gib * (1 << 30)) if kv_cache_gib is not None else _default_kv_bytes()
@@ -206,6 +207,7 @@ def load(
     progress: ProgressCallback | None = None,
     max_batch: int | None = None,
     kv_cache_gib: float | None = None,
+    max_context: int | None = None,
     cuda_graphs: bool | None = None,
 ) -> MlxBackend:
     """Loads the model on MLX on the calling thread; `device` is "metal" (Apple GPU) or "cpu" (MLX's CPU)."""
@@ -220,4 +222,6 @@ def load(
         # CPU: MLX's CPU kernels are float32-first (gather_mm is float32 only).
         dtype = "bfloat16" if device == "metal" else "float32"
     model, quantization = load_model(Path(model_dir), dtype, progress)
-    return MlxBackend(model, device, dtype, quantization, max_batch=max_batch, kv_cache_gib=kv_cache_gib)
+    return MlxBackend(
+        model, device, dtype, quantization, max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls
+from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls, lane_capacity
 from common.errors import InputError
 from dsocr_torch.language import KVCache
 from dsocr_torch.loader import load_model
@@ -73,6 +73,7 @@ class TorchBackend:
         *,
         max_batch: int | None = None,
         kv_cache_gib: float | None = None,
+        max_context: int | None = None,
         cuda_graphs: bool | None = None,
     ) -> None:
         self.model: DeepseekOCRForCausalLM | None = model
@@ -88,7 +89,7 @@ class TorchBackend:
         wanted = max_batch or DEFAULT_MAX_BATCH.get(device.type, 8)
         budget = int(kv_cache_gib * (1 << 30)) if kv_cache_gib is not None else default_kv_cache_bytes(device)
         per_position = KVCache.bytes_per_position(lm, model.cache_dtype)
-        capacity = lm.max_position_embeddings
+        capacity = lane_capacity(lm.max_position_embeddings, max_context)
         lanes = min(wanted, budget // (per_position * capacity))
         if lanes < 1:
             raise InputError(
@@ -220,7 +221,10 @@ def load(
     progress: ProgressCallback | None = None,
     max_batch: int | None = None,
     kv_cache_gib: float | None = None,
+    max_context: int | None = None,
     cuda_graphs: bool | None = None,
 ) -> TorchBackend:
     model = load_model(model_dir, device=device, dtype=dtype, progress=progress)
-    return TorchBackend(model, max_batch=max_batch, kv_cache_gib=kv_cache_gib, cuda_graphs=cuda_graphs)
+    return TorchBackend(
+        model, max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs
+    )

@@ -189,20 +189,30 @@ class DeepseekOCRModel(nn.Module):
         batch = inputs_embeds.shape[0]
         host = cache.host_lengths[:batch]
         kv_length = max(host) + 1
-        positions = cache.lengths[:batch]
-        mask = None
-        if min(host) + 1 != kv_length:
-            keys_at = torch.arange(kv_length, device=positions.device)
-            mask = (keys_at[None, :] <= positions[:, None]).view(batch, 1, 1, kv_length)
-        cos_table, sin_table = self.rope_table(kv_length, inputs_embeds.dtype)
-        cos = cos_table[positions].view(batch, 1, 1, -1)
-        sin = sin_table[positions].view(batch, 1, 1, -1)
-        write = CacheWrite(lane=None, positions=positions, kv_length=kv_length, mask=mask)
-        hidden = self._layers(inputs_embeds, cos, sin, cache, write, None)
+        hidden = self.decode_static(inputs_embeds, cache, kv_length, masked=min(host) + 1 != kv_length)
         cache.lengths[:batch] += 1
         for lane in range(batch):
             cache.host_lengths[lane] += 1
         return hidden
+
+    def decode_static(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, kv_length: int, masked: bool = True
+    ) -> torch.Tensor:
+        """The decode step's device work with static shapes for a given (batch, kv_length): what a CUDA graph
+        captures. Positions come from `cache.lengths`; writes past the cache's end are clamped (a padded row of
+        a graph bucket may sit on a full, unused lane). Lengths are not advanced here."""
+        batch = inputs_embeds.shape[0]
+        positions = cache.lengths[:batch]
+        mask = None
+        if masked:
+            keys_at = torch.arange(kv_length, device=positions.device)
+            mask = (keys_at[None, :] <= positions[:, None]).view(batch, 1, 1, kv_length)
+        cos_table, sin_table = self.rope_table(max(kv_length, cache.capacity), inputs_embeds.dtype)
+        at = positions.clamp(max=cache.capacity - 1)
+        cos = cos_table[at].view(batch, 1, 1, -1)
+        sin = sin_table[at].view(batch, 1, 1, -1)
+        write = CacheWrite(lane=None, positions=at, kv_length=kv_length, mask=mask)
+        return self._layers(inputs_embeds, cos, sin, cache, write, None)
 
     def _layers(
         self,
