@@ -22,7 +22,7 @@ from common.hub import resolve_model
 from common.modes import Mode
 from common.postprocess import clean_output, to_markdown
 from common.prompt import prepare_inputs
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
 from common.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class Engine:
 
     def __init__(self, model_dir: Path, tokenizer: Tokenizer, config: ModelConfig, backend: Backend | None) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
+        self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
 
     @classmethod
     def load(
@@ -210,7 +211,7 @@ class Engine:
     def generate(self, prepared: PreparedInputs, params: SamplingParams) -> Generation:
         if self.backend is None:
             raise RuntimeError("this engine was loaded without weights")
-        return Generation(self, prepared, params)
+        return Generation(self, prepared, with_ngram_whitelist(params, self.ngram_whitelist))
 
     def describe(self) -> dict[str, Any]:
         b = self.backend
