@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -99,8 +100,8 @@ def _open_pdf(content: Content):  # noqa: ANN202 - pypdfium2 is imported lazily
     """Opens a PDF (the caller holds PDFIUM_LOCK); ImageError with the reason it cannot be opened.
 
     pdfium's last-error code is global and a document without pages fails without setting it, so the code is
-    first set to a sentinel (a file-access error, which an in-memory document cannot cause) to tell the
-    cases apart.
+    first set to a sentinel (a file-access error, which an in-memory or readable file cannot cause) to tell
+    the cases apart.
     """
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
@@ -112,7 +113,7 @@ def _open_pdf(content: Content):  # noqa: ANN202 - pypdfium2 is imported lazily
         code = pdfium_c.FPDF_GetLastError()
         if code == pdfium_c.FPDF_ERR_PASSWORD:
             raise ImageError("cannot open the PDF: it is encrypted (password-protected)") from None
-        if code == pdfium_c.FPDF_ERR_FILE and isinstance(content, bytes):
+        if code == pdfium_c.FPDF_ERR_FILE and (isinstance(content, bytes) or os.access(content, os.R_OK)):
             raise ImageError(_NO_PAGES) from None
         raise ImageError(f"cannot open the PDF: {exc}") from None
 
