@@ -19,7 +19,7 @@ from common.generation import Generation, GenerationLoop, GenerationResult, List
 from common.hub import resolve_model
 from common.modes import Mode
 from common.prompt import prepare_inputs
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
 from common.tokenizer import Tokenizer
 
 __all__ = ["Engine", "Generation", "GenerationResult", "crop_grid_of"]
@@ -40,6 +40,7 @@ class Engine:
         max_batch: int | None = None,
     ) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
+        self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
         self.loop = GenerationLoop(backend, tokenizer, max_batch=max_batch) if backend is not None else None
 
     @classmethod
@@ -97,6 +98,7 @@ class Engine:
         """Queues one sequence on the generation loop; iterate the result for text (see `Generation`)."""
         if self.loop is None:
             raise RuntimeError("this engine was loaded without weights")
+        params = with_ngram_whitelist(params, self.ngram_whitelist)
         return self.loop.submit(prepared, params, priority=priority, listener=listener)
 
     def describe(self) -> dict[str, Any]:

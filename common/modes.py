@@ -38,18 +38,18 @@ MODES: dict[str, Mode] = {
 
 def _check_size(what: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} must be an integer, got {value!r}")
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
     if value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIDE:
         raise InputError(
-            f"{what} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {value}"
+            f"{what} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {value}", param=what
         )
 
 
 def _check_count(what: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} must be an integer, got {value!r}")
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
     if value < 1 or value > MAX_TILES:
-        raise InputError(f"{what} must be between 1 and {MAX_TILES}, got {value}")
+        raise InputError(f"{what} must be between 1 and {MAX_TILES}, got {value}", param=what)
 
 
 def resolve_mode(
@@ -64,8 +64,15 @@ def resolve_mode(
     """A preset, optionally overridden field by field; InputError names the bad value."""
     key = name.strip().lower()
     if key not in MODES:
-        raise InputError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
+        raise InputError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}", param="mode")
     preset = MODES[key]
+    # The values the caller gave are checked first, so an error names the option actually set.
+    for what, given in (("base_size", base_size), ("image_size", image_size)):
+        if given is not None:
+            _check_size(what, given)
+    for what, given in (("min_crops", min_crops), ("max_crops", max_crops)):
+        if given is not None:
+            _check_count(what, given)
     overridden = any(v is not None for v in (base_size, image_size, crop_mode, min_crops, max_crops))
     crop = preset.crop_mode if crop_mode is None else bool(crop_mode)
     base = preset.base_size if base_size is None else base_size
@@ -80,7 +87,8 @@ def resolve_mode(
             if base_size is not None and image_size is not None:
                 raise InputError(
                     f"without crop mode the global view is image_size x image_size; base_size {base}"
-                    f" must equal image_size {tile} (or enable crop mode)"
+                    f" must equal image_size {tile} (or enable crop mode)",
+                    param="base_size",
                 )
             base = tile = base if base_size is not None else tile
     lo = preset.min_crops if min_crops is None else min_crops
@@ -90,7 +98,7 @@ def resolve_mode(
     _check_count("min_crops", lo)
     _check_count("max_crops", hi)
     if lo > hi:
-        raise InputError(f"min_crops ({lo}) must not exceed max_crops ({hi})")
+        raise InputError(f"min_crops ({lo}) must not exceed max_crops ({hi})", param="min_crops")
     mode = Mode(key, base, tile, crop, lo, hi)
     if overridden and mode != preset:
         mode = Mode(f"{key}-custom", base, tile, crop, lo, hi)
