@@ -224,7 +224,7 @@ def load(
     max_context: int | None = None,
     cuda_graphs: bool | None = None,
 ) -> TorchBackend:
-    model = load_model(model_dir, device=device, dtype=dtype, progress=progress)
+    model = load_model(model_dir, device=device, dtype=dtype, progress=progress, pack=True)
     return TorchBackend(
         model, max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs
     )

@@ -35,7 +35,9 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
         self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(positions, cfg.width)
-        self.register_buffer("position_ids", torch.arange(positions).unsqueeze(0), persistent=True)
+        # Built on the CPU then moved: arange on the meta device runs a Python reference kernel that imports sympy.
+        ids = torch.arange(positions, device="cpu").unsqueeze(0).to(torch.get_default_device())
+        self.register_buffer("position_ids", ids, persistent=True)
 
     def forward(self, patch_embeds: Tensor) -> Tensor:
         """[B, C, h, w] -> [B, 1 + h*w, C]."""

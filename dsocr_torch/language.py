@@ -64,16 +64,30 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return True
         weight = self.weight
-        if not (
-            _ONEDNN_LINEAR
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        ):
+        if not self.packs(weight.dtype, weight.device):
             return False
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # 1: tuned for one row
-        self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+        self.use_packed(pack_linear_weight(weight.detach()))
         return True
+
+    @staticmethod
+    def packs(dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether `pack_weight` packs a weight of this dtype on this device."""
+        return (
+            _ONEDNN_LINEAR
+            and device.type == "cpu"
+            and dtype == torch.bfloat16
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+
+    def use_packed(self, packed: torch.Tensor) -> None:
+        """Makes `packed` (from `pack_linear_weight`) this layer's weight; the plain Parameter becomes meta."""
+        self.packed = packed
+        self.weight = nn.Parameter(torch.empty(packed.shape, dtype=packed.dtype, device="meta"), requires_grad=False)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] bfloat16 CPU weight in oneDNN's blocked layout for one-row products (a new tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: tuned for one row
 
 
 class RMSNorm(nn.Module):
@@ -352,22 +366,42 @@ class MoEFeedForward(nn.Module):
         self._expert_range: torch.Tensor | None = None
         self._bag_ranges: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
-    def bind_stacked_experts(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Allocates the stacked expert tensors and rebinds every expert Linear weight to a view of them.
+    def stack_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Shapes of gate_up_by_input [E, hidden, 2I] and down_by_input [E, I, hidden]."""
+        n, inter, hidden = self.num_experts, self.intermediate, self.experts[0].gate_proj.in_features
+        return (n, hidden, 2 * inter), (n, inter, hidden)
 
-        Called on a meta-built model before loading: the loader then copies each checkpoint tensor
-        straight into its (transposed) slice, so the weights exist once and are stacked without a copy.
+    def expert_weight_views(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """'<e>.<gate|up|down>_proj' -> expert e's weight, (output, input) as in the checkpoint, viewing the stacks
+        `gate_up` (a gate_up_by_input) and `down` (a down_by_input)."""
+        gate_up, down, inter = gate_up.transpose(1, 2), down.transpose(1, 2), self.intermediate
+        views = {}
+        for i in range(self.num_experts):
+            views |= {f"{i}.gate_proj": gate_up[i, :inter], f"{i}.up_proj": gate_up[i, inter:]}
+            views[f"{i}.down_proj"] = down[i]
+        return views
+
+    def bind_stacked_experts(
+        self, device: torch.device | str, dtype: torch.dtype, storage: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Binds the stacked expert tensors and rebinds every expert Linear weight to a view of them.
+
+        `storage` is (gate_up_by_input, down_by_input), e.g. the loader's filled stacks; without it they are
+        allocated here, uninitialised, for a loader to copy each checkpoint tensor into its (transposed) slice.
+        Either way the weights exist once and are stacked without a copy.
         """
-        n, inter = self.num_experts, self.intermediate
-        hidden = self.experts[0].gate_proj.in_features
-        self.gate_up_by_input = torch.empty(n, hidden, 2 * inter, device=device, dtype=dtype)
-        self.down_by_input = torch.empty(n, inter, hidden, device=device, dtype=dtype)
+        shapes = self.stack_shapes()
+        if storage is None:
+            storage = (torch.empty(shapes[0], device=device, dtype=dtype), torch.empty(shapes[1], device=device,
+                                                                                      dtype=dtype))
+        if (tuple(storage[0].shape), tuple(storage[1].shape)) != shapes:
+            raise ValueError(f"expert stacks {[list(t.shape) for t in storage]}; this layer needs {shapes}")
+        self.gate_up_by_input, self.down_by_input = storage
         self.gate_up_stacked = self.gate_up_by_input.transpose(1, 2)
         self.down_stacked = self.down_by_input.transpose(1, 2)
-        for i, expert in enumerate(self.experts):
-            expert.gate_proj.weight = nn.Parameter(self.gate_up_stacked[i, :inter], requires_grad=False)
-            expert.up_proj.weight = nn.Parameter(self.gate_up_stacked[i, inter:], requires_grad=False)
-            expert.down_proj.weight = nn.Parameter(self.down_stacked[i], requires_grad=False)
+        for name, view in self.expert_weight_views(*storage).items():
+            index, proj = name.split(".")
+            getattr(self.experts[int(index)], proj).weight = nn.Parameter(view, requires_grad=False)
         self._use_grouped_mm = None
         self._bag_ranges = {}
 

@@ -1,0 +1,191 @@
+"""The prepared-layout cache: the tensors whose in-memory layout is not the checkpoint's, kept on disk once.
+
+On the CPU most weights are used as stored and are memory-mapped from the checkpoint itself. The rest (the
+routed experts, stacked and transposed for the MoE kernels, and every tensor converted to another dtype) must
+be computed, and writing gigabytes of fresh memory costs more than reading the file. So the first load writes
+them, in their final layout, to `<model>/.dsocr-prepared/<dtype>.bin`, and later loads memory-map that file
+like the checkpoint: no copy, no fresh memory, pages shared with the page cache.
+
+The file starts with a header naming the checkpoint's fingerprint (each shard's resolved name, size,
+modification time and safetensors header; a Hub blob's name is its sha256) and the tensors' names, dtypes,
+shapes and offsets; anything that differs makes the loader rebuild it. It is written under a temporary
+name, flushed to disk and renamed, so a crash never leaves a half-written cache behind the real name.
+Set DSOCR_PREPARED_CACHE=0 to never read or write it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import mmap
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsocr_torch.checkpoint import Checkpoint, file_fingerprint
+
+log = logging.getLogger(__name__)
+
+ENV = "DSOCR_PREPARED_CACHE"
+CACHE_DIR = ".dsocr-prepared"
+MAGIC = b"DSOCR-PREPARED-1"
+_ALIGN = 4096  # each tensor starts on a page: views are aligned and unrelated tensors share no page
+_SPARE_BYTES = 1 << 30  # free disk left after writing the cache, at least
+MIN_BYTES = 256 << 20  # smaller prepared layouts are computed on every load (a tiny model gets no cache file)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def cache_enabled(flag: bool | None, nbytes: int) -> bool:
+    """`flag` if given, else on unless DSOCR_PREPARED_CACHE=0; never for less than MIN_BYTES."""
+    if nbytes < MIN_BYTES:
+        return False
+    if flag is not None:
+        return flag
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # from the start of the data section
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self) -> list[object]:
+        return [self.name, str(self.dtype).removeprefix("torch."), list(self.shape), self.offset]
+
+
+def plan_slots(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[list[Slot], int]:
+    """Page-aligned places for `specs` (name, dtype, shape), in order; returns them and the data size."""
+    slots, offset = [], 0
+    for name, dtype, shape in specs:
+        slots.append(Slot(name, dtype, tuple(shape), offset))
+        offset += -(-slots[-1].nbytes // _ALIGN) * _ALIGN
+    return slots, offset
+
+
+def fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
+    parts: list[object] = [MAGIC.decode(), _DTYPE_NAMES.get(dtype, str(dtype))]
+    for file, header in sorted(checkpoint.headers.items()):
+        parts.append([*file_fingerprint(file), hashlib.sha256(header).hexdigest()])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def slot_views(buffer: torch.Tensor, slots: list[Slot], base: int = 0) -> dict[str, torch.Tensor]:
+    """name -> the slot's tensor, viewing the uint8 `buffer` from `base` on."""
+    return {
+        s.name: buffer[base + s.offset : base + s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in slots
+    }
+
+
+def _header(key: str, slots: list[Slot], data_size: int) -> bytes:
+    meta = json.dumps({"key": key, "slots": [s.describe() for s in slots], "data_size": data_size}).encode()
+    head = MAGIC + struct.pack("<Q", len(meta)) + meta
+    return head + b"\0" * (-len(head) % _ALIGN)
+
+
+class PreparedCache:
+    """One dtype's prepared tensors for one model folder."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, key: str, slots: list[Slot], data_size: int) -> None:
+        self.path = model_dir / CACHE_DIR / f"{_DTYPE_NAMES.get(dtype, 'other')}.bin"
+        self.key, self.slots, self.data_size = key, slots, data_size
+        self.header = _header(key, slots, data_size)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_size
+
+    def open(self) -> dict[str, torch.Tensor] | None:
+        """The cached tensors as private maps of the file, or None when it is missing or stale."""
+        try:
+            with self.path.open("rb") as handle:
+                if handle.read(len(self.header)) != self.header or os.fstat(handle.fileno()).st_size != self.size:
+                    log.info("prepared-layout cache %s is stale; rebuilding it", self.path)
+                    return None
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.info("prepared-layout cache %s is unreadable (%s); not using it", self.path, exc)
+            return None
+        return slot_views(torch.frombuffer(mapped, dtype=torch.uint8), self.slots, len(self.header))
+
+    def create(self) -> CacheWriter | None:
+        """A writer whose tensors are the new file's pages, or None where the folder cannot take the file."""
+        folder = self.path.parent
+        try:
+            folder.mkdir(exist_ok=True)
+            _remove_stale_temporaries(folder)
+            free = shutil.disk_usage(folder).free
+            if free < self.size + _SPARE_BYTES:
+                log.warning(
+                    "not writing the prepared-layout cache: it needs %.1f GB and %s has %.1f GB free",
+                    self.size / 1e9, folder, free / 1e9,
+                )
+                return None
+            temporary = folder / f"{self.path.name}.tmp-{os.getpid()}"
+            with temporary.open("w+b") as handle:
+                handle.truncate(self.size)  # sparse until written
+                handle.write(self.header)
+                mapped = mmap.mmap(handle.fileno(), self.size)  # shared: writes go to the file
+        except (OSError, ValueError) as exc:
+            log.info("not writing the prepared-layout cache in %s (%s)", folder, exc)
+            return None
+        log.info("writing the prepared-layout cache %s (%.1f GB, once)", self.path, self.size / 1e9)
+        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+        return CacheWriter(self, temporary, slot_views(buffer, self.slots, len(self.header)))
+
+
+class CacheWriter:
+    def __init__(self, cache: PreparedCache, temporary: Path, tensors: dict[str, torch.Tensor]) -> None:
+        self.cache, self.temporary, self.tensors = cache, temporary, tensors
+
+    def commit(self) -> dict[str, torch.Tensor] | None:
+        """Flushes the file to disk, gives it its real name and returns read maps of it (None on failure).
+
+        The writable shared map is dropped: a stray in-place write to a weight must not reach the cache.
+        """
+        self.tensors = {}
+        try:
+            with self.temporary.open("rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(self.temporary, self.cache.path)
+        except OSError as exc:
+            log.warning("could not finish the prepared-layout cache %s (%s)", self.cache.path, exc)
+            self.abort()
+            return None
+        return self.cache.open()
+
+    def abort(self) -> None:
+        self.tensors = {}
+        self.temporary.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writers that died (their process is gone) are removed."""
+    for path in folder.glob("*.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
