@@ -1,0 +1,202 @@
+"""Cold start on the torch CPU path: memory-mapped weights, the prepared-layout cache, packing while loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.errors import CheckpointError
+from tests.conftest import MODEL_DIR
+
+CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CACHE = ".dsocr-prepared"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the fixture model, and the prepared-layout cache allowed for its tiny size."""
+    from dsocr_torch import prepared
+
+    monkeypatch.setattr(prepared, "MIN_BYTES", 0)
+    monkeypatch.delenv(prepared.ENV, raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in (*CONFIG_FILES, "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, folder / name)
+    return folder
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    from tests.test_torch_model import case_data
+
+    embeds = case_data("pm07_gray_tiny")["inputs_embeds"][None].to(model.dtype)
+    with torch.inference_mode():
+        return model.prefill_embeds(embeds, model.new_cache(embeds.shape[1]))
+
+
+def _load(folder: Path, dtype: str = "float32", **kwargs: object) -> torch.nn.Module:
+    from dsocr_torch.loader import load_model
+
+    return load_model(folder, device="cpu", dtype=dtype, **kwargs)
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file /proc/self/maps names for the mapping that holds `address` (None: anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    raise AssertionError(f"address {address:#x} is not mapped")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_is_written_once_then_mapped_with_identical_results(
+    model_dir: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsocr_torch.prepared import PreparedCache
+
+    reference = _logits(_load(model_dir, dtype, prepared_cache=False))
+    assert not (model_dir / CACHE).exists()
+    first = _logits(_load(model_dir, dtype))
+    cache = model_dir / CACHE / f"{dtype}.bin"
+    assert cache.is_file()
+    written = cache.stat()
+
+    def no_rewrite(self: PreparedCache) -> None:
+        raise AssertionError("a valid cache was written again")
+
+    monkeypatch.setattr(PreparedCache, "create", no_rewrite)
+    second = _logits(_load(model_dir, dtype))
+    assert torch.equal(first, reference)
+    assert torch.equal(second, reference)
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert list((model_dir / CACHE).iterdir()) == [cache]  # no temporary file left behind
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_are_views_of_the_files_not_copies(model_dir: Path) -> None:
+    from dsocr_torch.language import MoEFeedForward
+
+    _load(model_dir, "bfloat16")  # writes the cache
+    model = _load(model_dir, "bfloat16")
+    checkpoint = str(model_dir / "model.safetensors")
+    for weight in (model.model.embed_tokens.weight, model.model.sam_model.patch_embed.proj.weight):
+        assert _mapped_file(weight.data_ptr()) == checkpoint
+    moe = next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+    for stack in (moe.gate_up_by_input, moe.down_by_input):
+        assert _mapped_file(stack.data_ptr()) == str(model_dir / CACHE / "bfloat16.bin")
+    assert moe.experts[3].up_proj.weight.data_ptr() == moe.gate_up_stacked[3, moe.intermediate :].data_ptr()
+
+
+def test_a_changed_checkpoint_rebuilds_the_cache(model_dir: Path) -> None:
+    original = _logits(_load(model_dir))
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    tensors[name] = tensors[name] * 3
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    expected = _logits(_load(model_dir, prepared_cache=False))
+    assert not torch.equal(expected, original)
+    assert torch.equal(_logits(_load(model_dir)), expected)
+    assert torch.equal(_logits(_load(model_dir)), expected)
+
+
+def test_a_damaged_cache_is_rebuilt(model_dir: Path) -> None:
+    reference = _logits(_load(model_dir, prepared_cache=False))
+    _load(model_dir)
+    cache = model_dir / CACHE / "float32.bin"
+    size = cache.stat().st_size
+    with cache.open("r+b") as handle:
+        handle.truncate(size // 2)
+    assert torch.equal(_logits(_load(model_dir)), reference)
+    assert cache.stat().st_size == size
+    with cache.open("r+b") as handle:  # a header from another checkpoint
+        handle.seek(40)
+        handle.write(b"0000")
+    assert torch.equal(_logits(_load(model_dir)), reference)
+
+
+def test_no_cache_where_it_cannot_be_written_or_is_turned_off(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = _logits(_load(model_dir, prepared_cache=False))
+    (model_dir / CACHE).write_text("a file where the cache folder would go")
+    assert torch.equal(_logits(_load(model_dir)), reference)
+    (model_dir / CACHE).unlink()
+    monkeypatch.setenv("DSOCR_PREPARED_CACHE", "0")
+    assert torch.equal(_logits(_load(model_dir)), reference)
+    assert not (model_dir / CACHE).exists()
+
+
+def test_packing_while_loading_equals_packing_after(model_dir: Path) -> None:
+    from dsocr_torch.language import Linear
+
+    if not Linear.packs(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bfloat16 packing on this CPU")
+    later = _load(model_dir, "bfloat16", prepared_cache=False)
+    count = later.pack_for_cpu_decode()
+    packed = _load(model_dir, "bfloat16", pack=True)
+    linears = packed.decode_linears()
+    assert count == len(linears) > 0
+    assert all(linear.packed is not None and linear.weight.is_meta for linear in linears.values())
+    assert packed.pack_for_cpu_decode() == count  # idempotent: already packed
+    assert torch.equal(_logits(packed), _logits(later))
+
+
+def test_progress_counts_the_bytes_of_work(model_dir: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    _load(model_dir, prepared_cache=False, progress=lambda what, done, total: calls.append((what, done, total)))
+    assert calls and {what for what, _, _ in calls} == {"weights (MiB)"}
+    done = [d for _, d, _ in calls]
+    assert done == sorted(done)
+    total = calls[-1][2]
+    assert done[-1] == total == (model_dir / "model.safetensors").stat().st_size >> 20  # every tensor converted
+
+
+def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_named(tmp_path: Path) -> None:
+    from dsocr_torch.loader import load_model
+
+    for name in CONFIG_FILES:
+        shutil.copy(MODEL_DIR / name, tmp_path / name)
+    raw = (MODEL_DIR / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    header["model.norm.weight"]["shape"] = [41]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text))
+    assert len(text) == length
+    (tmp_path / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + length :])
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has 80 bytes for shape \[41\]"):
+        load_model(tmp_path, device="cpu", dtype="float32")
+
+
+def test_expert_stacks_of_the_wrong_shape_are_refused() -> None:
+    from common.config import load_config
+    from dsocr_torch.language import MoEFeedForward
+
+    moe = MoEFeedForward(load_config(MODEL_DIR).language)
+    (gate_up, down) = moe.stack_shapes()
+    with pytest.raises(ValueError, match="expert stacks"):
+        moe.bind_stacked_experts("cpu", torch.float32, (torch.zeros(gate_up), torch.zeros(gate_up)))
+    moe.bind_stacked_experts("cpu", torch.float32, (torch.zeros(gate_up), torch.ones(down)))
+    assert bool((moe.experts[0].down_proj.weight == 1).all())
+
+
+def test_temporary_files_of_dead_writers_are_removed(model_dir: Path) -> None:
+    folder = model_dir / CACHE
+    folder.mkdir()
+    dead = folder / "float32.bin.tmp-999999999"
+    alive = folder / f"float32.bin.tmp-{os.getppid()}"  # another process, still running
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    _load(model_dir)
+    assert not dead.exists()
+    assert alive.exists()
