@@ -1,8 +1,8 @@
 """Loads DeepSeek-OCR weights into the MLX model: the official Hugging Face checkpoint (bfloat16
 safetensors, one file or index + shards) or an MLX checkpoint written by `dsocr_mlx.convert`.
 
-`mx.load` memory-maps safetensors lazily, so casting and evaluating one module at a time never holds two
-full copies of the weights.
+`mx.load` reads safetensors lazily, so casting and evaluating one array at a time never holds two full
+copies of the weights (nor of a layer's experts while they are stacked).
 """
 
 from __future__ import annotations
@@ -135,18 +135,28 @@ def load_model(
     weights = cast_floating(model.sanitize(raw), DTYPES[dtype])
     check_weights(model, weights, str(model_dir))
     model.load_weights(list(weights.items()), strict=False)
+    # From here the model's arrays are the only references to the checkpoint's (per-expert, uncast) arrays, so
+    # each is freed as soon as the array made from it is evaluated, not kept as a second copy until the end.
+    del raw, weights
     materialize(model, progress)
     model.eval()
     return model, quantization
 
 
 def materialize(model: DeepseekOCRForCausalLM, progress: ProgressCallback | None = None) -> None:
-    """Evaluates the (lazy, memory-mapped) parameters one module at a time, reporting progress."""
+    """Evaluates the (lazy, file-backed) parameters one array at a time, reporting the MiB done.
+
+    One array per evaluation bounds what a load holds besides the finished weights to that array's sources:
+    one projection's per-expert tensors while they are stacked (rather than a whole layer's).
+    """
     inner = model.model
     groups: list[Any] = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head]
     groups += [inner.sam_model, inner.vision_model, inner.projector]
     groups += [{"image_newline": inner.image_newline, "view_seperator": inner.view_seperator}]
-    for done, group in enumerate(groups, start=1):
-        mx.eval(group.parameters() if isinstance(group, nn.Module) else group)
+    arrays = [a for g in groups for _, a in tree_flatten(g.parameters() if isinstance(g, nn.Module) else g)]
+    total, done = sum(a.nbytes for a in arrays), 0
+    for array in arrays:
+        mx.eval(array)
+        done += array.nbytes
         if progress is not None:
-            progress("weights", done, len(groups))
+            progress("weights (MiB)", done >> 20, total >> 20)
