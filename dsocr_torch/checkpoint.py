@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PAGE = mmap.PAGESIZE
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels answer EINVAL and the pages fault in on first touch
 
 
 @dataclass(frozen=True)
@@ -141,17 +141,19 @@ class MappedFiles:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()  # the loader's worker threads map files too
 
     def _map(self, file: Path) -> mmap.mmap:
-        mapped = self._maps.get(file)
-        if mapped is None:
-            try:
-                with file.open("rb") as handle:
-                    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{file}: cannot map the file ({exc})") from None
-            self._maps[file] = mapped
-        return mapped
+        with self._lock:
+            mapped = self._maps.get(file)
+            if mapped is None:
+                try:
+                    with file.open("rb") as handle:
+                        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise CheckpointError(f"{file}: cannot map the file ({exc})") from None
+                self._maps[file] = mapped
+            return mapped
 
     def view(self, entry: TensorEntry) -> torch.Tensor:
         """The tensor as stored in the file, without a copy."""
@@ -175,10 +177,6 @@ class MappedFiles:
         """Starts reading the tensor's pages from disk in the background (no-op when they are cached)."""
         if hasattr(mmap, "MADV_WILLNEED"):
             self._advise(entry, mmap.MADV_WILLNEED, whole_pages_only=False)
-
-    def populate(self, entry: TensorEntry) -> None:
-        """Maps the tensor's (cached) pages now, in one call, rather than one fault at a time on first use."""
-        self._advise(entry, _MADV_POPULATE_READ, whole_pages_only=False)
 
     def release(self, entry: TensorEntry) -> None:
         """Unmaps the pages of a tensor that was only a source; the file's page cache keeps them."""
