@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug); tracebacks on errors")
     g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+
+    g = p.add_argument_group("cluster (pip install 'dsocr[ray]')")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run the batch on a Ray cluster (Ray Data), writing to -o DIR (a folder every node can "
+                   "reach); ADDRESS: host:port or ray://host:port, default auto = the running cluster "
+                   "(RAY_ADDRESS, `ray start` here), else a local one for this job")
+    g.add_argument("--ray-actors", metavar="N", type=positive_int, default=None,
+                   help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
+    g.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
+                   help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")
     return p
 
 
@@ -255,7 +266,9 @@ def _short(label: str, width: int = 40) -> str:
     return label if len(label) <= width else "…" + label[-(width - 1) :]
 
 
-def print_summary(outcomes: list[Outcome], out_dir: Path | None, stream: IO[str], live: bool) -> None:
+def print_summary(
+    outcomes: list[Outcome], out_dir: Path | None, stream: IO[str], live: bool, elapsed: float | None = None
+) -> None:
     ok = [o for o in outcomes if o.status == "ok"]
     skipped = [o for o in outcomes if o.status == "skipped"]
     failed = [o for o in outcomes if o.status == "failed"]
@@ -274,6 +287,8 @@ def print_summary(outcomes: list[Outcome], out_dir: Path | None, stream: IO[str]
     table.add_row("skipped", str(len(skipped)), "", "")
     table.add_row("failed", str(len(failed)), "", "")
     console.print(table)
+    if elapsed:
+        console.print(f"{len(ok) + len(failed)} items in {elapsed:.1f} s: {len(ok) / elapsed:.2f} items/s done")
     if failed:
         fail_table = Table(title="failed items")
         fail_table.add_column("input", overflow="fold")
@@ -405,6 +420,8 @@ def _main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     setup_logging(args.verbose)
+    if args.ray is not None:
+        _check_ray_args(args)
     prompt = resolve_prompt(args)
     mode, params = resolve_options(args)
     items = _items(args, prompt)
@@ -428,6 +445,8 @@ def _main(argv: list[str]) -> int:
         engine = load_engine(args, weights=False, reporter=None)
         _check_context(engine, args)
         return dry_run(engine, items, opts)
+    if args.ray is not None:
+        return _run_on_ray(args, items, opts, live)
 
     # Streaming text to this terminal: progress lines would interleave with it, so only failures are reported.
     reporter = Reporter(len(items), quiet=args.quiet or stream_text, live=live)
@@ -437,17 +456,52 @@ def _main(argv: list[str]) -> int:
             _check_context(engine, args)
             loop = getattr(engine, "loop", None)  # batch pages as the loaded engine allows (--max-batch)
             opts.max_batch = loop.max_batch if loop is not None else 1
+            t0 = time.perf_counter()
             outcomes = run_batch(engine, items, opts, reporter)
         finally:
             engine.close()
     finally:
         reporter.close()
+    return _conclude(outcomes, args, live, time.perf_counter() - t0)
+
+
+def _conclude(outcomes: list[Outcome], args: argparse.Namespace, live: bool, elapsed: float) -> int:
+    """The summary table (or a single item's error line) and the exit code."""
     failed = [o for o in outcomes if o.status == "failed"]
     if len(outcomes) > 1 and not args.quiet:
-        print_summary(outcomes, out_dir, sys.stderr, live)
+        print_summary(outcomes, args.output, sys.stderr, live, elapsed)
     elif failed and len(outcomes) == 1:
         _error(f"{failed[0].item.label}: {failed[0].message}")
     return 1 if failed else 0
+
+
+def _check_ray_args(args: argparse.Namespace) -> None:
+    """--ray before the inputs (`--ray scans/`) takes the first input as ADDRESS: a value that is no address
+    (auto, local, host:port, ray://...) goes back to the inputs. Ray itself must be installed."""
+    if args.ray not in ("auto", "local") and ":" not in args.ray:
+        args.inputs.insert(0, args.ray)
+        args.ray = "auto"
+    if args.dry_run:
+        return  # prepares locally; nothing runs on the cluster
+    if args.output is None:
+        raise UsageError("--ray writes its outputs to -o DIR: add -o DIR (a folder every node can reach)")
+    from common.cluster import import_ray
+
+    import_ray()
+
+
+def _run_on_ray(args: argparse.Namespace, items: list[WorkItem], opts: BatchOptions, live: bool) -> int:
+    """The batch as a Ray Data job (common.cluster); the driver needs only the tokenizer and config."""
+    from common.cluster import RayOptions, run_on_ray
+
+    engine = load_engine(args, weights=False, reporter=None)
+    _check_context(engine, args)
+    # On a terminal Ray Data draws the progress bars and the reporter prints only failures; elsewhere plain lines.
+    reporter = Reporter(len(items), quiet=args.quiet or live, live=False)
+    options = RayOptions(args.ray, args.ray_actors, args.ray_actor_cpus, show_progress=live)
+    t0 = time.perf_counter()
+    outcomes = run_on_ray(ModelOptions.from_args(args), engine, items, opts, options, reporter, args.verbose)
+    return _conclude(outcomes, args, live, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
