@@ -287,8 +287,8 @@ def print_summary(
     table.add_row("skipped", str(len(skipped)), "", "")
     table.add_row("failed", str(len(failed)), "", "")
     console.print(table)
-    if elapsed:
-        console.print(f"{len(ok) + len(failed)} items in {elapsed:.1f} s: {len(ok) / elapsed:.2f} items/s done")
+    if elapsed and ok:
+        console.print(f"{len(ok)} done in {elapsed:.1f} s: {len(ok) / elapsed:.2f} items/s")
     if failed:
         fail_table = Table(title="failed items")
         fail_table.add_column("input", overflow="fold")
@@ -476,18 +476,13 @@ def _conclude(outcomes: list[Outcome], args: argparse.Namespace, live: bool, ela
 
 
 def _check_ray_args(args: argparse.Namespace) -> None:
-    """--ray before the inputs (`--ray scans/`) takes the first input as ADDRESS: a value that is no address
-    (auto, local, host:port, ray://...) goes back to the inputs. Ray itself must be installed."""
-    if args.ray not in ("auto", "local") and ":" not in args.ray:
-        args.inputs.insert(0, args.ray)
-        args.ray = "auto"
-    if args.dry_run:
-        return  # prepares locally; nothing runs on the cluster
-    if args.output is None:
-        raise UsageError("--ray writes its outputs to -o DIR: add -o DIR (a folder every node can reach)")
-    from common.cluster import import_ray
+    from common import cluster
 
-    import_ray()
+    args.ray = cluster.ray_address(args.ray, args.inputs)
+    if not args.dry_run:  # a dry run prepares here; nothing runs on the cluster
+        if args.output is None:
+            raise UsageError("--ray writes its outputs to -o DIR: add -o DIR (a folder every node can reach)")
+        cluster.import_ray()
 
 
 def _run_on_ray(args: argparse.Namespace, items: list[WorkItem], opts: BatchOptions, live: bool) -> int:

@@ -58,6 +58,7 @@ log = logging.getLogger("dsocr")
 INSTALL_HINT = "--ray needs Ray Data: pip install 'dsocr[ray]' (or pip install 'ray[data]')"
 FAILED_FILE = "failed.jsonl"  # this run's failed pages, in DIR
 JOB_MARKER = ".dsocr-ray-job"  # with --overwrite: pages whose NAME.json is newer were written by this job
+PREPARE_CPUS = 1  # CPUs of each decode / render / tile task
 DEFAULT_CALLS = {True: 32, False: 8}  # pages handed to one actor at once without --max-batch (GPU / CPU)
 NO_RESULT = "no result from the cluster for this page (its task failed; -v shows Ray's log)"
 
@@ -72,6 +73,15 @@ class RayOptions:
     actors: int | None = None  # generation actors (default: one per GPU, or 1 without GPUs)
     actor_cpus: float = 1.0  # CPUs each actor reserves (on CPU nodes: its torch threads)
     show_progress: bool = True  # Ray Data's progress bars
+
+
+def ray_address(value: str, inputs: list[str]) -> str:
+    """--ray's ADDRESS. Before the inputs (`--ray scans/`) argparse takes the first input for it: a value that is
+    no address (auto, local, host:port, ray://host:port) goes back to the front of `inputs`, and means auto."""
+    if value in ("auto", "local") or ":" in value:
+        return value
+    inputs.insert(0, value)
+    return "auto"
 
 
 def import_ray() -> Any:
@@ -131,8 +141,23 @@ def unpack_prepared(payload: bytes) -> tuple[Prepared, str | None]:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def prepare_rows(batch: dict[str, Any], *, engine: Any, opts: BatchOptions) -> dict[str, Any]:
+_engines: dict[bytes, Any] = {}  # per worker process: the driver's weightless engine, by object id
+
+
+def _weightless_engine(ref: Any) -> Any:
+    """The engine behind `ref`, fetched once per worker process: rebuilding its tokenizer takes ~1 s."""
+    key = ref.binary()
+    if key not in _engines:
+        import ray
+
+        _engines.clear()  # an earlier job's
+        _engines[key] = ray.get(ref)
+    return _engines[key]
+
+
+def prepare_rows(batch: dict[str, Any], *, engine_ref: Any, opts: BatchOptions) -> dict[str, Any]:
     """CPU stage: each row's page decoded / rendered and tiled (a failure travels on as the page's error)."""
+    engine = _weightless_engine(engine_ref)
     payloads = [pack_prepared(prepare_item(engine, pickle.loads(raw), opts.prompt, opts.mode, opts.dpi))
                 for raw in batch["item"]]
     return {"index": np.asarray(batch["index"]), "payload": np.array(payloads, dtype=object)}
@@ -290,6 +315,7 @@ def _run_pipeline(
     gpu = _use_gpus(ray, model)
     actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
     calls = model.max_batch or DEFAULT_CALLS[gpu]
+    _check_resources(ray.cluster_resources(), actors, options.actor_cpus, gpu)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = options.show_progress
     ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False  # rich, drawn by this process
@@ -303,17 +329,22 @@ def _run_pipeline(
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(todo)]
     # One page per block, so pages spread over the CPU tasks and the actors' concurrent calls.
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(prepare_rows, batch_size=1, fn_kwargs={"engine": engine, "opts": worker_opts})
+    ds = ds.map_batches(prepare_rows, batch_size=1, num_cpus=PREPARE_CPUS,
+                        fn_kwargs={"engine_ref": ray.put(engine), "opts": worker_opts})
+    threads = str(max(1, int(options.actor_cpus)))
     ds = ds.map_batches(
         PageGenerator,
         batch_size=1,
         fn_constructor_kwargs={"model": model, "opts": worker_opts, "job_started": job_started, "verbose": verbose},
         compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=actors, initial_size=actors, max_concurrent_calls_per_actor=calls,
-            max_tasks_in_flight_per_actor=calls + 2, enable_true_multi_threading=True,
+            size=actors, max_concurrent_calls_per_actor=calls, max_tasks_in_flight_per_actor=calls + 2,
+            enable_true_multi_threading=True,
         ),
         num_gpus=1 if gpu else 0,
         num_cpus=options.actor_cpus,
+        # The actor's torch threads follow its CPU share. Its own runtime_env also keeps Ray Data from fusing
+        # the two stages into one, which would decode and tile pages on the (GPU) actors.
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
     )
     seen: set[int] = set()
     try:
@@ -349,6 +380,19 @@ def _use_gpus(ray: Any, model: ModelOptions) -> bool:
     if model.device != "auto" or model.backend == "mlx":
         return False
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _check_resources(total: dict[str, float], actors: int, actor_cpus: float, gpu: bool) -> None:
+    """Actors that cannot all start, or that leave no CPU to prepare pages, would stall the job: refuse them."""
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if gpu and actors > gpus:
+        have = f"{gpus:g} GPU(s)" if gpus else "no GPU (use --device cpu)"
+        raise ClusterError(f"{actors} generation actor(s) need a GPU each; the Ray cluster has {have}")
+    if actors * actor_cpus + PREPARE_CPUS > cpus:
+        raise ClusterError(
+            f"{actors} generation actor(s) of {actor_cpus:g} CPU leave no CPU to prepare pages on this Ray cluster "
+            f"of {cpus:g} CPUs: lower --ray-actors or --ray-actor-cpus"
+        )
 
 
 def _mark_job(out_dir: Path) -> float:
