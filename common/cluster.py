@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
 import pickle
+import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -272,12 +275,13 @@ def run_on_ray(
 
     report(groups.write_missing())
     if todo:
-        owned = _connect(ray, options.address, verbose)
-        try:
-            _run_pipeline(ray, model, engine, todo, opts, options, verbose, report, groups)
-        finally:
-            if owned:
-                ray.shutdown()
+        with contextlib.redirect_stdout(_RayMessages(verbose)):
+            owned = _connect(ray, options.address, verbose)
+            try:
+                _run_pipeline(ray, model, engine, todo, opts, options, verbose, report, groups)
+            finally:
+                if owned:
+                    ray.shutdown()
     _write_failures(opts.out_dir, outcomes)
     return outcomes
 
@@ -415,6 +419,32 @@ def _write_failures(out_dir: Path, outcomes: list[Outcome]) -> None:
     atomic_write(path, "\n".join(lines) + "\n")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] if text else type(exc).__name__
+    """One line for an error from Ray: a remote traceback's last line (the error itself), else the first line."""
+    text = _ANSI.sub("", getattr(exc, "error_msg", None) or str(exc))  # a dead actor's message holds its traceback
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if any(line.startswith('File "') for line in lines) else lines[0]
+
+
+class _RayMessages(io.TextIOBase):
+    """Stdout while the job runs, for what Ray prints there itself (worker deaths, retries, their tracebacks):
+    stderr with -v, dropped otherwise. Stdout keeps only --json lines (written to the stream the CLI captured)."""
+
+    def __init__(self, verbose: int) -> None:
+        self.verbose, self.stderr = verbose, sys.stderr
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.verbose:
+            self.stderr.write(text)
+        return len(text)
+
+    def isatty(self) -> bool:  # Ray Data picks its progress display by this; it draws on stderr
+        return self.stderr.isatty()

@@ -62,3 +62,12 @@ class KillingGenerator(RecordingGenerator):
         if prepared.item.name == KILL_AFTER_WRITE:
             self._kill_once("killed-after-write.pid")
         return outcome
+
+
+class UnloadableGenerator(PageGenerator):
+    """An actor whose model cannot be loaded on its node (e.g. --model names a folder only the driver has)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from common.errors import ModelNotFoundError
+
+        raise ModelNotFoundError("model directory /nowhere does not exist")

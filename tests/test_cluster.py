@@ -121,6 +121,17 @@ def test_without_ray_one_clear_line(inputs: Path, tmp_path: Path, capsys, monkey
     assert not (tmp_path / "out").exists()
 
 
+def test_resource_check() -> None:
+    cluster._check_resources({"CPU": 8.0, "GPU": 2.0}, 2, 1.0, gpu=True)
+    cluster._check_resources({"CPU": 2.0}, 2, 0.5, gpu=False)
+    with pytest.raises(cluster.ClusterError, match="need a GPU each; the Ray cluster has 2 GPU"):
+        cluster._check_resources({"CPU": 8.0, "GPU": 2.0}, 3, 1.0, gpu=True)
+    with pytest.raises(cluster.ClusterError, match="has no GPU"):
+        cluster._check_resources({"CPU": 8.0}, 1, 1.0, gpu=True)
+    with pytest.raises(cluster.ClusterError, match="leave no CPU to prepare pages"):
+        cluster._check_resources({"CPU": 8.0}, 4, 2.0, gpu=False)
+
+
 def test_ray_needs_an_output_folder_and_takes_a_folder_for_an_input(inputs: Path, capsys) -> None:
     code, _, err = run(["--ray", str(inputs), *FAST], capsys)  # argparse hands the folder to --ray
     assert code == 2 and "-o DIR" in one_error_line(err)
@@ -184,12 +195,12 @@ def test_killed_actors_every_page_written_once(
     retries their pages, and no page is lost or written twice (with --overwrite, over a finished folder)."""
     monkeypatch.setattr(cluster, "PageGenerator", ray_faults.KillingGenerator)
     out_dir = tmp_path / "out"
-    argv = [str(inputs), "-o", str(out_dir), "--dpi", "72", *FAST, *RAY_FLAGS, "--ray-actors", "2",
+    argv = [str(inputs), "-o", str(out_dir), "--json", "--dpi", "72", *FAST, *RAY_FLAGS, "--ray-actors", "2",
             "--max-batch", "2"]
     if overwrite:
         shutil.copytree(local_run[2], out_dir)
         argv.append("--overwrite")
-    code, _, err = run(argv, capsys)
+    code, out, err = run(argv, capsys)
     assert code == 1, err  # only the corrupt PNG
     mid = int((tmp_path / "killed-mid-page.pid").read_text())
     after = int((tmp_path / "killed-after-write.pid").read_text())
@@ -199,5 +210,21 @@ def test_killed_actors_every_page_written_once(
     assert pids[ray_faults.KILL_MID_PAGE] != mid  # redone by the actor that replaced the killed one
     assert pids[ray_faults.KILL_AFTER_WRITE] == after  # written before the kill, and not again after it
     assert outputs(out_dir) == local_run[0]
+    # Ray's own messages about the dead workers stay off stdout, which holds exactly one JSON line per page.
+    assert without_timings(json_lines(out)) == local_run[1]
     assert err.count("] ok ") == 5 and err.count("] failed ") == 1
     assert not (out_dir / cluster.JOB_MARKER).exists()
+
+
+def test_actors_that_cannot_start_fail_the_job_in_one_line(ray_cluster, inputs, tmp_path, capsys, monkeypatch) -> None:
+    out_dir = tmp_path / "out"
+    code, out, err = run([str(inputs), "-o", str(out_dir), *FAST, "--ray", "--ray-actors", "2"], capsys)
+    assert code == 2 and out == ""  # 2 actors of 1 CPU would leave no CPU of 2 to prepare pages: refused
+    assert "leave no CPU to prepare pages" in one_error_line(err)
+
+    monkeypatch.setattr(cluster, "PageGenerator", ray_faults.UnloadableGenerator)
+    code, out, err = run([str(inputs), "-o", str(out_dir), *FAST, *RAY_FLAGS], capsys)
+    assert code == 2 and out == ""
+    assert one_error_line(err).endswith(
+        "the Ray job failed: common.errors.ModelNotFoundError: model directory /nowhere does not exist"
+    )
