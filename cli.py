@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cluster (pip install 'dsocr[ray]')")
     g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run the batch on a Ray cluster (Ray Data), writing to -o DIR (a folder every node can "
-                   "reach); ADDRESS: host:port or ray://host:port, default auto = the running cluster "
+                   "reach); ADDRESS: the cluster's host:port, default auto = the running cluster "
                    "(RAY_ADDRESS, `ray start` here), else a local one for this job")
     g.add_argument("--ray-actors", metavar="N", type=positive_int, default=None,
                    help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")

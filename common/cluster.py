@@ -80,7 +80,7 @@ class RayOptions:
 
 def ray_address(value: str, inputs: list[str]) -> str:
     """--ray's ADDRESS. Before the inputs (`--ray scans/`) argparse takes the first input for it: a value that is
-    no address (auto, local, host:port, ray://host:port) goes back to the front of `inputs`, and means auto."""
+    no address (auto, local, host:port) goes back to the front of `inputs`, and means auto."""
     if value in ("auto", "local") or ":" in value:
         return value
     inputs.insert(0, value)
@@ -195,7 +195,8 @@ class PageGenerator:
         results = [started_or_done if isinstance(started_or_done, Outcome)
                    else self._finish(prepared, started_or_done, started)
                    for prepared, started_or_done in running]
-        return {"index": np.asarray(batch["index"]), "result": np.array([_result_json(o) for o in results])}
+        rows = np.array([_result_json(o) for o in results], dtype=object)
+        return {"index": np.asarray(batch["index"]), "result": rows}
 
     def _start(self, prepared: Prepared, error: str | None) -> Any:
         """The page's Generation, or its Outcome when there is nothing to generate."""
