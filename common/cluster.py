@@ -326,7 +326,7 @@ def _run_pipeline(
     ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = True, False  # rich, drawn by this process
     ctx.print_on_execution_start = verbose > 0
     ctx.enable_auto_log_stats = False
-    ctx.max_errored_blocks = -1  # a page whose worker kept dying is dropped here and recorded as failed below
+    ctx.max_errored_blocks = -1  # a page whose task raised (a bug: page errors are result rows) is recorded below
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.CRITICAL)
 
     job_started = _mark_job(opts.out_dir) if opts.overwrite else None

@@ -35,9 +35,11 @@ RAY_FLAGS = ["--ray", "--ray-actor-cpus", "0.5"]  # two actors and a preparing t
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    # log_to_driver off: worker output would land in the captured stdout the tests parse as JSON lines.
+    # log_to_driver off: worker output would land in the captured stdout the tests parse as JSON lines. The memory
+    # monitor off: on a machine near full memory it kills workers, which the jobs survive, but slowly.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # workers import tests.ray_faults
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # workers import tests.ray_faults
+             _system_config={"memory_monitor_refresh_ms": 0})
     yield
     ray.shutdown()
 
