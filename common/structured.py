@@ -130,12 +130,14 @@ def _grammar_for(schema: Mapping[str, Any], where: str) -> str:
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_JSON_OVERRIDES)
     except ValueError as exc:
-        raise InputError(f"{where}: invalid JSON schema: {_one_line(str(exc))}") from None
+        raise InputError(f"{where}: invalid JSON schema: {_one_line(str(exc))}", param=where) from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
         grammar, None, limits=llg.LLParserLimits(verbose_errors=False)
     )
     if is_error:
-        raise InputError(f"{where}: invalid JSON schema: {_one_line(messages[0] if messages else 'rejected')}")
+        raise InputError(
+            f"{where}: invalid JSON schema: {_one_line(messages[0] if messages else 'rejected')}", param=where
+        )
     return grammar
 
 
@@ -147,16 +149,35 @@ def json_schema_spec(
         try:
             schema = json.loads(schema)
         except ValueError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc})") from None
+            raise InputError(f"{where}: not valid JSON ({exc})", param=where) from None
     if not isinstance(schema, Mapping):
-        raise InputError(f"{where}: a JSON schema must be a JSON object, got {type(schema).__name__}")
+        raise InputError(f"{where}: a JSON schema must be a JSON object, got {type(schema).__name__}", param=where)
     try:
         schema_text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: not serializable as JSON ({exc})") from None
+        raise InputError(f"{where}: not serializable as JSON ({exc})", param=where) from None
     if len(schema_text) > MAX_SCHEMA_CHARS:
-        raise InputError(f"{where}: the schema is {len(schema_text)} characters; the limit is {MAX_SCHEMA_CHARS}")
+        raise InputError(
+            f"{where}: the schema is {len(schema_text)} characters; the limit is {MAX_SCHEMA_CHARS}", param=where
+        )
     return JsonSpec("json_schema", schema_text, name, strict, _grammar_for(schema, where))
+
+
+def json_schema_file_spec(path: Path) -> JsonSpec:
+    """A spec from a JSON schema file (the CLI's --json-schema), read with a cap; errors name the file."""
+    limit = 4 * MAX_SCHEMA_CHARS  # bytes: generous for indentation and multi-byte text
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}", param="json_schema") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: larger than {limit:,} bytes; a JSON schema is far shorter", param="json_schema")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text: {exc}", param="json_schema") from None
+    return json_schema_spec(text, where=str(path))
 
 
 def json_object_spec() -> JsonSpec:
@@ -167,7 +188,7 @@ def json_object_spec() -> JsonSpec:
 
 def _check_name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _NAME_PATTERN.match(value):
-        raise InputError(f"{where}: must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-', got {value!r}")
+        raise InputError(f"{where}: must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-', got {value!r}", param=where)
     return value
 
 
@@ -175,7 +196,7 @@ def _check_strict(value: Any, where: str) -> bool:
     if value is None:
         return False  # OpenAI's default
     if not isinstance(value, bool):
-        raise InputError(f"{where}: must be true or false, got {value!r}")
+        raise InputError(f"{where}: must be true or false, got {value!r}", param=where)
     return value
 
 
@@ -186,12 +207,19 @@ def _spec_of_format(value: Any, where: str, schema_holder: Mapping[str, Any] | N
     if kind == "json_object":
         return json_object_spec()
     if kind != "json_schema":
-        raise InputError(f"{where}.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+        raise InputError(
+            f"{where}.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=f"{where}.type"
+        )
     if schema_holder is None:
-        raise InputError(f"{where}: type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'")
+        raise InputError(
+            f"{where}: type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'", param=where
+        )
     holder_where = where if schema_holder is value else f"{where}.json_schema"
     if "schema" not in schema_holder:
-        raise InputError(f"{holder_where}.schema: missing; give the JSON schema the output must match")
+        raise InputError(
+            f"{holder_where}.schema: missing; give the JSON schema the output must match",
+            param=f"{holder_where}.schema",
+        )
     return json_schema_spec(
         schema_holder["schema"],
         name=_check_name(schema_holder.get("name"), f"{holder_where}.name"),
@@ -209,10 +237,12 @@ def spec_from_response_format(value: Any, where: str = "response_format") -> Jso
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}')
+        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
     holder = value.get("json_schema")
     if holder is not None and not isinstance(holder, Mapping):
-        raise InputError(f"{where}.json_schema: must be an object with 'name' and 'schema'")
+        raise InputError(
+            f"{where}.json_schema: must be an object with 'name' and 'schema'", param=f"{where}.json_schema"
+        )
     return _spec_of_format(value, where, holder)
 
 
@@ -224,8 +254,17 @@ def spec_from_text_format(value: Any, where: str = "text.format") -> JsonSpec | 
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}')
+        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
     return _spec_of_format(value, where, value)
+
+
+def spec_from_text_param(value: Any, where: str = "text") -> JsonSpec | None:
+    """Responses API `text` (`{"format": {...}, "verbosity"?}`): its `format`, as `spec_from_text_format`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InputError(f'{where}: must be an object such as {{"format": {{"type": "json_object"}}}}', param=where)
+    return spec_from_text_format(value.get("format"), f"{where}.format")
 
 
 # ---------------------------------------------------------------------------------------------- matching
