@@ -323,3 +323,81 @@ def test_engine_builds_its_grammar_once_and_compiles_ahead(engine: Engine) -> No
     assert not grammar.cached(spec)
     engine.compile_json_spec(spec)
     assert grammar.cached(spec)
+
+
+# ------------------------------------------------------------------------------------------------ MLX
+
+
+def test_mlx_backend_applies_the_masks_with_the_forward_queued_first(
+    engine: Engine, image_prompt: PreparedInputs
+) -> None:
+    # MLX runs asynchronously: the loop queues the forward pass before it consumes the previous tokens and fills
+    # the next masks (the overlap path). Greedy JSON there equals the torch backend's.
+    pytest.importorskip("mlx.core")
+    from dsocr_mlx import backend as mlx_backend
+
+    loaded = mlx_backend.load(MODEL_DIR, device="cpu", dtype="float32", max_batch=8, kv_cache_gib=1.0)
+    try:
+        assert loaded.asynchronous
+        mlx_engine = Engine(MODEL_DIR, engine.tokenizer, engine.config, loaded)
+        jobs = [params(SCHEMAS[name], sampler=sampler) for name, sampler in
+                (("enums", "greedy"), ("string_patterns", "greedy"), ("nested_objects", "sampled"))]
+        jobs.append(params(None, max_new=20))
+        alone = mlx_engine.generate(image_prompt, jobs[-1]).run().token_ids
+        generations = [mlx_engine.generate(image_prompt, p) for p in jobs]
+        results = [g.run() for g in generations]
+        assert results[-1].token_ids == alone
+        for p, result in zip(jobs[:-1], results, strict=False):
+            assert result.finish_reason == FINISH_STOP
+            validated(result.text, p.json_spec.schema)
+        for p, result in zip(jobs[:2], results, strict=False):
+            assert result.token_ids == engine.generate(image_prompt, p).run().token_ids
+    finally:
+        loaded.close()
+
+
+# ------------------------------------------------------------------------------------------ StepMasks
+
+
+class FixedConstraint:
+    """A constraint allowing exactly one id; counts its mask fills."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id, self.fills = token_id, 0
+
+    def fill_mask(self, row: np.ndarray) -> None:
+        self.fills += 1
+        row[:] = 0
+        row.view(np.uint32)[self.token_id >> 5] = np.uint32(1 << (self.token_id & 31))
+
+    def consume(self, token_id: int) -> bool:
+        return token_id == self.token_id
+
+    finished = False
+    error = None
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "helper-thread"])
+def test_step_masks_follow_the_final_lane_order(threaded: bool) -> None:
+    from common.constraints import StepMasks
+
+    vocab = 1000
+    masks = StepMasks(vocab, threaded=threaded)
+    a, b, c = FixedConstraint(5), FixedConstraint(999), FixedConstraint(64)
+
+    def allowed(rows: np.ndarray | None) -> list[list[int]]:
+        assert rows is not None
+        return [allowed_ids(row, vocab).tolist() for row in rows]
+
+    masks.start([a, None, b])
+    assert allowed(masks.collect([a, None, b])) == [[5], list(range(vocab)), [999]]  # unchanged order
+    masks.start([a, None, b])
+    assert allowed(masks.collect([a, None, b, c])) == [[5], list(range(vocab)), [999], [64]]  # c joined
+    masks.start([a, b])
+    assert allowed(masks.collect([b, a])) == [[999], [5]]  # lanes moved
+    assert (a.fills, b.fills, c.fills) == (3, 3, 1)  # each row computed once per step
+    masks.start([None, None])
+    assert masks.collect([None, None]) is None  # nothing constrained: no mask at all
+    masks.start([a])
+    assert masks.collect([]) is None  # the batch failed meanwhile
+    masks.close()
