@@ -125,15 +125,28 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.replace("<non-verbose/>", "").splitlines() if part.strip())
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic inside llguidance: pyo3 raises it as `PanicException`, a BaseException (not Exception)."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _panic_message(exc: BaseException) -> str:
+    return f"the grammar engine failed ({_one_line(str(exc))[:200]})"
+
+
 def _grammar_for(schema: Mapping[str, Any], where: str) -> str:
     """llguidance grammar text for a schema, checked (tokenizer-independent checks) without a model."""
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_JSON_OVERRIDES)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+            grammar, None, limits=llg.LLParserLimits(verbose_errors=False)
+        )
     except ValueError as exc:
         raise InputError(f"{where}: invalid JSON schema: {_one_line(str(exc))}", param=where) from None
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
-        grammar, None, limits=llg.LLParserLimits(verbose_errors=False)
-    )
+    except BaseException as exc:  # a schema can make the engine panic (one did while formatting its error)
+        if not _is_panic(exc):
+            raise
+        raise InputError(f"{where}: invalid JSON schema: {_panic_message(exc)}", param=where) from None
     if is_error:
         raise InputError(
             f"{where}: invalid JSON schema: {_one_line(messages[0] if messages else 'rejected')}", param=where
@@ -275,7 +288,8 @@ class GrammarMatcher:
 
     Per step: `fill_mask(row)` before sampling, `consume(token_id)` after. EOS is in the mask only while the
     JSON is complete (`eos_allowed`). Once `finished`, EOS is the only id allowed; a decode loop may end the
-    sequence right there. After a failed `consume` the matcher stays in `error` and allows only EOS.
+    sequence right there. After a failed `consume` the matcher stays in `error` and allows only EOS. A panic of
+    the engine is contained the same way (this sequence fails, the others in its batch go on).
     """
 
     def __init__(self, matcher: llg.LLMatcher, spec: JsonSpec, vocab_size: int, eos_id: int) -> None:
@@ -284,33 +298,56 @@ class GrammarMatcher:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._eos_consumed = False
+        self._failure: str | None = None  # set when the engine panicked
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Writes the allowed-token bitmask for the next token into `row` (int32, C-contiguous)."""
         rows = row[None, :] if row.ndim == 1 else row  # a view, never a copy: the writes must land in `row`
         _check_mask_rows(rows, self.vocab_size, 1)
-        llg_numpy.fill_next_token_bitmask(self._matcher, rows)
+        if self._failure is None:
+            try:
+                llg_numpy.fill_next_token_bitmask(self._matcher, rows)
+                return
+            except BaseException as exc:
+                if not _is_panic(exc):
+                    raise
+                self._failure = _panic_message(exc)
+        rows[0] = 0
+        rows[0].view(np.uint32)[self.eos_id >> 5] = np.uint32(1 << (self.eos_id & 31))
 
     def consume(self, token_id: int) -> bool:
         """Advances over the sampled token; False (and `error` set) when the grammar does not allow it."""
-        accepted = bool(self._matcher.consume_token(int(token_id)))
+        if self._failure is not None:
+            return False
+        try:
+            accepted = bool(self._matcher.consume_token(int(token_id)))
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            self._failure = _panic_message(exc)
+            return False
         if accepted and int(token_id) == self.eos_id:
             self._eos_consumed = True
         return accepted
 
+    def _failed(self) -> bool:
+        return self._failure is not None or self._matcher.is_error()
+
     @property
     def eos_allowed(self) -> bool:
         """True only when the output so far is complete JSON matching the schema."""
-        return not self._eos_consumed and not self._matcher.is_error() and self._matcher.is_accepting()
+        return not self._eos_consumed and not self._failed() and self._matcher.is_accepting()
 
     @property
     def finished(self) -> bool:
         """The JSON is complete and nothing but EOS can follow (or EOS was consumed)."""
-        return not self._matcher.is_error() and (self._eos_consumed or self._matcher.is_stopped())
+        return not self._failed() and (self._eos_consumed or self._matcher.is_stopped())
 
     @property
     def error(self) -> str | None:
         """Why the matcher failed (a token outside the grammar was consumed), else None."""
+        if self._failure is not None:
+            return self._failure
         return _one_line(self._matcher.get_error()) if self._matcher.is_error() else None
 
 
@@ -376,7 +413,14 @@ class GrammarCompiler:
                 self._compiled.move_to_end(spec.schema_text)
                 return compiled
         grammar = spec.grammar or _grammar_for(spec.schema, "schema")
-        compiled = llg.LLMatcher(self._tokenizer, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
+        try:
+            compiled = llg.LLMatcher(
+                self._tokenizer, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False)
+            )
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            raise InputError(f"invalid JSON schema: {_panic_message(exc)}") from None
         if compiled.is_error():
             raise InputError(f"invalid JSON schema: {_one_line(compiled.get_error())}")
         with self._lock:

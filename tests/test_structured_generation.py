@@ -401,3 +401,40 @@ def test_step_masks_follow_the_final_lane_order(threaded: bool) -> None:
     masks.start([a])
     assert masks.collect([]) is None  # the batch failed meanwhile
     masks.close()
+
+
+class PanicException(BaseException):  # noqa: N818 - pyo3's name for a Rust panic, which is how it is recognised
+    pass
+
+
+class PanickingEngine:
+    """Stands in for llguidance's matcher: every call panics."""
+
+    def consume_token(self, token_id: int) -> bool:
+        raise PanicException("index out of bounds")
+
+    def unsafe_compute_mask_ptr(self, *args: Any, **kwargs: Any) -> None:
+        raise PanicException("index out of bounds")
+
+
+def test_an_engine_panic_fails_only_its_sequence(engine: Engine, image_prompt: PreparedInputs) -> None:
+    matcher = engine.constraint_for(json_schema_spec(SCHEMAS["enums"]))
+    matcher._matcher = PanickingEngine()  # type: ignore[assignment]
+    assert not matcher.consume(5) and "grammar engine failed (index out of bounds)" in (matcher.error or "")
+    assert not matcher.finished and not matcher.eos_allowed
+    row = np.zeros(engine.grammar().mask_width, dtype=np.int32)
+    matcher.fill_mask(row)
+    assert allowed_ids(row, engine.backend.vocab_size).tolist() == [engine.tokenizer.eos_id]  # it can only end
+
+    def constraints(spec: Any) -> Any:
+        made = engine.constraint_for(spec)
+        if spec.schema == SCHEMAS["enums"]:
+            made._matcher = PanickingEngine()
+        return made
+
+    loop = GenerationLoop(engine.backend, engine.tokenizer, constraints=constraints)
+    bad = loop.submit(image_prompt, params(SCHEMAS["enums"]))
+    good = loop.submit(image_prompt, params(SCHEMAS["string_patterns"]))
+    with pytest.raises(StructuredOutputError, match="grammar engine failed"):
+        bad.run()
+    validated(good.run().text, SCHEMAS["string_patterns"])
