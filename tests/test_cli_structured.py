@@ -38,12 +38,18 @@ def schema_file(tmp_path: Path, name: str, schema: Any = None) -> Path:
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
-def test_json_schema_streams_the_json(name: str, real_engine: Engine, tmp_path: Path, capsys, monkeypatch) -> None:
-    code, out, err = run([str(IMAGE), "--json-schema", str(schema_file(tmp_path, name)), *FLAGS], capsys,
-                         monkeypatch, real_engine)
+def test_json_schema_streamed_and_as_json_lines(name: str, real_engine: Engine, tmp_path: Path, capsys,
+                                                monkeypatch) -> None:
+    argv = [str(IMAGE), "--json-schema", str(schema_file(tmp_path, name)), *FLAGS]
+    code, streamed, err = run(argv, capsys, monkeypatch, real_engine)  # no -o, no --json: streams to stdout
     assert code == 0, err
-    assert out.endswith("}\n")
-    validated(out.rstrip("\n"), SCHEMAS[name])
+    assert streamed.endswith("}\n")
+    validated(streamed.rstrip("\n"), SCHEMAS[name])
+    code, out, err = run([*argv, "--json"], capsys, monkeypatch, real_engine)
+    assert code == 0, err
+    [record] = json_lines(out)
+    assert record["text"] == streamed.rstrip("\n") and record["finish_reason"] == "stop"
+    assert record["data"] == validated(record["text"], SCHEMAS[name])
 
 
 @pytest.mark.parametrize(
