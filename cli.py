@@ -29,7 +29,7 @@ from common.errors import DsocrError
 from common.loading import ModelOptions, add_model_arguments
 from common.logs import setup_logging
 from common.options import MAX_NEW_TOKENS_BOUND, ModeOptions, SamplingOptions, choices, read_prompt_file
-from common.prompt import IMAGE_TOKEN, task_prompt
+from common.prompt import IMAGE_TOKEN, extract_fields, task_prompt
 from common.sampling import DEFAULT_MAX_NEW_TOKENS
 from common.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_stream
 
@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ngram-window", metavar="W", type=non_negative_int, default=0,
                    help="look back this many tokens for repeats (default 0 = the whole sequence)")
 
+    g = p.add_argument_group("structured output")
+    g.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="the output is JSON matching this JSON schema (default prompt: --task extract)")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any keys)")
+
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", type=Path, default=None, metavar="DIR",
                    help="write NAME.md, NAME.json, NAME_images/ and NAME.boxes.jpg per image or page")
@@ -133,7 +138,25 @@ def _version() -> str:
         return "0.1.0"
 
 
-def resolve_prompt(args: argparse.Namespace) -> str:
+def resolve_json_spec(args: argparse.Namespace) -> Any:
+    """The JsonSpec of --json-schema / --json-object, or None for free text."""
+    if args.json_schema is not None and args.json_object:
+        raise UsageError("--json-schema and --json-object cannot be used together; pick one")
+    if args.json_object:
+        from common.structured import json_object_spec
+
+        return json_object_spec()
+    if args.json_schema is None:
+        return None
+    from common.structured import json_schema_file_spec
+
+    try:
+        return json_schema_file_spec(args.json_schema)
+    except DsocrError as exc:
+        raise UsageError(f"--json-schema {exc}") from None
+
+
+def resolve_prompt(args: argparse.Namespace, json_spec: Any = None) -> str:
     given = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
                                       ("--task", args.task)) if value is not None]
     if len(given) > 1:
@@ -148,20 +171,24 @@ def resolve_prompt(args: argparse.Namespace) -> str:
             return read_prompt_file(args.prompt_file)
         except DsocrError as exc:
             raise UsageError(f"--prompt-file: {exc}") from None
-    task = args.task or "markdown"
+    task = args.task or ("extract" if json_spec is not None else "markdown")
     if task == "locate" and not args.ref:
         raise UsageError("--task locate needs --ref TEXT (what to find)")
+    if task == "extract":
+        if json_spec is None:
+            raise UsageError("--task extract needs --json-schema FILE (or --json-object): the fields to extract")
+        return task_prompt(task, fields=extract_fields(json_spec.schema))
     return task_prompt(task, args.ref)
 
 
-def resolve_options(args: argparse.Namespace) -> tuple[Any, Any]:
+def resolve_options(args: argparse.Namespace, json_spec: Any = None) -> tuple[Any, Any]:
     """(Mode, SamplingParams) from the flags; UsageError naming the flag for a bad value."""
     try:
         mode = ModeOptions(args.mode, args.base_size, args.image_size, args.crop, args.min_crops,
                            args.max_crops).resolve()
         params = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p,
                                  args.top_k, args.seed, args.stop, args.no_repeat_ngram_size,
-                                 args.ngram_window).resolve(MAX_NEW_TOKENS_BOUND)
+                                 args.ngram_window, json_spec).resolve(MAX_NEW_TOKENS_BOUND)
     except DsocrError as exc:
         raise usage_error(exc) from None
     return mode, params
@@ -405,8 +432,9 @@ def _main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     setup_logging(args.verbose)
-    prompt = resolve_prompt(args)
-    mode, params = resolve_options(args)
+    json_spec = resolve_json_spec(args)
+    prompt = resolve_prompt(args, json_spec)
+    mode, params = resolve_options(args, json_spec)
     items = _items(args, prompt)
     out_dir: Path | None = args.output
     if out_dir is not None:
@@ -435,6 +463,11 @@ def _main(argv: list[str]) -> int:
         engine = load_engine(args, weights=True, reporter=reporter)
         try:
             _check_context(engine, args)
+            if params.json_spec is not None:  # the grammar compiles once, before any page is prepared
+                try:
+                    engine.compile_json_spec(params.json_spec)
+                except DsocrError as exc:
+                    raise UsageError(f"--json-schema: {exc}") from None
             loop = getattr(engine, "loop", None)  # batch pages as the loaded engine allows (--max-batch)
             opts.max_batch = loop.max_batch if loop is not None else 1
             outcomes = run_batch(engine, items, opts, reporter)

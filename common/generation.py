@@ -13,7 +13,8 @@ worker runs) does, per iteration:
 3. at most one unit of prompt work (one vision view or one chunk of prompt positions) while others decode,
    so a long prompt stalls running sequences by one unit at most (interleaved chunked prefill); a prompt
    that finishes joins the batch at lane B;
-4. token choice for every lane, with each sequence's own parameters, bans and uniform draw.
+4. token choice for every lane, with each sequence's own parameters, bans, allowed-token mask (a sequence
+   constrained to JSON, `common.constraints`) and uniform draw.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from common.backend import Backend, PrefillJob, PreparedInputs, StepControls
+from common.constraints import Constraint, StepMasks, StructuredOutputError, bans_within
 from common.errors import InputError
 from common.ngram import NGramGuard
 from common.postprocess import clean_output, to_markdown
@@ -200,6 +202,7 @@ class _Sequence:
     detok: StreamingDetokenizer
     stops: StopMatcher
     rng: np.random.Generator | None
+    constraint: Constraint | None
     prompt_tokens: int
     image_tokens: int
     crop_grid: list[int] | None
@@ -213,6 +216,7 @@ class _Sequence:
     text: str = ""
     emitted: int = 0
     stopped_at: int | None = None
+    failure: Exception | None = None  # ends the sequence with an error event instead of a result
 
     def __lt__(self, other: _Sequence) -> bool:  # heap tie-break: arrival order
         return self.order < other.order
@@ -221,8 +225,20 @@ class _Sequence:
 class GenerationLoop:
     """Continuous batching of submitted sequences on one backend; see the module docstring."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, *, max_batch: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int | None = None,
+        constraints: Callable[[Any], Constraint] | None = None,
+        mask_thread: bool = False,
+    ) -> None:
+        """`constraints` makes a sequence's `Constraint` from its `params.json_spec` (the engine's grammar
+        compiler); `mask_thread` computes allowed-token masks on a helper thread while the forward pass runs."""
         self.backend, self.tokenizer = backend, tokenizer
+        self.constraints = constraints
+        self._masks = StepMasks(backend.vocab_size, threaded=mask_thread)
         self.max_batch = max(1, min(max_batch or backend.lanes, backend.lanes))
         self.eos = tokenizer.eos_id
         self.overlap = bool(getattr(backend, "asynchronous", False))
@@ -258,6 +274,11 @@ class GenerationLoop:
             raise InputError(
                 f"the prompt has {prompt_tokens} tokens; the model's context holds {self.backend.lane_capacity}"
             )
+        constraint = None
+        if params.json_spec is not None:
+            if self.constraints is None:
+                raise InputError("structured output is not available on this generation loop", param="response_format")
+            constraint = self.constraints(params.json_spec)
         gen = Generation(self, prepared, params, listener)
         guard = NGramGuard(params.no_repeat_ngram_size, params.ngram_window, params.ngram_whitelist)
         guard.reset(prepared.input_ids.tolist())
@@ -269,6 +290,7 @@ class GenerationLoop:
             detok=StreamingDetokenizer(self.tokenizer),
             stops=StopMatcher(params.stop),
             rng=None if params.greedy else np.random.default_rng(params.seed),
+            constraint=constraint,
             prompt_tokens=prompt_tokens,
             image_tokens=prepared.image_tokens,
             crop_grid=crop_grid_of(prepared),
@@ -362,6 +384,7 @@ class GenerationLoop:
                     ids = self.backend.read(self._tokens)
                     self._record_step(batch)
                     rows = self._accept(ids)
+                    self._masks.start([seq.constraint for seq in self._decoding])  # overlaps the forward pass
                     if not self.overlap and rows:
                         logits = self.backend.forward(len(rows), ids[rows])
                         rows = None  # already in lane order
@@ -409,7 +432,13 @@ class GenerationLoop:
         if seq.t_first is None:
             seq.t_first = now
         seq.ids.append(token)
-        if token == self.eos and not seq.gen.params.ignore_eos:
+        constraint = seq.constraint
+        if constraint is not None and not constraint.consume(token):
+            seq.failure = StructuredOutputError(
+                f"token {token} at position {len(seq.ids)} left the JSON grammar: {constraint.error}"
+            )
+            return FINISH_STOP
+        if token == self.eos and (not seq.gen.params.ignore_eos or constraint is not None):
             return FINISH_STOP
         before = len(seq.text)
         seq.text += seq.detok.add(token)
@@ -422,6 +451,8 @@ class GenerationLoop:
             self._emit_text(seq, len(seq.text) - seq.stops.held_back(seq.text))
         else:
             self._emit_text(seq, len(seq.text))
+        if constraint is not None and constraint.finished:
+            return FINISH_STOP  # the JSON is complete: only EOS could follow, no step is spent on it
         if len(seq.ids) >= seq.max_new_tokens:
             return FINISH_LENGTH
         seq.guard.push(token)
@@ -440,9 +471,15 @@ class GenerationLoop:
         if seq.stopped_at is None and reason != FINISH_CANCELLED:
             seq.text += seq.detok.flush()
             self._emit_text(seq, len(seq.text))
+        if seq.failure is not None:
+            seq.gen._emit("error", seq.failure)
+            return
         text = seq.text if seq.stopped_at is None else seq.text[: seq.stopped_at]
-        raw = clean_output(text) if text.strip() else ""
-        display = to_markdown(raw, seq.image_size).markdown if seq.image_size is not None else raw
+        if seq.constraint is not None:  # the JSON text exactly as generated: no Markdown post-processing
+            raw = display = text
+        else:
+            raw = clean_output(text) if text.strip() else ""
+            display = to_markdown(raw, seq.image_size).markdown if seq.image_size is not None else raw
         end = time.perf_counter()
         start = seq.t_start or end
         first = seq.t_first
@@ -556,12 +593,13 @@ class GenerationLoop:
         elif extra or (rows is not None and rows != list(range(len(rows)))):
             logits = self.backend.gather(logits, rows, extra)
         try:
-            self._tokens = self.backend.sample(logits, self._controls())
+            self._tokens = self.backend.sample(logits, self._controls(self._masks.collect(
+                [seq.constraint for seq in self._decoding])))
         except Exception as exc:
             log.exception("token choice failed")
             self._fail_batch(exc)
 
-    def _controls(self) -> StepControls:
+    def _controls(self, allowed: np.ndarray | None = None) -> StepControls:
         batch = len(self._decoding)
         temperature = np.zeros(batch, dtype=np.float32)
         top_k = np.zeros(batch, dtype=np.int32)
@@ -575,6 +613,8 @@ class GenerationLoop:
                 temperature[lane], top_k[lane], top_p[lane] = params.temperature, params.top_k, params.top_p
                 uniform[lane] = seq.rng.random()
             banned = seq.guard.banned()
+            if allowed is not None and seq.constraint is not None:
+                banned = bans_within(allowed[lane], banned)
             if banned:
                 ban_rows.extend([lane] * len(banned))
                 ban_ids.extend(banned)
@@ -585,6 +625,7 @@ class GenerationLoop:
             uniform=uniform,
             ban_rows=np.asarray(ban_rows, dtype=np.int64),
             ban_ids=np.asarray(ban_ids, dtype=np.int64),
+            allowed=allowed,
         )
 
 
