@@ -257,7 +257,7 @@ def decode_run(backend: Any, tokenizer: Tokenizer, compiler: GrammarCompiler, ba
     """Seconds of each decode step holding all `batch` sequences, the grammar's seconds (mask fills and token
     consumes) in each, and the JSON documents completed."""
     from common.backend import PreparedInputs
-    from common.generation import GenerationLoop
+    from common.loop import GenerationLoop
     from common.sampling import SamplingParams
 
     counters = {"fill_s": 0.0, "consume_s": 0.0, "documents": 0.0}

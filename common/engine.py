@@ -16,8 +16,9 @@ from PIL import Image
 from common.backend import Backend, PreparedInputs, ProgressCallback, load_backend
 from common.config import ModelConfig, load_config
 from common.device import select_backend
-from common.generation import Generation, GenerationLoop, GenerationResult, Listener, crop_grid_of
+from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
+from common.loop import GenerationLoop
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist

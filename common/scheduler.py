@@ -46,7 +46,7 @@ class EngineLike(Protocol):
 
     def prepare(self, prompt: str, images: list[Any], mode: Any) -> Any: ...
 
-    loop: Any  # common.generation.GenerationLoop
+    loop: Any  # common.loop.GenerationLoop
 
     def generate(self, prepared: Any, params: SamplingParams, **kwargs: Any) -> GenerationLike: ...
 

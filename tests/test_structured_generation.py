@@ -22,7 +22,8 @@ from common.config import load_config
 from common.constraints import StructuredOutputError
 from common.engine import Engine
 from common.errors import InputError
-from common.generation import FINISH_LENGTH, FINISH_STOP, GenerationLoop
+from common.generation import FINISH_LENGTH, FINISH_STOP
+from common.loop import GenerationLoop
 from common.modes import resolve_mode
 from common.ngram import NGramGuard
 from common.prompt import extract_fields, task_prompt
