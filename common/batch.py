@@ -212,7 +212,7 @@ def finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started
         if generation.error is not None:
             raise generation.error
         result = generation.result
-        record = result_record(item, prepared, result, opts.mode.name)
+        record = result_record(item, prepared, result, opts.mode.name, json_output=opts.params.json_spec is not None)
         if opts.out_dir is not None:
             record = write_outputs(opts.out_dir, item, prepared, record)
     except Exception as exc:
@@ -260,17 +260,18 @@ def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Pro
     t0 = time.perf_counter()
     deltas = 0
     wrote_text = False
-    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it).
-    stripper = GroundingStripper()
+    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it). JSON goes as is.
+    stripper = GroundingStripper() if opts.params.json_spec is None else None
     try:
         for delta in generation:
             deltas += 1
-            if opts.stream_text and (shown := stripper.feed(delta)):
+            shown = stripper.feed(delta) if stripper is not None else delta
+            if opts.stream_text and shown:
                 out.write(shown)
                 out.flush()
                 wrote_text = True
             progress.token(deltas, time.perf_counter() - t0)
-        if opts.stream_text and (tail := stripper.flush()):
+        if opts.stream_text and stripper is not None and (tail := stripper.flush()):
             out.write(tail)
             wrote_text = True
     except KeyboardInterrupt:

@@ -50,6 +50,7 @@ from common.batch import (
     report_outcome,
     split_done,
 )
+from common.engine import Engine
 from common.errors import DsocrError
 from common.loading import ModelOptions
 from common.outputs import atomic_write, output_paths, stored_record
@@ -76,6 +77,29 @@ class RayOptions:
     actors: int | None = None  # generation actors (default: one per GPU, or 1 without GPUs)
     actor_cpus: float = 1.0  # CPUs each actor reserves (on CPU nodes: its torch threads)
     show_progress: bool = True  # Ray Data's progress bars
+
+
+def add_ray_arguments(group: Any) -> None:
+    """--ray, --ray-actors, --ray-actor-cpus (the CLI's; `check_ray_args` checks them)."""
+    from common.argtypes import finite_float, positive_int
+
+    group.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                       help="run the batch on a Ray cluster (Ray Data), writing to -o DIR (a folder every node can "
+                       "reach); ADDRESS: the cluster's host:port, default auto = the running cluster "
+                       "(RAY_ADDRESS, `ray start` here), else a local one for this job")
+    group.add_argument("--ray-actors", metavar="N", type=positive_int, default=None,
+                       help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
+    group.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
+                       help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")
+
+
+def check_ray_args(args: Any) -> None:
+    """--ray's ADDRESS sorted out; -o DIR and Ray itself required unless it is a dry run (that prepares here)."""
+    args.ray = ray_address(args.ray, args.inputs)
+    if not args.dry_run:
+        if args.output is None:
+            raise ClusterError("--ray writes its outputs to -o DIR: add -o DIR (a folder every node can reach)")
+        import_ray()
 
 
 def ray_address(value: str, inputs: list[str]) -> str:
@@ -144,11 +168,20 @@ def unpack_prepared(payload: bytes) -> tuple[Prepared, str | None]:
 # ------------------------------------------------------------------------------------------ stages
 
 
-_engines: dict[bytes, Any] = {}  # per worker process: the driver's weightless engine, by object id
+class Preparer:
+    """What the CPU tasks need of the driver's engine: its tokenizer (an Engine holds locks, which do not pickle)."""
+
+    prepare = Engine.prepare
+
+    def __init__(self, engine: Any) -> None:
+        self.tokenizer = engine.tokenizer
+
+
+_engines: dict[bytes, Any] = {}  # per worker process: the driver's Preparer, by object id
 
 
 def _weightless_engine(ref: Any) -> Any:
-    """The engine behind `ref`, fetched once per worker process: rebuilding its tokenizer takes ~1 s."""
+    """The Preparer behind `ref`, fetched once per worker process: rebuilding its tokenizer takes ~1 s."""
     key = ref.binary()
     if key not in _engines:
         import ray
@@ -335,7 +368,7 @@ def _run_pipeline(
     # One page per block, so pages spread over the CPU tasks and the actors' concurrent calls.
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(prepare_rows, batch_size=1, num_cpus=PREPARE_CPUS,
-                        fn_kwargs={"engine_ref": ray.put(engine), "opts": worker_opts})
+                        fn_kwargs={"engine_ref": ray.put(Preparer(engine)), "opts": worker_opts})
     threads = str(max(1, int(options.actor_cpus)))
     ds = ds.map_batches(
         PageGenerator,

@@ -138,10 +138,10 @@ def test_ray_needs_an_output_folder_and_takes_a_folder_for_an_input(inputs: Path
     code, _, err = run(["--ray", str(inputs), *FAST], capsys)  # argparse hands the folder to --ray
     assert code == 2 and "-o DIR" in one_error_line(err)
     args = cli.build_parser().parse_args(["--ray", str(inputs), "-o", "out"])
-    cli._check_ray_args(args)
+    cluster.check_ray_args(args)
     assert args.ray == "auto" and args.inputs == [str(inputs)]
     args = cli.build_parser().parse_args([str(inputs), "--ray", "10.0.0.5:6379", "-o", "out"])
-    cli._check_ray_args(args)
+    cluster.check_ray_args(args)
     assert args.ray == "10.0.0.5:6379" and args.inputs == [str(inputs)]
 
 
