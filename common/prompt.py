@@ -7,6 +7,9 @@ and prepends BOS (no EOS).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -18,6 +21,7 @@ from common.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
 _REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
+_FIELDS_PLACEHOLDER = "FIELDS"
 
 # The prompts the authors use (README and run_dpsk_ocr.py).
 TASKS: dict[str, str] = {
@@ -27,11 +31,34 @@ TASKS: dict[str, str] = {
     "describe": "<image>\nDescribe this image in detail.",
     "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
     "grounding": "<image>\n<|grounding|>OCR this image.",
+    # Structured output (JSON by a schema): FIELDS names what the schema asks for (`extract_fields`).
+    "extract": "<image>\nExtract FIELDS from the document as JSON.",
 }
+_ANY_FIELDS = "the content"  # a schema without named properties (or any JSON object)
 
 
-def task_prompt(task: str, ref: str | None = None) -> str:
-    """The preset prompt of a task; `locate` needs `ref`, the text to find."""
+def extract_fields(schema: Mapping[str, Any] | None) -> list[str]:
+    """What `--task extract` asks for: the schema's top-level properties, each with its own properties (of an
+    object, or of an array's items) in parentheses, e.g. ["vendor", "lines (description, amount)"]."""
+    properties = (schema or {}).get("properties")
+    if not isinstance(properties, Mapping):
+        return []
+    fields = []
+    for name, sub in properties.items():
+        if isinstance(sub, Mapping) and isinstance(sub.get("items"), Mapping):
+            sub = sub["items"]
+        inner = sub.get("properties") if isinstance(sub, Mapping) else None
+        fields.append(f"{name} ({', '.join(map(str, inner))})" if isinstance(inner, Mapping) and inner else str(name))
+    return fields
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def task_prompt(task: str, ref: str | None = None, fields: Sequence[str] | None = None) -> str:
+    """The preset prompt of a task; `locate` needs `ref`, the text to find, `extract` the JSON schema's `fields`
+    (`extract_fields`; empty: any JSON object)."""
     key = task.strip().lower()
     if key not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -40,6 +67,10 @@ def task_prompt(task: str, ref: str | None = None) -> str:
         if ref is None or not ref.strip():
             raise InputError(f"task {key!r} needs the text to locate (ref)")
         return template.replace(_REF_PLACEHOLDER, f"<|ref|>{ref.strip()}<|/ref|>")
+    if key == "extract":
+        if fields is None:
+            raise InputError("task 'extract' needs a JSON schema (or any JSON object) for the output")
+        return template.replace(_FIELDS_PLACEHOLDER, _join(fields) if fields else _ANY_FIELDS)
     return template
 
 

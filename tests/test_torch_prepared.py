@@ -84,7 +84,7 @@ def test_cache_is_written_once_then_mapped_with_identical_results(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_weights_are_views_of_the_files_not_copies(model_dir: Path) -> None:
-    from dsocr_torch.language import MoEFeedForward
+    from dsocr_torch.moe import MoEFeedForward
 
     _load(model_dir, "bfloat16")  # writes the cache
     model = _load(model_dir, "bfloat16")
@@ -180,7 +180,7 @@ def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_named(tmp_path: Path) -> N
 
 def test_expert_stacks_of_the_wrong_shape_are_refused() -> None:
     from common.config import load_config
-    from dsocr_torch.language import MoEFeedForward
+    from dsocr_torch.moe import MoEFeedForward
 
     moe = MoEFeedForward(load_config(MODEL_DIR).language)
     (gate_up, down) = moe.stack_shapes()
