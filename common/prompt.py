@@ -14,6 +14,7 @@ from PIL import Image
 
 from common.backend import ImageInput, PreparedInputs
 from common.errors import InputError
+from common.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily
 from common.modes import Mode
 from common.tiling import image_token_count, tile_image, to_image_input
 from common.tokenizer import Tokenizer
@@ -21,23 +22,16 @@ from common.tokenizer import Tokenizer
 IMAGE_TOKEN = "<image>"
 _REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
 
-# The prompts the authors use (README and run_dpsk_ocr.py).
-TASKS: dict[str, str] = {
-    "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
-    "ocr": "<image>\nFree OCR.",
-    "figure": "<image>\nParse the figure.",
-    "describe": "<image>\nDescribe this image in detail.",
-    "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
-    "grounding": "<image>\n<|grounding|>OCR this image.",
-}
+# The authors' prompts (the same for both families; each family carries its own in common.families).
+TASKS = TASK_PROMPTS
 
 
-def task_prompt(task: str, ref: str | None = None) -> str:
+def task_prompt(task: str, ref: str | None = None, family: ModelFamily = DEEPSEEK_OCR) -> str:
     """The preset prompt of a task; `locate` needs `ref`, the text to find."""
     key = task.strip().lower()
-    if key not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    template = TASKS[key]
+    if key not in family.prompts:
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(family.prompts)}")
+    template = family.prompts[key]
     if _REF_PLACEHOLDER in template:
         if ref is None or not ref.strip():
             raise InputError(f"task {key!r} needs the text to locate (ref)")
