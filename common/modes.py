@@ -59,7 +59,7 @@ def _check_size(what: str, value: int) -> None:
 def _check_family_size(what: str, value: int, allowed: tuple[int, ...], family: ModelFamily, role: str) -> None:
     if allowed and value not in allowed:
         sizes = " or ".join(str(s) for s in allowed)
-        raise InputError(f"{family.title} {role} must be {sizes} px (what its vision encoder takes), got {what} {value}")
+        raise InputError(f"{family.title} {role} must be {sizes} px (what its encoder takes), got {what} {value}")
 
 
 def _check_count(what: str, value: int) -> None:

@@ -94,7 +94,7 @@ class DeepseekOCRModel(nn.Module):
         return {"sam_out": sam_out, "clip_out": clip_out, "projector_out": self.projector(features)}
 
     def _rows(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid [rows, cols, hidden] -> its tokens row by row, each row closed by image_newline if the layout has one."""
+        """grid [rows, cols, hidden] -> its tokens row by row; image_newline closes each row if the layout says so."""
         rows, _, hidden = grid.shape
         if not self.config.family.layout.row_newlines:
             return grid.reshape(-1, hidden)
@@ -211,7 +211,8 @@ class DeepseekOCR2Model(DeepseekOCRModel):
         features = sam_out.flatten(2).transpose(1, 2)  # [B, n, dim], row-major over SAM's grid
         full = self.qwen2_model(features)
         queries = full[:, features.shape[1] :]  # only the queries' outputs leave the encoder
-        return {"sam_out": sam_out, "qwen2_full_out": full, "qwen2_out": queries, "projector_out": self.projector(queries)}
+        projected = self.projector(queries)
+        return {"sam_out": sam_out, "qwen2_full_out": full, "qwen2_out": queries, "projector_out": projected}
 
 
 # Each family's `model.*` class; the decoder and everything after `embed` are shared.
