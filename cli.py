@@ -31,6 +31,7 @@ from typing import IO, Any
 from PIL import Image
 
 from common.errors import DsocrError, InputError
+from common.families import all_mode_names
 from common.postprocess import GroundingStripper
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
@@ -41,7 +42,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff",
 MULTIPAGE_IMAGE_EXTENSIONS = frozenset({".tif", ".tiff"})  # GIF/WebP animations: first frame only
 PDF_EXTENSION = ".pdf"
 DEFAULT_DPI = 144  # the authors' PDF script renders at 144 dpi
-MODE_NAMES = ("tiny", "small", "base", "large", "gundam")
+MODE_NAMES = all_mode_names()  # every family's presets; the loaded model's family decides which are valid
 TASK_NAMES = ("markdown", "ocr", "figure", "describe", "locate", "grounding")
 PAGE_SEPARATOR = "\n\n<!-- page {page} -->\n\n"  # between pages in the combined PDFNAME.md
 
@@ -124,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mode",
         choices=MODE_NAMES,
-        default="gundam",
-        help="resolution preset (default gundam: 1024 global view + 640 tiles)",
+        default=None,
+        help="resolution preset of the model (default gundam: a 1024 global view + tiles, 640 px for DeepSeek-OCR "
+        "(presets tiny, small, base, large, gundam), 768 px for DeepSeek-OCR 2 (presets gundam, base, small))",
     )
     g.add_argument(
         "--base-size", metavar="PX", type=_positive_int, default=None, help="global view size (overrides the mode)"
@@ -140,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut the image into tiles (overrides the mode)",
     )
     g.add_argument("--min-crops", metavar="N", type=_positive_int, default=None, help="fewest tiles (default 2)")
-    g.add_argument("--max-crops", metavar="N", type=_positive_int, default=None, help="most tiles (default 9)")
+    g.add_argument(
+        "--max-crops", metavar="N", type=_positive_int, default=None,
+        help="most tiles (default 9 for DeepSeek-OCR, 6 for DeepSeek-OCR 2)",
+    )
     g.add_argument(
         "--dpi",
         metavar="DPI",
@@ -980,12 +985,23 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
-def _resolve_mode(args: argparse.Namespace) -> Any:
+def _model_family(args: argparse.Namespace) -> Any:
+    """The family of --model, from its config.json (downloads the model on first use, as loading would)."""
+    from common.families import family_of_model_dir
+    from common.hub import resolve_model
+
+    model_dir = resolve_model(args.model, revision=args.revision, offline=args.offline, show_progress=not args.quiet)
+    args.model = str(model_dir)  # resolved once: loading reuses the local directory
+    return family_of_model_dir(model_dir)
+
+
+def _resolve_mode(args: argparse.Namespace, family: Any = None) -> Any:
     from common.modes import resolve_mode
 
     try:
         return resolve_mode(
             args.mode,
+            family=family,
             base_size=args.base_size,
             image_size=args.image_size,
             crop_mode=args.crop,
@@ -1125,7 +1141,6 @@ def _main(argv: list[str]) -> int:
     _setup_logging(args.verbose)
 
     prompt = resolve_prompt(args)
-    mode = _resolve_mode(args)
     params = _sampling(args)
     pages = parse_page_ranges(args.pages) if args.pages is not None else None
 
@@ -1151,6 +1166,7 @@ def _main(argv: list[str]) -> int:
             )
         items = [WorkItem("", "text", "text")]
 
+    mode = _resolve_mode(args, _model_family(args))  # the model's presets; a bad mode fails before loading it
     out_dir: Path | None = args.output
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():

@@ -44,6 +44,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from PIL import Image
 
 from common.errors import DsocrError, ImageError, InputError
+from common.families import DEEPSEEK_OCR, ModelFamily, check_mode_name, family_of_model_dir
 from common.images import DEFAULT_MAX_PIXELS, load_image
 from common.modes import Mode, resolve_mode
 from common.openai_schema import (
@@ -116,7 +117,8 @@ EngineLoader = Callable[[ProgressCallback], EngineLike]
 @dataclass
 class ServerSettings:
     model_ids: tuple[str, ...] = (MODEL_ID,)  # first is advertised; all are accepted (case-insensitive)
-    mode: str = "gundam"
+    mode: str | None = None  # None: the model family's default preset
+    family: ModelFamily = DEEPSEEK_OCR  # set from the engine once it is loaded
     max_queue: int = 16
     max_body_mb: float = 64.0
     api_key: str | None = None
@@ -677,6 +679,7 @@ class Job:
 def _mode_for(options: GenerationOptions, settings: ServerSettings) -> Mode:
     return resolve_mode(
         options.mode or settings.mode,
+        family=settings.family,
         base_size=options.base_size,
         image_size=options.image_size,
         crop_mode=options.crop_mode,
@@ -1146,6 +1149,7 @@ def create_app(engine_or_loader: EngineLike | EngineLoader, settings: ServerSett
         if model_dir is not None:
             names += [Path(model_dir).name, str(model_dir)]
         settings.model_ids = tuple(dict.fromkeys(n for n in names if n))
+        settings.family = getattr(engine, "family", settings.family)  # its modes are the ones requests may use
 
     scheduler.on_ready(add_model_aliases)
 
@@ -1225,7 +1229,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "metal"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (backend-dependent)")
-    parser.add_argument("--mode", default="gundam", help="default resolution mode: tiny, small, base, large, gundam")
+    parser.add_argument(
+        "--mode", default=None, help="default resolution mode (default gundam): tiny, small, base, large, gundam "
+        "for DeepSeek-OCR; gundam, base, small for DeepSeek-OCR 2"
+    )
     parser.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait (then 429)")
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit in MB (then 413)")
     parser.add_argument(
@@ -1275,7 +1282,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         print("error: --max-queue, --max-body-mb and --max-new-tokens must be positive", file=sys.stderr)
         return 2
     try:
-        resolve_mode(args.mode)
+        check_mode_name(args.mode)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1291,9 +1298,12 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     def load_engine(progress: ProgressCallback) -> EngineLike:
         from common.engine import Engine
+        from common.hub import resolve_model
 
+        model_dir = resolve_model(args.model, revision=args.revision, offline=args.offline)
+        resolve_mode(args.mode, family=family_of_model_dir(model_dir))  # a preset the model lacks: fail before loading
         return Engine.load(
-            args.model,
+            str(model_dir),
             backend=args.backend,
             device=args.device,
             dtype=args.dtype,

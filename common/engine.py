@@ -18,6 +18,8 @@ from PIL import Image
 from common.backend import Backend, PreparedInputs, ProgressCallback, load_backend
 from common.config import ModelConfig, load_config
 from common.device import select_backend
+from common.errors import InputError
+from common.families import family_named
 from common.hub import resolve_model
 from common.modes import Mode
 from common.postprocess import clean_output, to_markdown
@@ -174,6 +176,7 @@ class Engine:
 
     def __init__(self, model_dir: Path, tokenizer: Tokenizer, config: ModelConfig, backend: Backend | None) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
+        self.family = config.family  # which model this is (common.families): modes and token counts follow it
 
     @classmethod
     def load(
@@ -203,6 +206,10 @@ class Engine:
         return cls(model_dir, tokenizer, config, loaded)
 
     def prepare(self, prompt: str, images: list[Image.Image], mode: Mode) -> PreparedInputs:
+        if mode.family != self.family.name:
+            raise InputError(
+                f"mode {mode.name!r} is a {family_named(mode.family).title} mode, but this model is {self.family.title}"
+            )
         prepared = prepare_inputs(self.tokenizer, prompt, images, mode)
         prepared.image_sizes = [im.size for im in images]
         return prepared
@@ -216,6 +223,7 @@ class Engine:
         b = self.backend
         return {
             "model_dir": str(self.model_dir),
+            "family": self.family.name,
             "backend": b.name if b else None,
             "device": b.device if b else None,
             "dtype": b.dtype if b else None,

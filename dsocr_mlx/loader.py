@@ -143,9 +143,7 @@ def load_model(
 def materialize(model: DeepseekOCRForCausalLM, progress: ProgressCallback | None = None) -> None:
     """Evaluates the (lazy, memory-mapped) parameters one module at a time, reporting progress."""
     inner = model.model
-    groups: list[Any] = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head]
-    groups += [inner.sam_model, inner.vision_model, inner.projector]
-    groups += [{"image_newline": inner.image_newline, "view_seperator": inner.view_seperator}]
+    groups: list[Any] = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head, *inner.vision_modules()]
     for done, group in enumerate(groups, start=1):
         mx.eval(group.parameters() if isinstance(group, nn.Module) else group)
         if progress is not None:
