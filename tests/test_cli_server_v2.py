@@ -126,3 +126,26 @@ def test_server_uses_the_models_presets() -> None:
 def _no_weights(args: Any, weights: bool, reporter: Any) -> Engine:
     assert not weights, "a dry run must not load weights"
     return Engine.load(args.model, weights=False)
+
+
+def test_hub_repo_id_of_ocr2_downloads_like_v1(capsys, monkeypatch) -> None:
+    """`--model deepseek-ai/DeepSeek-OCR-2` goes through the same Hub download (config, tokenizer, weights only);
+    the downloaded folder is then an OCR 2 model. The Hub is faked: no network."""
+    import huggingface_hub
+
+    from common.families import DEEPSEEK_OCR_2
+    from common.hub import ALLOW_PATTERNS
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        calls.append((repo_id, kwargs))
+        return str(MODEL_DIR_V2)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(cli, "load_engine", _no_weights)
+    argv = [str(FIXTURES_V2 / "images" / "small.png"), "--dry-run", "--json", "-q"]
+    code, out, _ = run(argv, capsys, Path(DEEPSEEK_OCR_2.repo))
+    assert code == 0 and json.loads(out)["image_tokens"] == 257
+    [(repo, kwargs)] = calls  # resolved once, then loaded from the local folder
+    assert repo == "deepseek-ai/DeepSeek-OCR-2" and kwargs["allow_patterns"] == ALLOW_PATTERNS
