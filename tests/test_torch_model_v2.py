@@ -218,3 +218,27 @@ def test_unsupported_view_size_is_refused(model: Any) -> None:
     features = torch.zeros(1, 100, model.config.qwen2.dim)
     with pytest.raises(ValueError, match="no learned queries for 100 vision tokens"):
         model.model.qwen2_model(features)
+
+
+def test_bfloat16_compute_runs_close(tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """bfloat16 on CPU, end to end (the tiny model's 20-wide experts once broke the grouped matmul there).
+    Compared loosely: the reference itself moves by ~1% of the logit range in bfloat16."""
+    from dsocr_torch.backend import load
+    from dsocr_torch.generate import generate_ids
+
+    bf16 = load(MODEL_DIR_V2, device="cpu", dtype="bfloat16")
+    lines = []
+    for case_id in ("pm01_doc_default", "pm12_text_only"):
+        prepared = prepared_inputs(tokenizer, case_id)
+        images = [bf16.image_tensors(img) for img in prepared.images]
+        mask = torch.from_numpy(prepared.images_seq_mask) if images else None
+        raw: list[torch.Tensor] = []
+        params = SamplingParams(max_new_tokens=8, no_repeat_ngram_size=0)
+        ids = list(generate_ids(bf16.model, torch.from_numpy(prepared.input_ids), mask, images, params, 1,
+                                raw_logits=raw))
+        ref = case_data(case_id)["last_logits"]
+        error = rel_err(raw[0].float().cpu().numpy(), ref.numpy())
+        lines.append(f"{case_id}: last-logit rel {error:.2e}, first id equal {ids[0] == int(ref.argmax())}")
+        assert len(ids) == 8 and error < 0.05
+    with capsys.disabled():
+        print("\nDeepSeek-OCR 2, bfloat16 compute vs float32 reference:\n  " + "\n  ".join(lines))
