@@ -195,3 +195,16 @@ def test_real_checkpoint_maps_onto_real_model() -> None:
     real = DeepseekOCRForCausalLM(cfg)
     fake = {name: mx.zeros(shape, dtype=mx.bfloat16) for name, shape in shapes.items()}
     check_weights(real, real.sanitize(fake), "real_checkpoint_shapes.json")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close(dtype: str) -> None:
+    """Half precision on MLX-CPU through vision and decoder: loosely bounded (the reference moves ~1% in bf16)."""
+    half, _ = load_model(MODEL_DIR_V2, dtype)
+    case = case_by_id_v2("pm04_receipt_tall_default")
+    t = case_tensors_v2(case["id"])
+    inputs = PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image_input(case)])
+    ids, steps = step_logits(half, inputs, 8)
+    error = rel_err(np.array(steps[0].astype(mx.float32)), t["last_logits"])
+    print(f"{dtype}: last-logit rel err {error:.2e}, greedy {ids} vs {t['greedy.ids'][:8].tolist()}")
+    assert error < 0.05 and ids[0] == t["greedy.ids"][0]
