@@ -54,7 +54,7 @@ def run_once(engine: Engine, pdf: Path, prefetch: int, args: argparse.Namespace,
     items = cli.expand_inputs([str(pdf)], None)
     opts = cli.BatchOptions(
         prompt=cli.resolve_prompt(cli.build_parser().parse_args([])),
-        mode=cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode])),
+        mode=cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode]), engine.family),
         params=cli.SamplingParams(max_new_tokens=args.max_new_tokens),
         out_dir=out_dir,
         overwrite=True,
@@ -94,7 +94,7 @@ def main() -> None:
         pdf = make_pdf(Path(tmp) / "bench.pdf", args.pages)
         # Preparation alone, for reference: render + load + tile + tokenize, no generation.
         items = cli.expand_inputs([str(pdf)], None)
-        mode = cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode]))
+        mode = cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode]), engine.family)
         prompt = cli.resolve_prompt(cli.build_parser().parse_args([]))
         t0 = time.perf_counter()
         for prepared in cli.prepared_stream(engine, items, prompt, mode, args.dpi, 0):

@@ -36,26 +36,25 @@ PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from common.generation import GenerationLoop
     from common.images import load_image
     from common.modes import resolve_mode
     from common.prompt import prepare_inputs
     from common.sampling import SamplingParams
     from common.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
-    from dsocr_torch.generate import generate_ids
     from dsocr_torch.loader import load_model
 
     torch.manual_seed(0)
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
-    model.pack_for_cpu_decode()  # what generate_ids does on first use; counted as loading
+    backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
     family = model.config.family
     result: dict[str, Any] = {"family": family.name, "title": family.title, "threads": torch.get_num_threads()}
     result["load_s"] = time.perf_counter() - start
     mode = resolve_mode(family=family)
     tokenizer = Tokenizer.from_dir(FIXTURES / "deepseek-ocr" / "model")  # the two families share it
     prepared = prepare_inputs(tokenizer, PROMPT, [load_image(PAGE)], mode)
-    backend = TorchBackend(model)
     image = backend.image_tensors(prepared.images[0])
     result.update(mode=mode.name, tile=mode.image_size, crop_grid=list(prepared.images[0].crop_grid))
     result.update(prompt_tokens=prepared.prompt_tokens, image_tokens=prepared.image_tokens)
@@ -74,17 +73,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         model.model.image_embeddings(image)  # warm-up (allocator, kernels, position tables)
         result["vision_s"] = timed(lambda: model.model.image_embeddings(image))
 
-    ids = torch.from_numpy(prepared.input_ids)
-    mask = torch.from_numpy(prepared.images_seq_mask)
-    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0)
-    stamps: list[float] = []
-    sync(model.device)
-    start = time.perf_counter()
-    for _ in generate_ids(model, ids, mask, [image], params, eos_token_id=-1):  # -1: EOS never stops it
-        stamps.append(time.perf_counter())
-    result["ttft_s"] = stamps[0] - start
-    result["decode_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    result["decode_tokens"] = len(stamps)
+    # The page through the generation loop (vision + prefill + decode), as a request runs.
+    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
+    done = GenerationLoop(backend, tokenizer).submit(prepared, params).run()
+    result["ttft_s"] = done.timings["ttft_s"]
+    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
+    result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
     return result
 

@@ -172,7 +172,10 @@ def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from dsocr_torch.generate import generate_ids
+    from common.backend import ImageInput, PreparedInputs
+    from common.generation import GenerationLoop
+    from common.tokenizer import Tokenizer
+    from dsocr_torch.backend import TorchBackend
     from dsocr_torch.loader import load_model
     from dsocr_torch.model import ImageTensors
 
@@ -180,9 +183,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"config": f"{args.device}:{args.dtype}", "threads": torch.get_num_threads()}
     start = time.perf_counter()
     model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
-    # bf16 on CPU: the decoder's dense weights into oneDNN's layout (generate_ids would do it on first use;
-    # done here so it counts as loading and the prefill timing below already uses it).
-    model.pack_for_cpu_decode()
+    backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
     result["load_s"] = time.perf_counter() - start
     result["rss_after_load_gib"] = peak_rss_gib()
     device, dtype = model.device, model.dtype
@@ -227,15 +228,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from common.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0)
-    stamps: list[float] = []
-    sync(device)
-    start = time.perf_counter()
-    for _ in generate_ids(model, ids, mask, [base], params, eos_token_id=-1):  # -1: EOS never stops it
-        stamps.append(time.perf_counter())
-    result["ttft_s"] = stamps[0] - start
-    result["decode_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    result["decode_tokens"] = len(stamps)
+    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
+    # The same Base page through the generation loop (vision + prefill + decode), as a request would run.
+    view = base.global_view[0].float().cpu().numpy()
+    prepared = PreparedInputs(ids.numpy(), mask.numpy(), [ImageInput(view, None, (1, 1))])
+    loop = GenerationLoop(backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
+    done = loop.submit(prepared, params).run()
+    result["ttft_s"] = done.timings["ttft_s"]
+    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
+    result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(result), file=sys.stderr)
 

@@ -1,21 +1,21 @@
 """The small interface every backend implements, and the inputs it receives.
 
-The CLI and the server never import torch or mlx: they call `load_backend(...)`, hand it
-`PreparedInputs` (made by `common.prompt.prepare_inputs`) and iterate the token ids it yields.
+The CLI and the server never import torch or mlx: they call `load_backend(...)` and hand the backend to
+`common.generation.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.prompt.prepare_inputs`)
+and drives batched decode steps.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.errors import BackendUnavailableError
-from common.sampling import SamplingParams
+from common.errors import BackendUnavailableError, InputError
 
 
 @dataclass
@@ -43,6 +43,9 @@ class PreparedInputs:
     images_seq_mask: np.ndarray  # bool [L]; True where an image embedding goes
     images: list[ImageInput]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height) per image
+    # Precomputed prompt embeddings, float32 [L, hidden]: the backend skips embedding and vision. Parity tests
+    # feed the reference model's embeddings this way; None for every real request.
+    inputs_embeds: np.ndarray | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -56,24 +59,106 @@ class PreparedInputs:
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total), e.g. ("weights", 3, 12)
 
 
+@dataclass
+class StepControls:
+    """How to pick the next token of every lane in a decode batch; host arrays, one row per lane [0, B).
+
+    Built by the generation loop (common.generation) from each sequence's parameters and guards, applied by
+    the backend on its device: bans and the allowed-token mask first (-inf logits), then greedy argmax for
+    rows with temperature 0 or sampling (`common.sampling.reference_sample` defines the arithmetic) with the
+    row's own uniform draw, so a seeded sequence picks the same tokens whatever else is in the batch.
+    """
+
+    temperature: np.ndarray  # float32 [B]; 0 = greedy
+    top_k: np.ndarray  # int32 [B]; 0 = off
+    top_p: np.ndarray  # float32 [B]; 1 = off
+    uniform: np.ndarray  # float32 [B] in [0, 1); used by sampled rows only
+    ban_rows: np.ndarray  # int64 [N]: (ban_rows[i], ban_ids[i]) may not be chosen
+    ban_ids: np.ndarray  # int64 [N]
+    allowed: np.ndarray | None = None  # int32 [B, ceil(V / 32)] bitmask (bit j of word w = id 32w + j) or None
+
+    @property
+    def batch(self) -> int:
+        return int(self.temperature.shape[0])
+
+    @property
+    def all_greedy(self) -> bool:
+        return not bool(np.any(self.temperature > 0))
+
+
+class PrefillJob(Protocol):
+    """The prompt of one sequence going into its KV-cache lane, in bounded units of work.
+
+    The loop calls `advance()` between decode steps, so a long prompt (vision views, then chunks of the
+    prompt) never stalls the running sequences for more than one unit.
+    """
+
+    def advance(self) -> bool:
+        """Runs one unit (one vision view, or one chunk of prompt positions); True once the prompt is in."""
+        ...
+
+    def logits(self) -> Any:
+        """After the last unit: the last prompt position's logits, a device array [1, V]."""
+        ...
+
+    def close(self) -> None:
+        """Drops the job's device buffers (finished or abandoned)."""
+        ...
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model on one device.
+    """A loaded model on one device, driven step by step by `common.generation.GenerationLoop`.
 
-    `generate` yields generated token ids one at a time as they are produced: prefill, then one decode step
-    per id. It stops after the EOS id (which it yields) or after `params.max_new_tokens` ids. It applies the
-    n-gram guard and sampling of `params`; stop strings are the caller's job (it closes the generator).
-    Closing the generator early (`.close()`) cancels generation before the next decode step.
+    The backend owns tensors only: a KV cache of `lanes` lanes, each holding up to `lane_capacity` positions.
+    A decode step runs the lanes [0, B) together. Device values (`Logits`, `Tokens`) are opaque handles; only
+    `read` brings tokens to the host, so a backend with an asynchronous device can run the next forward pass
+    while the host works on the previous tokens. Everything per sequence (sampling parameters, guards, stop
+    strings, detokenizing, cancellation) lives in the loop.
     """
 
     name: str  # "torch" or "mlx"
     device: str  # "cpu", "cuda", "metal"
     dtype: str  # "float32", "bfloat16", "float16", or a quantization such as "q4"
     eos_token_id: int
+    vocab_size: int  # logits width (the model's vocab_size, may exceed the tokenizer's)
+    lanes: int  # sequences that can hold a KV cache at once
+    lane_capacity: int  # positions per lane: prompt + generated tokens
 
-    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]: ...
+    def start_prefill(self, lane: int, inputs: PreparedInputs) -> PrefillJob:
+        """Prepares to write `inputs`' prompt into `lane` (from position 0); no work happens yet."""
+        ...
+
+    def forward(self, batch: int, tokens: Any) -> Any:
+        """One decode step for lanes [0, batch): appends `tokens` (Tokens [batch]) -> logits [batch, V]."""
+        ...
+
+    def gather(self, logits: Any, rows: Sequence[int] | None, extra: Sequence[Any]) -> Any:
+        """Logits rows in a new lane order: logits[rows] (all rows when None) followed by each `extra` [1, V]."""
+        ...
+
+    def sample(self, logits: Any, controls: StepControls) -> Any:
+        """Applies bans and masks and picks one token per row -> Tokens [B] (device, not read back)."""
+        ...
+
+    def read(self, tokens: Any) -> np.ndarray:
+        """Tokens -> host int64 [B]; the step's one synchronisation."""
+        ...
+
+    def move_lane(self, src: int, dst: int) -> None:
+        """Moves a lane's cached positions to another lane (the loop keeps decoding lanes contiguous)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def lane_capacity(model_context: int, max_context: int | None) -> int:
+    """Positions per KV-cache lane: the model's context, or less when the user asks (to fit more lanes)."""
+    if max_context is None:
+        return model_context
+    if max_context < 16:
+        raise InputError(f"max_context must be at least 16 positions, got {max_context}")
+    return min(max_context, model_context)
 
 
 BACKENDS = ("torch", "mlx")
@@ -85,8 +170,18 @@ def load_backend(
     device: str,
     dtype: str = "auto",
     progress: ProgressCallback | None = None,
+    *,
+    max_batch: int | None = None,
+    kv_cache_gib: float | None = None,
+    max_context: int | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Backend:
-    """Imports the named backend lazily (so `common` stays framework-free) and loads the model."""
+    """Imports the named backend lazily (so `common` stays framework-free) and loads the model.
+
+    `max_batch` bounds the lanes (sequences decoded together), `kv_cache_gib` the KV cache's memory (each
+    backend has a per-device default), `max_context` the positions per lane (prompt + output; default and
+    most: the model's `max_position_embeddings`), `cuda_graphs` turns decode-step capture on or off (CUDA).
+    """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name = {"torch": "dsocr_torch.backend", "mlx": "dsocr_mlx.backend"}[name]
@@ -99,4 +194,13 @@ def load_backend(
             f"the {name} backend needs {framework}, which is not installed: pip install 'dsocr[{extra}]'"
         ) from None
     module = importlib.import_module(module_name)
-    return module.load(Path(model_dir), device=device, dtype=dtype, progress=progress)
+    return module.load(
+        Path(model_dir),
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        max_batch=max_batch,
+        kv_cache_gib=kv_cache_gib,
+        max_context=max_context,
+        cuda_graphs=cuda_graphs,
+    )

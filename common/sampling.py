@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from common.errors import InputError
 
 # The authors' vLLM recipe always allows table cells to repeat (<td>, </td>).
@@ -30,6 +32,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 20
     ngram_window: int = 0
     ngram_whitelist: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep going past EOS until max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,3 +56,54 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# ---- the token choice every backend implements on its device ------------------------------------------------
+
+
+def allowed_from_bitmask(words: np.ndarray, vocab_size: int) -> np.ndarray:
+    """bool [vocab_size] from an int32 bitmask row (bit j of word w allows id 32 * w + j)."""
+    bits = np.unpackbits(np.ascontiguousarray(words, dtype="<i4").view(np.uint8), bitorder="little")
+    return bits[:vocab_size].astype(bool)
+
+
+def reference_sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, uniform: float) -> int:
+    """The reference choice for one row of masked logits (-inf = not allowed); backends match it.
+
+    Greedy (temperature 0): the first index of the maximum. Otherwise the logits are divided by the
+    temperature; without top-k/top-p the token is drawn by inverse CDF in id order. With top-k and/or top-p
+    the candidates are sorted by logit (descending, ties by id): the first `top_k` stay, then top-p keeps a
+    candidate while the probability mass ranked before it is below `top_p` (the most likely always stays,
+    as in Hugging Face's warper), and the draw walks the kept candidates in that order. `uniform` is the
+    sequence's own draw in [0, 1), so the choice depends on nothing else in the batch.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0.0:
+        return int(np.argmax(x))
+    x = x / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        order = np.arange(x.shape[0])
+    else:
+        order = np.lexsort((np.arange(x.shape[0]), -x))  # by logit descending, then id
+        if top_k > 0:
+            order = order[:top_k]
+        x = x[order]
+        if top_p < 1.0:
+            probs = _softmax(x)
+            before = np.cumsum(probs) - probs
+            keep = before < top_p
+            keep[0] = True
+            order, x = order[keep], x[keep]
+    probs = _softmax(x)
+    cumulative = np.cumsum(probs)
+    index = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
+    last_possible = int(np.flatnonzero(probs > 0)[-1])
+    return int(order[min(index, last_possible)])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.full(x.shape, 1.0 / x.shape[0])
+    e = np.where(finite, np.exp(x - x[finite].max()), 0.0)
+    return e / e.sum()

@@ -10,13 +10,12 @@ per-expert tensors `mlp.experts.<e>.<proj>.weight`, stacked by `sanitize` into `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import deepseek as mlx_lm_deepseek
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.models.switch_layers import SwitchLinear as _MlxLmSwitchLinear
 
@@ -150,30 +149,27 @@ class DeepseekV2DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-
-def make_cache(num_layers: int) -> list[KVCache]:
-    """One growing KV cache per decoder layer (mlx-lm's, preallocated in steps of 256 positions)."""
-    return [KVCache() for _ in range(num_layers)]
 
 
 def decoder_forward(
     layers: list[DeepseekV2DecoderLayer],
     norm: nn.RMSNorm,
     inputs_embeds: mx.array,
-    cache: list[KVCache] | None = None,
+    views: Sequence[Any] | None = None,
+    mask: Any = "causal",
     layer_outputs: list[mx.array] | None = None,
 ) -> mx.array:
-    """Runs the decoder stack on [B, L, H] embeddings (the cache supplies positions and the causal mask)."""
+    """Runs the decoder stack on [B, L, H] embeddings; `views` (one per layer, see dsocr_mlx.cache) give
+    positions and hold keys/values, None runs a whole prompt without keeping them. `mask` is "causal", None
+    (one query per row that may see every key) or a boolean array."""
     h = inputs_embeds
-    if cache is None:
-        cache = make_cache(len(layers))
-    mask = create_attention_mask(h, cache[0])
-    for layer, layer_cache in zip(layers, cache, strict=True):
-        h = layer(h, mask, layer_cache)
+    if inputs_embeds.shape[1] == 1 and isinstance(mask, str):
+        mask = None
+    for i, layer in enumerate(layers):
+        h = layer(h, mask, views[i] if views is not None else None)
         if layer_outputs is not None:
             layer_outputs.append(h)
     return norm(h)

@@ -15,13 +15,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.base import create_causal_mask
 
 from common.backend import ImageInput
 from common.config import ModelConfig
 from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_mlx import clip as clip_module
 from dsocr_mlx import sam as sam_module
+from dsocr_mlx.cache import LanePool
 from dsocr_mlx.language import DeepseekV2DecoderLayer, decoder_forward, stack_experts
 from dsocr_mlx.qwen2 import Qwen2Decoder2Encoder
 
@@ -228,21 +229,39 @@ class DeepseekOCRForCausalLM(nn.Module):
 
     # ---- language -----------------------------------------------------------------------------------
 
-    def hidden_states(
-        self,
-        inputs_embeds: mx.array,
-        cache: list[KVCache] | None = None,
-        layer_outputs: list[mx.array] | None = None,
-    ) -> mx.array:
-        """[B, L, hidden] embeddings -> final-normed hidden states (the cache gives positions and mask)."""
-        return decoder_forward(self.model.layers, self.model.norm, inputs_embeds, cache, layer_outputs)
+    def hidden_states(self, inputs_embeds: mx.array, layer_outputs: list[mx.array] | None = None) -> mx.array:
+        """A whole prompt [B, L, hidden] -> final-normed hidden states, keeping no keys/values."""
+        return decoder_forward(self.model.layers, self.model.norm, inputs_embeds, None, "causal", layer_outputs)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.lm_head(hidden).astype(mx.float32)
 
-    def __call__(self, inputs_embeds: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits of the last position, float32 [B, vocab]."""
-        return self.logits(self.hidden_states(inputs_embeds, cache)[:, -1, :])
+    def __call__(self, inputs_embeds: mx.array) -> mx.array:
+        """A whole prompt -> the logits of its last position, float32 [B, vocab]."""
+        return self.logits(self.hidden_states(inputs_embeds)[:, -1, :])
+
+    def prefill_lane(self, inputs_embeds: mx.array, pool: LanePool, lane: int, start: int) -> mx.array:
+        """inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-normed hidden [1, T, hidden]."""
+        length = inputs_embeds.shape[1]
+        views = pool.prefill_views(lane, start, length)
+        mask: Any = "causal" if start == 0 else create_causal_mask(length, offset=start)
+        hidden = decoder_forward(self.model.layers, self.model.norm, inputs_embeds, views, mask)
+        pool.host_lengths[lane] = start + length
+        return hidden
+
+    def decode_step(self, tokens: mx.array, pool: LanePool) -> mx.array:
+        """Token ids [B] for lanes [0, B), one position each at the lane's own offset -> logits [B, vocab]."""
+        batch = tokens.shape[0]
+        views, positions, kv_length = pool.decode_views(batch)
+        lengths = pool.host_lengths[:batch]
+        mask = None
+        if min(lengths) + 1 != kv_length:  # a lane shorter than the longest must not see past its end
+            mask = (mx.arange(kv_length)[None, :] <= positions[:, None]).reshape(batch, 1, 1, kv_length)
+        embeds = self.model.embed_tokens(tokens)[:, None]
+        hidden = decoder_forward(self.model.layers, self.model.norm, embeds, views, mask)
+        for lane in range(batch):
+            pool.host_lengths[lane] += 1
+        return self.logits(hidden[:, 0])
 
     # ---- weights ------------------------------------------------------------------------------------
 

@@ -110,36 +110,84 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: [layers, B, kv_heads, capacity, head_dim] each.
+    """Keys/values for every layer in lanes: [layers, lanes, kv_heads, capacity, head_dim] each.
 
-    Allocated once per request (prompt length + max new tokens), written in place; shapes never change.
+    Allocated once, written in place; shapes never change. A lane holds one sequence; `lengths[l]` is the
+    number of positions filled in lane l (device tensor, so a decode step reads its positions without a host
+    sync) and `host_lengths` mirrors it for the host-side choices (how far a decode step has to read).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
+    lengths: torch.Tensor  # int64 [lanes]
+    host_lengths: list[int]
 
     @classmethod
     def allocate(
-        cls, cfg: LanguageConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype
+        cls, cfg: LanguageConfig, lanes: int, capacity: int, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        shape = (cfg.num_hidden_layers, lanes, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        return cls(
+            torch.empty(shape, device=device, dtype=dtype),
+            torch.empty(shape, device=device, dtype=dtype),
+            torch.zeros(lanes, device=device, dtype=torch.int64),
+            [0] * lanes,
+        )
+
+    @staticmethod
+    def bytes_per_position(cfg: LanguageConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
 
     @staticmethod
     def dtype_for(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
         """The cache dtype for a compute dtype: float32 for bfloat16 on CPU, else the compute dtype.
 
-        torch's CPU attention for one query is several times slower per byte in bfloat16 than in float32
-        (measured 320 vs 54 us per layer at 300 cached tokens, 2.2 vs 0.75 ms at 2000), so a float32 cache
-        costs twice the cache memory but makes decode attention faster; it also stores the bf16 k/v exactly.
+        torch's CPU attention for one query is several times slower per byte in bfloat16 than in float32,
+        so a float32 cache costs twice the cache memory but makes decode attention faster; it also stores
+        the bf16 k/v exactly.
         """
         if device.type == "cpu" and compute_dtype == torch.bfloat16:
             return torch.float32
         return compute_dtype
 
     @property
+    def lanes(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
     def capacity(self) -> int:
         return int(self.keys.shape[3])
+
+    def set_length(self, lane: int, length: int) -> None:
+        self.host_lengths[lane] = length
+        self.lengths[lane] = length
+
+    def move_lane(self, src: int, dst: int) -> None:
+        """Copies lane `src`'s filled positions (every layer) into lane `dst`."""
+        length = self.host_lengths[src]
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
+        self.set_length(dst, length)
+
+
+@dataclass
+class CacheWrite:
+    """Where a forward pass writes and what it reads in the KV cache.
+
+    Prefill (`lane` set): T new positions of one lane from `start`. Decode (`positions` set): one new position
+    per lane of [0, B), at the lane's own position; keys are read up to `kv_length` with `mask` hiding what
+    lies past a lane's end (None when every lane ends at `kv_length`).
+    """
+
+    start: int = 0
+    lane: int | None = 0
+    positions: torch.Tensor | None = None  # int64 [B]
+    kv_length: int = 0
+    mask: torch.Tensor | None = None  # bool [B, 1, 1, kv_length]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.positions is not None
 
 
 @dataclass
@@ -166,36 +214,70 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, write: CacheWrite
     ) -> torch.Tensor:
-        """x [B, T, hidden] at positions start..start+T-1; attends to the cache's first start+T entries."""
+        """x [B, T, hidden]; cos/sin broadcast over [B, heads, T, head_dim]. Writes k/v, attends, projects."""
         bsz, length, _ = x.shape
         q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if write.is_decode:
+            out = self._attend_decode(q, k, v, cache, write)
+        else:
+            out = self._attend_prefill(q, k, v, cache, write)
+        out = out.to(x.dtype).transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _attend_prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, write: CacheWrite
+    ) -> torch.Tensor:
+        lane, start = write.lane, write.start
+        assert lane is not None
+        length = q.shape[2]
         end = start + length
-        cache.keys[self.layer_idx, :, :, start:end] = k
-        cache.values[self.layer_idx, :, :, start:end] = v
+        cache.keys[self.layer_idx, lane, :, start:end] = k[0]
+        cache.values[self.layer_idx, lane, :, start:end] = v[0]
         gqa = self.num_heads != self.num_kv_heads
         if start == 0:
             # The whole context is this chunk: attend to k, v as computed (the cache holds the same values).
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
-        else:
-            # The cache may be wider than the compute dtype (float32 for bfloat16 on CPU, see
-            # `KVCache.dtype_for`): attend in the cache's dtype, which holds the bf16 values exactly.
-            keys = cache.keys[self.layer_idx, :, :, :end]
-            values = cache.values[self.layer_idx, :, :, :end]
-            q = q.to(keys.dtype)
-            if length == 1:
-                out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
-            else:  # a chunk after cached tokens: query i sees keys up to start + i
-                mask = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-            out = out.to(x.dtype)
-        out = out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+        # The cache may be wider than the compute dtype (float32 for bfloat16 on CPU, see
+        # `KVCache.dtype_for`): attend in the cache's dtype, which holds the bf16 values exactly.
+        keys = cache.keys[self.layer_idx, lane : lane + 1, :, :end]
+        values = cache.values[self.layer_idx, lane : lane + 1, :, :end]
+        q = q.to(keys.dtype)
+        if length == 1:
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        mask = torch.ones(length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)  # query i sees start+i
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+    def _attend_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, write: CacheWrite
+    ) -> torch.Tensor:
+        """One query per lane of [0, B): write each lane's k/v at its position, attend to its filled keys."""
+        assert write.positions is not None
+        bsz = q.shape[0]
+        keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        lanes = _lane_index(bsz, q.device)
+        keys[lanes, :, write.positions] = k[:, :, 0].to(keys.dtype)
+        values[lanes, :, write.positions] = v[:, :, 0].to(values.dtype)
+        keys = keys[:bsz, :, : write.kv_length]
+        values = values[:bsz, :, : write.kv_length]
+        gqa = self.num_heads != self.num_kv_heads
+        return F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=write.mask, enable_gqa=gqa)
+
+
+_LANE_INDEX: dict[torch.device, torch.Tensor] = {}
+
+
+def _lane_index(batch: int, device: torch.device) -> torch.Tensor:
+    """arange(batch) on `device`, from one cached tensor (a decode step builds no index of its own)."""
+    cached = _LANE_INDEX.get(device)
+    if cached is None or cached.shape[0] < batch:
+        cached = _LANE_INDEX[device] = torch.arange(max(batch, 64), device=device)
+    return cached[:batch]
 
 
 class MLP(nn.Module):
@@ -414,10 +496,10 @@ class DeepseekV2DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache,
-        start: int,
+        write: CacheWrite,
         trace: Trace | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write)
         normed = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoEFeedForward):
             return h + self.mlp(normed, trace, self.layer_idx)

@@ -18,6 +18,7 @@ from common.config import ModelConfig
 from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_torch.clip import VitModel
 from dsocr_torch.language import (
+    CacheWrite,
     DeepseekV2DecoderLayer,
     KVCache,
     Linear,
@@ -156,18 +157,25 @@ class DeepseekOCRModel(nn.Module):
             image_embeds = torch.cat([self.image_embeddings(img, trace) for img in images], dim=0)
             if trace is not None:
                 trace.image_embeds = image_embeds
-            positions = images_seq_mask.nonzero().squeeze(-1)  # prefill only: one sync per request
-            if positions.shape[0] != image_embeds.shape[0]:
-                raise ValueError(
-                    f"the prompt has {positions.shape[0]} image positions but the images give "
-                    f"{image_embeds.shape[0]} embeddings"
-                )
-            embeds = embeds.index_copy(0, positions, image_embeds.to(embeds.dtype))
+            embeds = self.scatter_image_embeds(embeds, images_seq_mask, image_embeds)
         return embeds.unsqueeze(0)
 
+    @staticmethod
+    def scatter_image_embeds(
+        embeds: torch.Tensor, images_seq_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """[L, hidden] text embeddings with `image_embeds` written, in order, at the mask's True positions."""
+        positions = images_seq_mask.nonzero().squeeze(-1)  # prefill only: one sync per request
+        if positions.shape[0] != image_embeds.shape[0]:
+            raise ValueError(
+                f"the prompt has {positions.shape[0]} image positions but the images give "
+                f"{image_embeds.shape[0]} embeddings"
+            )
+        return embeds.index_copy(0, positions, image_embeds.to(embeds.dtype))
+
     # ---- decoder ------------------------------------------------------------------------------------
-    def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = start + length
+    def rope_table(self, needed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [positions, head_dim] in `dtype`, covering at least `needed` positions (built once)."""
         if self._rope_cast is None or self._rope_cast[0].dtype != dtype or self._rope_cast[0].shape[0] < needed:
             lm = self.config.language
             # Positions past max_position_embeddings keep the same formula (as the reference's RoPE does).
@@ -175,18 +183,72 @@ class DeepseekOCRModel(nn.Module):
             cos, sin = rope_tables(lm.head_dim, size, lm.rope_theta)
             device = self.embed_tokens.weight.device
             self._rope_cast = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
-        cos, sin = self._rope_cast
+        return self._rope_cast
+
+    def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope_table(start + length, dtype)
         return cos[start : start + length], sin[start : start + length]
 
     def decode(
-        self, inputs_embeds: torch.Tensor, cache: KVCache, start: int, trace: Trace | None = None
+        self,
+        inputs_embeds: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        trace: Trace | None = None,
+        lane: int = 0,
     ) -> torch.Tensor:
-        """inputs_embeds [B, T, hidden] at positions start.. -> final-norm hidden states [B, T, hidden]."""
+        """Prefill: inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-norm hidden [1, T, hidden]."""
         length = inputs_embeds.shape[1]
         cos, sin = self.rope(start, length, inputs_embeds.dtype)
-        h = inputs_embeds
+        hidden = self._layers(inputs_embeds, cos, sin, cache, CacheWrite(start=start, lane=lane), trace)
+        cache.set_length(lane, start + length)
+        return hidden
+
+    def decode_batch(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decode: inputs_embeds [B, 1, hidden], one token per lane of [0, B) -> final-norm hidden [B, 1, hidden].
+
+        Each lane's token goes at its own position (`cache.lengths`), read on the device: no host sync. The
+        host only decides how far to read keys (the longest lane) and whether lanes need a mask.
+        """
+        batch = inputs_embeds.shape[0]
+        host = cache.host_lengths[:batch]
+        kv_length = max(host) + 1
+        hidden = self.decode_static(inputs_embeds, cache, kv_length, masked=min(host) + 1 != kv_length)
+        cache.lengths[:batch] += 1
+        for lane in range(batch):
+            cache.host_lengths[lane] += 1
+        return hidden
+
+    def decode_static(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, kv_length: int, masked: bool = True
+    ) -> torch.Tensor:
+        """The decode step's device work with static shapes for a given (batch, kv_length): what a CUDA graph
+        captures. Positions come from `cache.lengths`; writes past the cache's end are clamped (a padded row of
+        a graph bucket may sit on a full, unused lane). Lengths are not advanced here."""
+        batch = inputs_embeds.shape[0]
+        positions = cache.lengths[:batch]
+        mask = None
+        if masked:
+            keys_at = torch.arange(kv_length, device=positions.device)
+            mask = (keys_at[None, :] <= positions[:, None]).view(batch, 1, 1, kv_length)
+        cos_table, sin_table = self.rope_table(max(kv_length, cache.capacity), inputs_embeds.dtype)
+        at = positions.clamp(max=cache.capacity - 1)
+        cos = cos_table[at].view(batch, 1, 1, -1)
+        sin = sin_table[at].view(batch, 1, 1, -1)
+        write = CacheWrite(lane=None, positions=at, kv_length=kv_length, mask=mask)
+        return self._layers(inputs_embeds, cos, sin, cache, write, None)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        write: CacheWrite,
+        trace: Trace | None,
+    ) -> torch.Tensor:
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, start, trace)
+            h = layer(h, cos, sin, cache, write, trace)
             if trace is not None:
                 trace.layer_outputs.append(h)
         h = self.norm(h)
@@ -255,9 +317,12 @@ class DeepseekOCRForCausalLM(nn.Module):
                 packed += 1
         return packed + int(self.lm_head.pack_weight())
 
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        dtype = KVCache.dtype_for(self.device, self.dtype)
-        return KVCache.allocate(self.config.language, batch, capacity, self.device, dtype)
+    def new_cache(self, capacity: int, lanes: int = 1) -> KVCache:
+        return KVCache.allocate(self.config.language, lanes, capacity, self.device, self.cache_dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return KVCache.dtype_for(self.device, self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -276,15 +341,18 @@ class DeepseekOCRForCausalLM(nn.Module):
         hidden = self.model.decode(embeds, cache, 0, trace)
         return self.logits(hidden[0, -1])
 
-    def prefill_embeds(self, inputs_embeds: torch.Tensor, cache: KVCache, trace: Trace | None = None) -> torch.Tensor:
-        hidden = self.model.decode(inputs_embeds, cache, 0, trace)
+    def prefill_embeds(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, trace: Trace | None = None, lane: int = 0, start: int = 0
+    ) -> torch.Tensor:
+        """inputs_embeds [1, T, hidden] into `lane` from `start` -> the last position's float32 logits [V]."""
+        hidden = self.model.decode(inputs_embeds, cache, start, trace, lane)
         return self.logits(hidden[0, -1])
 
-    def step(self, token: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
-        """One decode step: token id tensor [1] at `position` -> float32 logits [V]. No host sync."""
-        embeds = self.model.embed_tokens(token).view(1, 1, -1)
-        hidden = self.model.decode(embeds, cache, position)
-        return self.logits(hidden[0, -1])
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: token ids [B] for lanes [0, B) -> float32 logits [B, V]. No host sync."""
+        embeds = self.model.embed_tokens(tokens).unsqueeze(1)
+        hidden = self.model.decode_batch(embeds, cache)
+        return self.logits(hidden[:, 0])
 
     def bind_stacked_experts(self, device: torch.device | str, dtype: torch.dtype) -> None:
         for module in self.modules():

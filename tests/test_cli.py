@@ -20,12 +20,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 import cli
-from common.backend import PreparedInputs
 from common.config import load_config
 from common.engine import Engine
 from common.postprocess import strip_grounding
-from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
+from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
 
 GEN_FLAGS = ["--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
@@ -52,25 +51,11 @@ def real_engine() -> Iterator[Engine]:
     engine.close()
 
 
-class ScriptedBackend:
-    """Yields a fixed token sequence (then EOS); optionally raises KeyboardInterrupt on the n-th request."""
-
-    name, device, dtype = "fake", "cpu", "float32"
+class ScriptedBackend(fakes.ScriptedBackend):
+    """Produces a fixed token sequence (then EOS); optionally raises KeyboardInterrupt on the n-th request."""
 
     def __init__(self, ids: list[int], eos: int, interrupt_on: int | None = None) -> None:
-        self.ids, self.eos_token_id, self.interrupt_on = ids, eos, interrupt_on
-        self.requests = 0
-
-    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
-        self.requests += 1
-        if self.interrupt_on is not None and self.requests >= self.interrupt_on:
-            raise KeyboardInterrupt
-        yield from self.ids[: params.max_new_tokens]
-        if len(self.ids) < params.max_new_tokens:
-            yield self.eos_token_id
-
-    def close(self) -> None:
-        pass
+        super().__init__(ids, eos, interrupt_on=interrupt_on)
 
 
 GROUNDED_TEXT = (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -13,31 +11,7 @@ from common.engine import Engine, Generation
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR
-
-
-class ScriptedBackend:
-    """Yields a fixed id sequence, honouring max_new_tokens and EOS like a real backend."""
-
-    name, device, dtype = "fake", "cpu", "float32"
-
-    def __init__(self, ids: list[int], eos: int) -> None:
-        self.ids, self.eos_token_id = ids, eos
-        self.steps = 0
-        self.closed_early = False
-
-    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
-        try:
-            for i, token in enumerate(self.ids[: params.max_new_tokens]):
-                self.steps = i + 1
-                yield token
-                if token == self.eos_token_id:
-                    return
-        except GeneratorExit:
-            self.closed_early = True
-            raise
-
-    def close(self) -> None:
-        pass
+from tests.fakes import ScriptedBackend
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +21,8 @@ def tokenizer() -> Tokenizer:
 
 def make(tokenizer: Tokenizer, text: str, eos: bool = True) -> tuple[Engine, ScriptedBackend, PreparedInputs]:
     ids = tokenizer.encode(text) + ([tokenizer.eos_id] if eos else [])
-    backend = ScriptedBackend(ids, tokenizer.eos_id)
+    backend = ScriptedBackend(ids if eos else ids * 100, tokenizer.eos_id)
+    backend.ids = ids  # type: ignore[attr-defined]
     engine = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)
     prompt = np.array([tokenizer.bos_id] + tokenizer.encode("Free OCR."), dtype=np.int64)
     prepared = PreparedInputs(input_ids=prompt, images_seq_mask=np.zeros_like(prompt, dtype=bool), images=[])
@@ -83,7 +58,7 @@ def test_stop_string_is_cut_and_never_streamed(tokenizer: Tokenizer) -> None:
     assert streamed == "alpha beta"
     assert gen.result is not None and gen.result.finish_reason == "stop"
     assert gen.result.raw_text == "alpha beta"
-    assert backend.closed_early and backend.steps < len(backend.ids)
+    assert backend.steps < len(backend.ids) - 3  # nothing ran after the stop string
 
 
 def test_cancel_stops_within_one_step(tokenizer: Tokenizer) -> None:
@@ -94,5 +69,5 @@ def test_cancel_stops_within_one_step(tokenizer: Tokenizer) -> None:
     steps_at_cancel = backend.steps
     gen.cancel()
     list(it)
-    assert gen.cancelled and backend.closed_early
+    assert gen.cancelled and gen.result is not None and gen.result.finish_reason == "cancelled"
     assert backend.steps <= steps_at_cancel + 1

@@ -25,8 +25,8 @@ from common.errors import ConfigError  # noqa: E402
 from common.images import load_image  # noqa: E402
 from common.modes import resolve_mode  # noqa: E402
 from common.tiling import tile_image, to_image_input  # noqa: E402
+from dsocr_mlx.cache import LanePool  # noqa: E402
 from dsocr_mlx.convert import SIDE_FILES, convert, main  # noqa: E402
-from dsocr_mlx.generate import step_logits  # noqa: E402
 from dsocr_mlx.loader import load_model  # noqa: E402
 from dsocr_mlx.model import DeepseekOCRForCausalLM  # noqa: E402
 from tests.conftest import FIXTURES, MODEL_DIR, case_tensors, model_cases, rel_err  # noqa: E402
@@ -42,6 +42,31 @@ def case_inputs() -> PreparedInputs:
                         crop_mode=case["crop_mode"])
     image = to_image_input(tile_image(load_image(FIXTURES / case["image"]), mode))
     return PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image])
+
+
+def step_logits(
+    model: DeepseekOCRForCausalLM,
+    inputs: PreparedInputs,
+    steps: int,
+    forced_ids: list[int] | None = None,
+    inputs_embeds: mx.array | None = None,
+) -> tuple[list[int], list[mx.array]]:
+    """Greedy ids and each step's raw logits; with `forced_ids` the model is fed those ids instead (teacher
+    forcing), so per-step agreement with another model's path can be measured."""
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_inputs(inputs.input_ids, inputs.images_seq_mask, inputs.images)
+    pool = LanePool(model.config.language, 1, inputs_embeds.shape[1] + steps + 1, model.dtype)
+    logits = model.logits(model.prefill_lane(inputs_embeds, pool, 0, 0)[:, -1])
+    ids: list[int] = []
+    recorded: list[mx.array] = []
+    for step in range(steps):
+        mx.eval(logits)
+        recorded.append(logits[0])
+        ids.append(int(mx.argmax(logits, axis=-1).item()))
+        fed = forced_ids[step] if forced_ids is not None else ids[-1]
+        if step + 1 < steps:
+            logits = model.decode_step(mx.array([fed]), pool)
+    return ids, recorded
 
 
 def weights_size(directory: Path) -> int:

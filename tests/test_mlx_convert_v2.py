@@ -27,10 +27,10 @@ from common.modes import resolve_mode  # noqa: E402
 from common.prompt import prepare_inputs  # noqa: E402
 from common.tokenizer import Tokenizer  # noqa: E402
 from dsocr_mlx.convert import SIDE_FILES, convert  # noqa: E402
-from dsocr_mlx.generate import step_logits  # noqa: E402
 from dsocr_mlx.loader import load_model  # noqa: E402
 from dsocr_mlx.model import DeepseekOCR2Model, DeepseekOCRForCausalLM  # noqa: E402
 from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, rel_err  # noqa: E402
+from tests.test_mlx_convert import step_logits  # noqa: E402
 
 STEPS = 16
 VISION_PREFIXES = ("model.sam_model", "model.qwen2_model")

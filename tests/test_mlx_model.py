@@ -73,7 +73,7 @@ def test_stage_parity(model: DeepseekOCRForCausalLM, case_id: str) -> None:
     errors["inputs_embeds"] = rel_err(np.array(embeds), t["inputs_embeds"])
 
     layer_outputs: list[Any] = []
-    hidden = model.hidden_states(embeds[None], None, layer_outputs)
+    hidden = model.hidden_states(embeds[None], layer_outputs)
     logits = model.logits(hidden[:, -1])
     for i, out in enumerate(layer_outputs):
         errors[f"layer{i}"] = rel_err(np.array(out[0]), t["layer_outputs"][i])

@@ -8,7 +8,6 @@ infer_eval (n-gram 35) ids exactly.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,13 @@ mx = pytest.importorskip("mlx.core")
 from common.backend import PreparedInputs  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.families import DEEPSEEK_OCR_2  # noqa: E402
+from common.generation import GenerationLoop  # noqa: E402
 from common.images import load_image  # noqa: E402
 from common.modes import resolve_mode  # noqa: E402
 from common.sampling import SamplingParams  # noqa: E402
 from common.tiling import tile_image, to_image_input  # noqa: E402
-from dsocr_mlx.generate import generate_tokens, step_logits  # noqa: E402
+from common.tokenizer import Tokenizer  # noqa: E402
+from dsocr_mlx import backend as mlx_backend  # noqa: E402
 from dsocr_mlx.loader import check_weights, load_model, read_weights  # noqa: E402
 from dsocr_mlx.model import DeepseekOCR2Model, DeepseekOCRForCausalLM, scatter_image_embeds  # noqa: E402
 from dsocr_mlx.qwen2 import encoder_attention_mask  # noqa: E402
@@ -51,6 +52,18 @@ def model() -> DeepseekOCRForCausalLM:
     return loaded
 
 
+@pytest.fixture(scope="module")
+def backend() -> Any:
+    loaded = mlx_backend.load(MODEL_DIR_V2, device="cpu", dtype="float32", max_batch=4, kv_cache_gib=0.25)
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(MODEL_DIR_V2)
+
+
 def image_input(case: dict[str, Any]) -> Any:
     mode = resolve_mode(V2_MODE_NAMES[case["mode"]], family=DEEPSEEK_OCR_2)
     return to_image_input(tile_image(load_image(FIXTURES_V2 / case["image"]), mode))
@@ -60,9 +73,23 @@ def nhwc(x: np.ndarray) -> Any:
     return mx.array(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
 
 
-def prepared(t: dict[str, Any]) -> PreparedInputs:
-    mask = t.get("images_seq_mask", np.zeros(len(t["input_ids"]), dtype=bool))
-    return PreparedInputs(input_ids=t["input_ids"], images_seq_mask=mask, images=[])
+def from_embeds(t: dict[str, Any]) -> PreparedInputs:
+    """The case's prompt with the reference inputs_embeds (decoder parity without vision differences)."""
+    ids = np.asarray(t["input_ids"], dtype=np.int64)
+    return PreparedInputs(ids, np.zeros_like(ids, dtype=bool), [], inputs_embeds=t["inputs_embeds"])
+
+
+def recording_sample(backend: Any, monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Each step's raw logits (row 0) as the backend samples them."""
+    steps: list[np.ndarray] = []
+    original = backend.sample
+
+    def recording(logits: Any, controls: Any) -> Any:
+        steps.append(np.array(logits[0].astype(mx.float32)))
+        return original(logits, controls)
+
+    monkeypatch.setattr(backend, "sample", recording)
+    return steps
 
 
 def check(errors: dict[str, float], case_id: str) -> None:
@@ -132,7 +159,7 @@ def test_stage_parity(model: DeepseekOCRForCausalLM, case_id: str) -> None:
         embeds = scatter_image_embeds(embeds, t["images_seq_mask"], image_embeds)
     errors["inputs_embeds"] = rel_err(np.array(embeds), t["inputs_embeds"])
     layer_outputs: list[Any] = []
-    hidden = model.hidden_states(embeds[None], None, layer_outputs)
+    hidden = model.hidden_states(embeds[None], layer_outputs)
     assert len(layer_outputs) == t["layer_outputs"].shape[0]
     for i, out in enumerate(layer_outputs):
         errors[f"layer{i}"] = rel_err(np.array(out[0]), t["layer_outputs"][i])
@@ -142,38 +169,29 @@ def test_stage_parity(model: DeepseekOCRForCausalLM, case_id: str) -> None:
 
 
 @pytest.mark.parametrize("case_id", CASES)
-def test_token_ids_match_fixtures(model: DeepseekOCRForCausalLM, case_id: str) -> None:
+def test_token_ids_and_raw_logits_match_fixtures(
+    backend: Any, tokenizer: Tokenizer, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     t = case_tensors_v2(case_id)
-    embeds = mx.array(t["inputs_embeds"])[None]
+    steps = recording_sample(backend, monkeypatch)
     kinds = [kind for kind in KINDS if f"{kind}.ids" in t]
     assert "greedy" in kinds and "infer" in kinds
     for kind in kinds:
+        steps.clear()
         params = SamplingParams(max_new_tokens=32, no_repeat_ngram_size=KINDS[kind])
-        ids = list(generate_tokens(model, prepared(t), params, 1, prefill_chunk=256, inputs_embeds=embeds))
+        ids = GenerationLoop(backend, tokenizer).submit(from_embeds(t), params).run().token_ids
         assert ids == t[f"{kind}.ids"].tolist(), kind
-    ids, steps = step_logits(model, prepared(t), 32, inputs_embeds=embeds)
-    ours = np.stack([np.array(s)[t["greedy.raw_top5_ids"][i]] for i, s in enumerate(steps)])
-    assert rel_err(ours, t["greedy.raw_top5_logits"]) <= TOLERANCE
+        ours = np.stack([s[t[f"{kind}.raw_top5_ids"][i]] for i, s in enumerate(steps)])
+        assert rel_err(ours, t[f"{kind}.raw_top5_logits"]) <= TOLERANCE, kind
 
 
-def test_backend_end_to_end_from_another_thread() -> None:
-    """The threaded MLX backend on a v2 checkpoint: real preprocessing and vision, infer()'s n-gram 20 ids."""
-    from dsocr_mlx import backend as mlx_backend
-
+def test_backend_end_to_end_from_the_image(backend: Any, tokenizer: Tokenizer) -> None:
+    """The MLX backend on a v2 checkpoint: real preprocessing and vision, infer()'s n-gram 20 ids."""
     case = case_by_id_v2("pm04_receipt_tall_default")
     t = case_tensors_v2(case["id"])
     inputs = PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image_input(case)])
-    loaded = mlx_backend.load(MODEL_DIR_V2, device="cpu", dtype="float32")
-    try:
-        result: list[int] = []
-        worker = threading.Thread(
-            target=lambda: result.extend(loaded.generate(inputs, SamplingParams(max_new_tokens=32)))
-        )
-        worker.start()
-        worker.join(timeout=300)
-    finally:
-        loaded.close()
-    assert result == t["infer.ids"].tolist()
+    result = GenerationLoop(backend, tokenizer).submit(inputs, SamplingParams(max_new_tokens=32)).run()
+    assert result.token_ids == t["infer.ids"].tolist()
 
 
 def test_sanitize_is_idempotent(model: DeepseekOCRForCausalLM) -> None:
@@ -198,13 +216,16 @@ def test_real_checkpoint_maps_onto_real_model() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_runs_close(dtype: str) -> None:
+def test_half_precision_runs_close(dtype: str, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Half precision on MLX-CPU through vision and decoder: loosely bounded (the reference moves ~1% in bf16)."""
-    half, _ = load_model(MODEL_DIR_V2, dtype)
+    half = mlx_backend.load(MODEL_DIR_V2, device="cpu", dtype=dtype, max_batch=1, kv_cache_gib=0.25)
     case = case_by_id_v2("pm04_receipt_tall_default")
     t = case_tensors_v2(case["id"])
     inputs = PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image_input(case)])
-    ids, steps = step_logits(half, inputs, 8)
-    error = rel_err(np.array(steps[0].astype(mx.float32)), t["last_logits"])
+    steps = recording_sample(half, monkeypatch)
+    params = SamplingParams(max_new_tokens=8, no_repeat_ngram_size=0)
+    ids = GenerationLoop(half, tokenizer).submit(inputs, params).run().token_ids
+    half.close()
+    error = rel_err(steps[0], t["last_logits"])
     print(f"{dtype}: last-logit rel err {error:.2e}, greedy {ids} vs {t['greedy.ids'][:8].tolist()}")
     assert error < 0.05 and ids[0] == t["greedy.ids"][0]

@@ -36,6 +36,7 @@ from common.remote import RemoteFetchError, fetch_url
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from server import ServerSettings, create_app
+from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR
 
 openai = pytest.importorskip("openai")
@@ -90,31 +91,19 @@ class LiveServer:
         return float(match.group(1))
 
 
-class SlowBackend:
-    """A stand-in backend: a fixed prefill delay, then one token per `step_s`, never EOS (unless asked)."""
-
-    name, device, dtype = "fake", "cpu", "float32"
+class SlowBackend(fakes.ScriptedBackend):
+    """A stand-in backend: a fixed prefill delay, then one token per `step_s`, never EOS."""
 
     def __init__(self, eos_token_id: int, prefill_s: float = 0.0, step_s: float = 0.0) -> None:
-        self.eos_token_id, self.prefill_s, self.step_s = eos_token_id, prefill_s, step_s
-        self.started = 0
-        self.finished_steps: list[int] = []
-
-    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
-        self.started += 1
-        time.sleep(self.prefill_s)
-        steps = 0
-        try:
+        def script(inputs: PreparedInputs) -> list[int]:
             seed = int(inputs.input_ids.sum())
-            for i in range(params.max_new_tokens):
-                steps += 1
-                yield 1000 + (seed + 7 * i) % 500
-                time.sleep(self.step_s)
-        finally:
-            self.finished_steps.append(steps)
+            return [1000 + (seed + 7 * i) % 500 for i in range(8192)]
 
-    def close(self) -> None:
-        pass
+        super().__init__(script, eos_token_id, prefill_s=prefill_s, step_s=step_s)
+
+    @property
+    def started(self) -> int:
+        return self.requests
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -410,6 +399,7 @@ def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) 
     server, backend = slow
     body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 400, "stream": True}
     cancelled_before = server.metric("dsocr_generations_cancelled_total")
+    steps_before = backend.steps
     lines = []
     with httpx.Client(base_url=server.base, timeout=30) as http_client, \
             http_client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -424,12 +414,13 @@ def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) 
     while server.metric("dsocr_generations_cancelled_total") == cancelled_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.metric("dsocr_generations_cancelled_total") == cancelled_before + 1
-    assert backend.finished_steps and backend.finished_steps[-1] < 100  # stopped long before 400 tokens
+    assert 0 < backend.steps - steps_before < 100  # stopped long before 400 tokens
+    steps_before = backend.steps
     # a non-streamed request whose client gives up is cancelled too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base}/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
     wait_for_metric(server, "dsocr_generations_cancelled_total", cancelled_before + 2)
-    assert backend.finished_steps[-1] < 200
+    assert backend.steps - steps_before < 200
     follow_up = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                            json={"messages": [{"role": "user", "content": "next"}], "max_tokens": 3})
     assert follow_up.status_code == 200
@@ -468,21 +459,6 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
     assert len(statuses) >= 20
 
 
-class ScriptedBackend:
-    """Replays fixed token ids (here: a grounded page from postprocess_goldens.json)."""
-
-    name, device, dtype = "fake", "cpu", "float32"
-
-    def __init__(self, ids: list[int], eos_token_id: int) -> None:
-        self.ids, self.eos_token_id = ids, eos_token_id
-
-    def generate(self, inputs: PreparedInputs, params: SamplingParams) -> Iterator[int]:
-        yield from self.ids[: params.max_new_tokens]
-
-    def close(self) -> None:
-        pass
-
-
 def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
     import json as _json
 
@@ -491,7 +467,7 @@ def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
 
     golden = _json.loads((FIXTURES / "postprocess_goldens.json").read_text())["cases"][0]
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), ScriptedBackend(golden["generated_ids"], 1))
+    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), fakes.ScriptedBackend(golden["generated_ids"], 1))
     with LiveServer(create_app(fake, ServerSettings(mode=MODE, max_new_tokens=400))) as server:
         body = {"messages": [{"role": "user", "content": "page"}]}
         plain = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=30).json()

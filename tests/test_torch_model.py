@@ -192,7 +192,10 @@ def test_chunked_prefill_equals_full_prefill(model: Any) -> None:
 
 def test_moe_fallback_dispatch_matches_grouped_mm(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-expert fallback (used where grouped_mm is unavailable, e.g. float32 on CUDA) gives the same result."""
-    from dsocr_torch.generate import generate_ids
+    from common.backend import PreparedInputs
+    from common.generation import GenerationLoop
+    from common.tokenizer import Tokenizer
+    from dsocr_torch.backend import TorchBackend
     from dsocr_torch.language import MoEFeedForward
 
     for module in model.modules():
@@ -201,6 +204,8 @@ def test_moe_fallback_dispatch_matches_grouped_mm(model: Any, monkeypatch: pytes
     test_decoder_matches_reference(model, "pm02_doc_gundam")  # prefill: the per-expert loop
     data = case_data("pm02_doc_gundam")
     params = SamplingParams(max_new_tokens=8, no_repeat_ngram_size=0)
-    embeds = data["inputs_embeds"][None]
-    ids = list(generate_ids(model, data["input_ids"], None, [], params, 1, inputs_embeds=embeds))  # decode: gather
-    assert ids == data["greedy.ids"].tolist()[:8]
+    ids = data["input_ids"].numpy()
+    prepared = PreparedInputs(ids, np.zeros_like(ids, dtype=bool), [], inputs_embeds=data["inputs_embeds"].numpy())
+    loop = GenerationLoop(TorchBackend(model, max_batch=1, kv_cache_gib=0.5), Tokenizer.from_dir(MODEL_DIR))
+    result = loop.submit(prepared, params).run()  # decode: gather
+    assert result.token_ids == data["greedy.ids"].tolist()[:8]

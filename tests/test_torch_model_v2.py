@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.backend import PreparedInputs
 from common.families import DEEPSEEK_OCR_2
+from common.generation import GenerationLoop
 from common.sampling import SamplingParams
 from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, model_cases_v2, rel_err
 
@@ -58,6 +60,20 @@ def tokenizer() -> Any:
     from common.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR_V2)
+
+
+@pytest.fixture(scope="module")
+def backend(model: Any) -> Any:
+    from dsocr_torch.backend import TorchBackend
+
+    return TorchBackend(model, max_batch=1, kv_cache_gib=0.25)
+
+
+def from_embeds(case_id: str) -> PreparedInputs:
+    """The case's prompt with the reference inputs_embeds (decoder parity without vision differences)."""
+    ids = case_data(case_id)["input_ids"].numpy().astype(np.int64)
+    embeds = case_data(case_id)["inputs_embeds"].numpy()
+    return PreparedInputs(ids, np.zeros_like(ids, dtype=bool), [], inputs_embeds=embeds)
 
 
 def within(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
@@ -133,15 +149,13 @@ def test_projector_and_layout_match_reference(model: Any, case_id: str) -> None:
 
 
 @pytest.mark.parametrize("case_id", CASES)
-def test_vision_and_inputs_embeds_match_reference(model: Any, tokenizer: Any, case_id: str) -> None:
+def test_vision_and_inputs_embeds_match_reference(model: Any, backend: Any, tokenizer: Any, case_id: str) -> None:
     """Fixture image -> common preprocessing -> SAM -> Qwen2 encoder -> projector -> layout -> inputs_embeds."""
-    from dsocr_torch.backend import TorchBackend
     from dsocr_torch.model import VisionTrace
 
     data = case_data(case_id)
     prepared = prepared_inputs(tokenizer, case_id)
     np.testing.assert_array_equal(prepared.input_ids, data["input_ids"].numpy())
-    backend = TorchBackend(model)
     images = [backend.image_tensors(img) for img in prepared.images]
     trace = VisionTrace()
     mask = torch.from_numpy(prepared.images_seq_mask).to(model.device) if images else None
@@ -186,31 +200,37 @@ def test_decoder_matches_reference(model: Any, case_id: str) -> None:
 
 
 @pytest.mark.parametrize("case_id", CASES)
-def test_ids_and_raw_logits_match_every_reference_run(model: Any, case_id: str) -> None:
-    from dsocr_torch.generate import generate_ids
-
+def test_ids_and_raw_logits_match_every_reference_run(
+    backend: Any, tokenizer: Any, case_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = case_data(case_id)
-    embeds = data["inputs_embeds"][None]
+    raw: list[torch.Tensor] = []
+    original = backend.sample
+
+    def recording(logits: torch.Tensor, controls: Any) -> torch.Tensor:
+        raw.append(logits[0].clone())
+        return original(logits, controls)
+
+    monkeypatch.setattr(backend, "sample", recording)
     kinds = [kind for kind in KINDS if f"{kind}.ids" in data]
     assert "greedy" in kinds and "infer" in kinds
     for kind in kinds:
         params = SamplingParams(max_new_tokens=32, no_repeat_ngram_size=KINDS[kind])
-        raw: list[torch.Tensor] = []
-        ids = list(generate_ids(model, data["input_ids"], None, [], params, 1, inputs_embeds=embeds, raw_logits=raw))
+        raw.clear()
+        ids = GenerationLoop(backend, tokenizer).submit(from_embeds(case_id), params).run().token_ids
         assert ids == data[f"{kind}.ids"].tolist(), f"{case_id} {kind}"
+        assert len(raw) == 32
         ref_ids, ref_logits = data[f"{kind}.raw_top5_ids"], data[f"{kind}.raw_top5_logits"]
         ours = torch.stack([step.cpu()[ref_ids[i]] for i, step in enumerate(raw)])
         assert rel_err(ours.numpy(), ref_logits.numpy()) <= TOLERANCE, f"{case_id} {kind} raw top-5 logits"
 
 
 @pytest.mark.parametrize("case_id", ["pm01_doc_default", "pm08_rgba_nocrop768", "pm12_text_only"])
-def test_backend_generates_reference_ids_end_to_end(model: Any, tokenizer: Any, case_id: str) -> None:
-    """Fixture image -> PreparedInputs -> TorchBackend.generate with infer()'s n-gram 20 rule."""
-    from dsocr_torch.backend import TorchBackend
-
+def test_backend_generates_reference_ids_end_to_end(backend: Any, tokenizer: Any, case_id: str) -> None:
+    """Fixture image -> PreparedInputs -> the generation loop on the torch backend, infer()'s n-gram 20 rule."""
     params = SamplingParams(max_new_tokens=32, no_repeat_ngram_size=DEEPSEEK_OCR_2.ngram.size)
-    ids = list(TorchBackend(model).generate(prepared_inputs(tokenizer, case_id), params))
-    assert ids == case_data(case_id)["infer.ids"].tolist()
+    result = GenerationLoop(backend, tokenizer).submit(prepared_inputs(tokenizer, case_id), params).run()
+    assert result.token_ids == case_data(case_id)["infer.ids"].tolist()
 
 
 def test_unsupported_view_size_is_refused(model: Any) -> None:
@@ -220,22 +240,27 @@ def test_unsupported_view_size_is_refused(model: Any) -> None:
         model.model.qwen2_model(features)
 
 
-def test_bfloat16_compute_runs_close(tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bfloat16_compute_runs_close(
+    tokenizer: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bfloat16 on CPU, end to end (the tiny model's 20-wide experts once broke the grouped matmul there).
     Compared loosely: the reference itself moves by ~1% of the logit range in bfloat16."""
     from dsocr_torch.backend import load
-    from dsocr_torch.generate import generate_ids
 
-    bf16 = load(MODEL_DIR_V2, device="cpu", dtype="bfloat16")
+    bf16 = load(MODEL_DIR_V2, device="cpu", dtype="bfloat16", max_batch=1, kv_cache_gib=0.25)
+    raw: list[torch.Tensor] = []
+    original = bf16.sample
+
+    def recording(logits: torch.Tensor, controls: Any) -> torch.Tensor:
+        raw.append(logits[0].clone())
+        return original(logits, controls)
+
+    monkeypatch.setattr(bf16, "sample", recording)
     lines = []
     for case_id in ("pm01_doc_default", "pm12_text_only"):
-        prepared = prepared_inputs(tokenizer, case_id)
-        images = [bf16.image_tensors(img) for img in prepared.images]
-        mask = torch.from_numpy(prepared.images_seq_mask) if images else None
-        raw: list[torch.Tensor] = []
+        raw.clear()
         params = SamplingParams(max_new_tokens=8, no_repeat_ngram_size=0)
-        ids = list(generate_ids(bf16.model, torch.from_numpy(prepared.input_ids), mask, images, params, 1,
-                                raw_logits=raw))
+        ids = GenerationLoop(bf16, tokenizer).submit(prepared_inputs(tokenizer, case_id), params).run().token_ids
         ref = case_data(case_id)["last_logits"]
         error = rel_err(raw[0].float().cpu().numpy(), ref.numpy())
         lines.append(f"{case_id}: last-logit rel {error:.2e}, first id equal {ids[0] == int(ref.argmax())}")

@@ -1,0 +1,130 @@
+"""Structured output requests: OpenAI `response_format` / Responses `text.format` to one validated JsonSpec.
+
+Bad requests and schemas the engine cannot enforce are `InputError`s naming the field and the problem, raised
+before any model work (the server answers 400).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from common.errors import InputError
+from common.structured import (
+    MAX_SCHEMA_CHARS,
+    json_object_spec,
+    json_schema_spec,
+    spec_from_response_format,
+    spec_from_text_format,
+)
+from tests.test_structured import SCHEMAS
+
+
+def test_chat_response_format_json_schema() -> None:
+    schema = SCHEMAS["enums"]
+    spec = spec_from_response_format(
+        {"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema, "strict": True}}
+    )
+    assert spec is not None
+    assert (spec.kind, spec.name, spec.strict, spec.schema) == ("json_schema", "invoice", True, schema)
+    loose = spec_from_response_format({"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}})
+    assert loose is not None and not loose.strict  # OpenAI's default; the schema is enforced all the same
+    assert loose == json_schema_spec(schema, name="invoice", strict=False)
+
+
+def test_responses_text_format_json_schema() -> None:
+    schema = SCHEMAS["nested_objects"]
+    spec = spec_from_text_format({"type": "json_schema", "name": "customer", "schema": schema, "strict": False})
+    assert spec == json_schema_spec(schema, name="customer", strict=False)
+    assert spec_from_text_format({"type": "json_object"}) == json_object_spec()
+
+
+def test_text_and_absent_formats_are_unconstrained() -> None:
+    assert spec_from_response_format(None) is None
+    assert spec_from_response_format({"type": "text"}) is None
+    assert spec_from_text_format(None) is None
+    assert spec_from_text_format({"type": "text"}) is None
+    assert spec_from_response_format({"type": "json_object"}) == json_object_spec()
+
+
+def test_schema_from_json_text() -> None:
+    text = json.dumps(SCHEMAS["string_patterns"])
+    assert json_schema_spec(text) == json_schema_spec(SCHEMAS["string_patterns"])
+    with pytest.raises(InputError, match="schema: not valid JSON"):
+        json_schema_spec("{not json")
+
+
+INVALID_SCHEMAS = [
+    ({"type": "strange"}, "Invalid type"),
+    ({"type": "string", "pattern": "(unclosed"}, "unclosed group"),
+    ({"type": "array", "minItems": 5, "maxItems": 2}, "minItems"),
+    ({"type": "integer", "minimum": 10, "maximum": 2}, "minimum"),
+    ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+    ({"not": {"type": "string"}}, "not"),  # a keyword the engine cannot enforce: refused, not ignored
+    ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+    ({"enum": []}, "anyOf is empty"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": -1}, "minItems"),
+]
+
+
+@pytest.mark.parametrize(("schema", "problem"), INVALID_SCHEMAS, ids=[p for _, p in INVALID_SCHEMAS])
+def test_invalid_schema_names_the_problem(schema: dict[str, Any], problem: str) -> None:
+    request = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(InputError) as info:
+        spec_from_response_format(request)
+    message = str(info.value)
+    assert message.startswith("response_format.json_schema.schema: invalid JSON schema:")
+    assert problem in message and "\n" not in message
+    with pytest.raises(InputError, match=r"^text\.format\.schema: invalid JSON schema"):
+        spec_from_text_format({"type": "json_schema", "name": "x", "schema": schema})
+
+
+def test_guidance_options_in_the_schema_cannot_loosen_it() -> None:
+    schema = {"not": {"type": "string"}, "x-guidance": {"lenient": True}}
+    with pytest.raises(InputError, match="not"):
+        json_schema_spec(schema)
+
+
+BAD_REQUESTS = [
+    ("nope", "response_format: must be an object"),
+    ({"type": "xml"}, "response_format.type: must be"),
+    ({}, "response_format.type: must be"),
+    ({"type": "json_schema"}, "needs a 'json_schema' object"),
+    ({"type": "json_schema", "json_schema": "x"}, "response_format.json_schema: must be an object"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: missing"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name: must be"),
+    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "json_schema.name: must be"),
+    ({"type": "json_schema", "json_schema": {"name": "x" * 65, "schema": {}}}, "json_schema.name: must be"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}, "strict: must be"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": True}}, "schema: a JSON schema must be"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "schema: a JSON schema must be"),
+]
+
+
+@pytest.mark.parametrize(("request_value", "message"), BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_response_format_is_refused(request_value: Any, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        spec_from_response_format(request_value)
+
+
+def test_bad_text_format_is_refused() -> None:
+    with pytest.raises(InputError, match=r"text\.format\.schema: missing"):
+        spec_from_text_format({"type": "json_schema", "name": "x"})
+    with pytest.raises(InputError, match=r"text\.format\.name: must be"):
+        spec_from_text_format({"type": "json_schema", "schema": {}})
+    with pytest.raises(InputError, match=r"text\.format: must be an object"):
+        spec_from_text_format(["json_object"])
+
+
+def test_oversized_schema_is_refused_before_compiling() -> None:
+    schema = {"type": "object", "description": "x" * MAX_SCHEMA_CHARS}
+    with pytest.raises(InputError, match="the limit is"):
+        json_schema_spec(schema)
+
+
+def test_key_order_is_part_of_the_schema_identity() -> None:
+    a = json_schema_spec({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}})
+    b = json_schema_spec({"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}})
+    assert a != b and a == json_schema_spec(json.loads(a.schema_text))
