@@ -3,7 +3,7 @@
     python benchmarks/bench_batch.py                       # tiny fixture model, torch on CPU, float32
     python benchmarks/bench_batch.py --backend mlx --pages 20 --max-new-tokens 32
 
-The model is loaded once; each configuration runs the same pages through `cli.run_batch` (the code path of
+The model is loaded once; each configuration runs the same pages through `common.batch.run_batch` (the code path of
 `dsocr report.pdf -o out/`), writing outputs to a temporary folder. With prefetch, a background thread renders
 and tiles page n+1 while page n generates, so the difference is the preparation time the overlap hides.
 """
@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
+from common.batch import BatchOptions, Outcome, run_batch  # noqa: E402
 from common.engine import Engine  # noqa: E402
+from common.modes import resolve_mode  # noqa: E402
+from common.prompt import task_prompt  # noqa: E402
+from common.sampling import SamplingParams  # noqa: E402
+from common.workitems import DEFAULT_DPI, WorkItem, expand_inputs, prepared_stream  # noqa: E402
 
 MODEL_DIR = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"
 
@@ -50,20 +54,32 @@ def make_pdf(path: Path, pages: int) -> Path:
     return path
 
 
+class Silent:
+    """Progress that shows nothing (the table at the end is the output)."""
+
+    def start(self, item: WorkItem) -> None:
+        pass
+
+    def token(self, live_tokens: int, live_seconds: float) -> None:
+        pass
+
+    def finish(self, item: WorkItem, status: str, tokens: int = 0, seconds: float = 0.0, message: str = "") -> None:
+        pass
+
+
 def run_once(engine: Engine, pdf: Path, prefetch: int, args: argparse.Namespace, out_dir: Path) -> float:
-    items = cli.expand_inputs([str(pdf)], None)
-    opts = cli.BatchOptions(
-        prompt=cli.resolve_prompt(cli.build_parser().parse_args([])),
-        mode=cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode]), engine.family),
-        params=cli.SamplingParams(max_new_tokens=args.max_new_tokens),
+    items = expand_inputs([str(pdf)], None)
+    opts = BatchOptions(
+        prompt=task_prompt("markdown"),
+        mode=resolve_mode(args.mode, family=engine.family),
+        params=SamplingParams(max_new_tokens=args.max_new_tokens),
         out_dir=out_dir,
         overwrite=True,
         dpi=args.dpi,
         prefetch=prefetch,
     )
-    reporter = cli.Reporter(len(items), quiet=True, live=False)
     t0 = time.perf_counter()
-    outcomes = cli.run_batch(engine, items, opts, reporter)
+    outcomes: list[Outcome] = run_batch(engine, items, opts, Silent())
     seconds = time.perf_counter() - t0
     failed = [o for o in outcomes if o.status != "ok"]
     if failed:
@@ -79,7 +95,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--mode", default="tiny", help="tiny keeps the vision cost of the tiny model small")
     parser.add_argument("--pages", type=int, default=10)
-    parser.add_argument("--dpi", type=int, default=cli.DEFAULT_DPI)
+    parser.add_argument("--dpi", type=int, default=DEFAULT_DPI)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (best and median reported)")
     parser.add_argument("--prefetch", type=int, default=2, help="prefetch depth of the overlapped run")
@@ -93,11 +109,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsocr-bench-") as tmp:
         pdf = make_pdf(Path(tmp) / "bench.pdf", args.pages)
         # Preparation alone, for reference: render + load + tile + tokenize, no generation.
-        items = cli.expand_inputs([str(pdf)], None)
-        mode = cli._resolve_mode(cli.build_parser().parse_args(["--mode", args.mode]), engine.family)
-        prompt = cli.resolve_prompt(cli.build_parser().parse_args([]))
+        items = expand_inputs([str(pdf)], None)
         t0 = time.perf_counter()
-        for prepared in cli.prepared_stream(engine, items, prompt, mode, args.dpi, 0):
+        mode = resolve_mode(args.mode, family=engine.family)
+        for prepared in prepared_stream(engine, items, task_prompt("markdown"), mode, args.dpi, 0):
             assert prepared.error is None, prepared.error
         prepare_s = (time.perf_counter() - t0) / len(items)
 

@@ -142,10 +142,10 @@ def decode_bytes_per_token(model: Any, context: int, kv_bytes: int) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
     import numpy as np
+    from dsocr_mlx.generate import generate_tokens, prefill
 
     from common.backend import ImageInput, PreparedInputs
     from common.sampling import SamplingParams
-    from dsocr_mlx.generate import generate_tokens, prefill
     from dsocr_mlx.language import make_cache
     from dsocr_mlx.loader import DTYPES, load_model
 

@@ -21,7 +21,7 @@ from common.generation import Generation, GenerationLoop, GenerationResult, List
 from common.hub import resolve_model
 from common.modes import Mode
 from common.prompt import prepare_inputs
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
 from common.tokenizer import Tokenizer
 
 __all__ = ["Engine", "Generation", "GenerationResult", "crop_grid_of"]
@@ -43,6 +43,7 @@ class Engine:
     ) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
         self.family = config.family  # which model this is (common.families): modes and token counts follow it
+        self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
         self.loop = GenerationLoop(backend, tokenizer, max_batch=max_batch) if backend is not None else None
 
     @classmethod
@@ -86,9 +87,9 @@ class Engine:
 
     def prepare(self, prompt: str, images: list[Image.Image], mode: Mode) -> PreparedInputs:
         if mode.family != self.family.name:
-            raise InputError(
-                f"mode {mode.name!r} is a {family_named(mode.family).title} mode, but this model is {self.family.title}"
-            )
+            other = family_named(mode.family).title
+            message = f"mode {mode.name!r} is a {other} mode, but this model is {self.family.title}"
+            raise InputError(message, param="mode")
         prepared = prepare_inputs(self.tokenizer, prompt, images, mode)
         prepared.image_sizes = [im.size for im in images]
         return prepared
@@ -104,6 +105,7 @@ class Engine:
         """Queues one sequence on the generation loop; iterate the result for text (see `Generation`)."""
         if self.loop is None:
             raise RuntimeError("this engine was loaded without weights")
+        params = with_ngram_whitelist(params, self.ngram_whitelist)
         return self.loop.submit(prepared, params, priority=priority, listener=listener)
 
     def describe(self) -> dict[str, Any]:

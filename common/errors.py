@@ -4,7 +4,14 @@ from __future__ import annotations
 
 
 class DsocrError(Exception):
-    """Base class: an error caused by input, configuration or environment, not a bug."""
+    """Base class: an error caused by input, configuration or environment, not a bug.
+
+    `param` names the request field or option at fault, when there is one (the server's error `param`).
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(DsocrError):

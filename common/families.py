@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from common.errors import ConfigError, InputError
+from common.errors import ConfigError
 from common.modes import Mode
 
 PATCH_SIZE = 16  # SAM's patch size
@@ -161,13 +161,6 @@ def family_named(name: str) -> ModelFamily:
 def all_mode_names() -> tuple[str, ...]:
     """Every preset name of every family, in order (for a command line that does not know the model yet)."""
     return tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.modes))
-
-
-def check_mode_name(name: str | None) -> None:
-    """InputError unless `name` (None: the model's default) is a preset of some family; the model, once known,
-    decides (common.modes.resolve_mode)."""
-    if name is not None and name.strip().lower() not in all_mode_names():
-        raise InputError(f"unknown mode {name!r}; choose one of {', '.join(all_mode_names())}")
 
 
 def family_for_config(data: dict[str, Any], path: Path | str = "config.json") -> ModelFamily:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +21,10 @@ from common.errors import ImageError
 DEFAULT_MAX_PIXELS: int = 120_000_000
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+
+# `max_pixels` below is the policy, checked from the header before decoding; Pillow's own size warning
+# (at 89 Mpx, meant for callers without a check) would only tell a user about an image we accept.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _describe(source: ImageSource) -> str:
@@ -82,6 +87,23 @@ def image_frame_count(source: ImageSource) -> int:
         raise ImageError(f"cannot read the frames of image {_describe(source)}: {exc}") from None
     finally:
         image.close()
+
+
+def image_frame_sizes(source: ImageSource, frames: list[int]) -> list[tuple[int, int]]:
+    """(width, height) of the given 0-based frames, from the headers (no pixel data is decoded)."""
+    image = source if isinstance(source, Image.Image) else _open(source)
+    try:
+        sizes = []
+        for frame in frames:
+            if frame:
+                image.seek(frame)
+            sizes.append(tuple(image.size))
+        return sizes  # type: ignore[return-value]
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot read the frames of image {_describe(source)}: {exc}") from None
+    finally:
+        if not isinstance(source, Image.Image):
+            image.close()
 
 
 def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, frame: int = 0) -> Image.Image:

@@ -49,24 +49,26 @@ def __getattr__(name: str) -> Any:
 
 def _check_size(what: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} must be an integer, got {value!r}")
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
     if value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIDE:
         raise InputError(
-            f"{what} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {value}"
+            f"{what} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {value}", param=what
         )
 
 
 def _check_family_size(what: str, value: int, allowed: tuple[int, ...], family: ModelFamily, role: str) -> None:
     if allowed and value not in allowed:
         sizes = " or ".join(str(s) for s in allowed)
-        raise InputError(f"{family.title} {role} must be {sizes} px (what its encoder takes), got {what} {value}")
+        raise InputError(
+            f"{family.title} {role} must be {sizes} px (what its encoder takes), got {what} {value}", param=what
+        )
 
 
 def _check_count(what: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what} must be an integer, got {value!r}")
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
     if value < 1 or value > MAX_TILES:
-        raise InputError(f"{what} must be between 1 and {MAX_TILES}, got {value}")
+        raise InputError(f"{what} must be between 1 and {MAX_TILES}, got {value}", param=what)
 
 
 def resolve_mode(
@@ -87,8 +89,17 @@ def resolve_mode(
         family = DEEPSEEK_OCR
     key = (family.default_mode if name is None else name).strip().lower()
     if key not in family.modes:
-        raise InputError(f"unknown mode {name!r} for {family.title}; choose one of {', '.join(family.modes)}")
+        raise InputError(
+            f"unknown mode {name!r} for {family.title}; choose one of {', '.join(family.modes)}", param="mode"
+        )
     preset = family.modes[key]
+    # The values the caller gave are checked first, so an error names the option actually set.
+    for what, given in (("base_size", base_size), ("image_size", image_size)):
+        if given is not None:
+            _check_size(what, given)
+    for what, given in (("min_crops", min_crops), ("max_crops", max_crops)):
+        if given is not None:
+            _check_count(what, given)
     overridden = any(v is not None for v in (base_size, image_size, crop_mode, min_crops, max_crops))
     crop = preset.crop_mode if crop_mode is None else bool(crop_mode)
     base = preset.base_size if base_size is None else base_size
@@ -103,7 +114,8 @@ def resolve_mode(
             if base_size is not None and image_size is not None:
                 raise InputError(
                     f"without crop mode the global view is image_size x image_size; base_size {base}"
-                    f" must equal image_size {tile} (or enable crop mode)"
+                    f" must equal image_size {tile} (or enable crop mode)",
+                    param="base_size",
                 )
             base = tile = base if base_size is not None else tile
     lo = preset.min_crops if min_crops is None else min_crops
@@ -118,7 +130,7 @@ def resolve_mode(
     _check_count("min_crops", lo)
     _check_count("max_crops", hi)
     if lo > hi:
-        raise InputError(f"min_crops ({lo}) must not exceed max_crops ({hi})")
+        raise InputError(f"min_crops ({lo}) must not exceed max_crops ({hi})", param="min_crops")
     mode = Mode(key, base, tile, crop, lo, hi, family.name)
     if overridden and mode != preset:
         mode = Mode(f"{key}-custom", base, tile, crop, lo, hi, family.name)

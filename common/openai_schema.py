@@ -8,6 +8,8 @@ instead of failing the whole request.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -21,6 +23,8 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+MAX_JSON_DEPTH = 64  # far deeper than any request shape; deeper bodies are refused before decoding
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -88,7 +92,7 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None  # one choice only
     user: str | None = None
@@ -111,7 +115,7 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None
 
@@ -208,6 +212,7 @@ class OutputMessage(Struct):
 
 class InputTokensDetails(Struct):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(Struct):
@@ -272,8 +277,46 @@ def encode(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    items = [stop] if isinstance(stop, str) else list(stop)
-    return tuple(s for s in items if s)
+def completion_usage(result: Any) -> CompletionUsage:
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    return CompletionUsage(prompt, completion, prompt + completion)
+
+
+def response_usage(result: Any) -> ResponseUsage:
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    return ResponseUsage(prompt, completion, prompt + completion)
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects in a JSON text (strings skipped)."""
+    depth = deepest = 0
+    for match in _JSON_TOKENS.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def json_body_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why a request body cannot be a JSON request (None when it can), found before it is decoded."""
+    if not body.strip():
+        return "the request body is empty; send a JSON object"
+    # Nesting deeper than max_depth needs that many brackets; most bodies have far fewer and skip the scan.
+    if body.count(b"[") + body.count(b"{") > max_depth and json_depth(body) > max_depth:
+        return f"the JSON body is nested deeper than {max_depth} levels"
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        try:
+            json.loads(body)
+        except ValueError:
+            return f"the body is not valid JSON: {exc}"
+        # Valid JSON msgspec cannot hold: a \\ud800-\\udfff escape without its pair is no Unicode text.
+        return "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode text"
+    return None

@@ -1,4 +1,4 @@
-"""Prompts: task presets, the official `plain` template with `<image>` expansion, and chat folding.
+"""Prompts: task presets and the official `plain` template with `<image>` expansion (chat folding: common.chat).
 
 infer() formats the conversation with the `plain` template, which reduces to `prompt.strip()`, splits it on
 `<image>`, encodes every text piece without special tokens, replaces each `<image>` by its run of image tokens
@@ -6,8 +6,6 @@ and prepends BOS (no EOS).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -79,56 +77,3 @@ def prepare_inputs(
         images_seq_mask=np.asarray(mask, dtype=np.bool_),
         images=prepared_images,
     )
-
-
-@dataclass
-class TextPart:
-    text: str
-
-
-@dataclass
-class ImagePart:
-    image: object  # opaque payload (a URL, bytes, a path...); the caller decodes it
-
-
-@dataclass
-class ChatMessage:
-    role: str
-    parts: list[TextPart | ImagePart] = field(default_factory=list)
-
-
-def _has_images(message: ChatMessage) -> bool:
-    return any(isinstance(part, ImagePart) for part in message.parts)
-
-
-def fold_conversation(messages: list[ChatMessage]) -> tuple[str, list[object]]:
-    """Reduces an OpenAI-style chat to what the model can answer: the last user turn.
-
-    The model is single-turn: system and assistant text and earlier user turns are dropped. A follow-up
-    question without an image (as Open WebUI sends them) keeps the images of the latest earlier user turn that
-    had some, placed in front of the question. Each image becomes `<image>\\n` at its place in the text.
-    """
-    user_turns = [m for m in messages if m.role.strip().lower() == "user"]
-    if not user_turns:
-        raise InputError("the conversation has no user message")
-    last = user_turns[-1]
-    pieces: list[str] = []
-    images: list[object] = []
-    if not _has_images(last):
-        for earlier in reversed(user_turns[:-1]):
-            if _has_images(earlier):
-                carried = [part.image for part in earlier.parts if isinstance(part, ImagePart)]
-                images.extend(carried)
-                pieces.append(f"{IMAGE_TOKEN}\n" * len(carried))
-                break
-    previous_was_text = False
-    for part in last.parts:
-        if isinstance(part, ImagePart):
-            images.append(part.image)
-            pieces.append(f"{IMAGE_TOKEN}\n")
-            previous_was_text = False
-        else:
-            # Separate consecutive text parts so words from different parts do not run together.
-            pieces.append(("\n" if previous_was_text else "") + part.text)
-            previous_was_text = True
-    return "".join(pieces), images

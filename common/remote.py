@@ -10,10 +10,12 @@ image (or a PDF when the caller allows it). Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -99,6 +101,22 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+def _arm_deadline(conn: http.client.HTTPConnection, deadline: float) -> threading.Timer:
+    """Shuts the connection down at `deadline`, however slowly the server trickles bytes (socket timeouts
+    only bound each read, not the whole transfer)."""
+
+    def expire() -> None:
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def _acceptable_type(content_type: str, allow_pdf: bool) -> bool:
     if content_type.startswith("image/") or content_type in ("application/octet-stream", ""):
         return True
@@ -139,6 +157,7 @@ def fetch_url(
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
+        timer = _arm_deadline(conn, deadline)
         try:
             conn.request(
                 "GET", path, headers={"User-Agent": "dsocr-server", "Accept": "image/*, application/pdf"}
@@ -161,9 +180,9 @@ def fetch_url(
             chunks: list[bytes] = []
             total = 0
             while True:
-                if time.monotonic() > deadline:
+                chunk = response.read1(_CHUNK)  # returns after one receive, so the deadline is seen in time
+                if time.monotonic() >= deadline:
                     raise RemoteFetchError(f"timed out fetching {url}")
-                chunk = response.read(_CHUNK)
                 if not chunk:
                     break
                 total += len(chunk)
@@ -174,7 +193,10 @@ def fetch_url(
         except TimeoutError:
             raise RemoteFetchError(f"timed out fetching {url}") from None
         except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:
+                raise RemoteFetchError(f"timed out fetching {url}") from None
             raise RemoteFetchError(f"cannot fetch {current}: {exc}") from None
         finally:
+            timer.cancel()
             conn.close()
     raise RemoteFetchError(f"too many redirects fetching {url} (at most {max_redirects})")

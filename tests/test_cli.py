@@ -24,6 +24,7 @@ from common.config import load_config
 from common.engine import Engine
 from common.postprocess import strip_grounding
 from common.tokenizer import Tokenizer
+from common.workitems import parse_page_ranges, select_pages
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
 
@@ -410,7 +411,7 @@ def test_convert_subcommand_delegates(monkeypatch) -> None:
         (["{png}", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
         (["{png}", "--temperature", "hot"], "argument --temperature: expected a number"),
         (["{png}", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
-        (["{png}", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["{png}", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["{png}", "--task", "locate"], "--task locate needs --ref"),
         (["{png}", "--prompt", "Free OCR."], "the prompt has no <image> placeholder"),
         (["--task", "ocr"], "no input given"),
@@ -488,7 +489,7 @@ def test_help_and_default_max_new_tokens(capsys) -> None:
 
 
 def test_page_ranges() -> None:
-    assert cli.parse_page_ranges("1-3,7,10-") == [(1, 3), (7, 7), (10, None)]
-    assert cli.select_pages(cli.parse_page_ranges("2,1-2,4-"), 5, "x.pdf", strict=True) == [1, 2, 4, 5]
-    assert cli.select_pages(cli.parse_page_ranges("4-"), 3, "x.pdf", strict=False) == []
-    assert np.array_equal(cli.select_pages(None, 3, "x.pdf", strict=True), [1, 2, 3])
+    assert parse_page_ranges("1-3,7,10-") == [(1, 3), (7, 7), (10, None)]
+    assert select_pages(parse_page_ranges("2,1-2,4-"), 5, "x.pdf", strict=True) == [1, 2, 4, 5]
+    assert select_pages(parse_page_ranges("4-"), 3, "x.pdf", strict=False) == []
+    assert np.array_equal(select_pages(None, 3, "x.pdf", strict=True), [1, 2, 3])

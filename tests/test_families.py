@@ -19,7 +19,6 @@ from common.families import (
     DEEPSEEK_OCR_2,
     FAMILIES,
     all_mode_names,
-    check_mode_name,
     family_of_model_dir,
 )
 from common.modes import MODES, Mode, resolve_mode
@@ -122,10 +121,6 @@ def test_v2_overrides_and_their_limits() -> None:
         resolve_mode("tiny", family=DEEPSEEK_OCR_2)
     # v1 keeps its free sizes (multiples of 64).
     assert resolve_mode("gundam", image_size=768).image_size == 768
-    check_mode_name("large")
-    check_mode_name(None)
-    with pytest.raises(InputError, match="unknown mode 'huge'"):
-        check_mode_name("huge")
 
 
 def test_token_counts_come_from_the_layout() -> None:

@@ -17,8 +17,8 @@ from common.openai_schema import (
     encode,
     error_body,
     new_id,
-    stop_strings,
 )
+from common.options import stop_strings
 
 
 def decode_chat(payload: dict) -> ChatCompletionRequest:

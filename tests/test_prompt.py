@@ -15,12 +15,7 @@ from common.errors import InputError
 from common.images import load_image
 from common.modes import MODES, resolve_mode
 from common.prompt import (
-    IMAGE_TOKEN,
     TASKS,
-    ChatMessage,
-    ImagePart,
-    TextPart,
-    fold_conversation,
     prepare_inputs,
     task_prompt,
 )
@@ -134,37 +129,3 @@ def test_task_presets() -> None:
     # The markdown preset is the fixtures' prompt (they add a trailing space that strip() removes).
     entry = cases_manifest()["preprocess"]["entries"][0]
     assert entry["prompt"].strip() == task_prompt("markdown")
-
-
-def test_fold_conversation_last_user_turn() -> None:
-    messages = [
-        ChatMessage("system", [TextPart("You are helpful.")]),
-        ChatMessage("user", [TextPart("old question"), ImagePart("img-a")]),
-        ChatMessage("assistant", [TextPart("old answer")]),
-        ChatMessage(
-            "user", [ImagePart("img-b"), TextPart("Free OCR."), ImagePart("img-c"), TextPart("Thanks")]
-        ),
-    ]
-    prompt, images = fold_conversation(messages)
-    assert images == ["img-b", "img-c"]
-    assert prompt == "<image>\nFree OCR.<image>\nThanks"
-    assert prompt.count(IMAGE_TOKEN) == len(images)
-
-
-def test_fold_conversation_follow_up_carries_images() -> None:
-    messages = [
-        ChatMessage("user", [ImagePart("first")]),
-        ChatMessage("user", [ImagePart("img-1"), ImagePart("img-2"), TextPart("Convert to markdown.")]),
-        ChatMessage("assistant", [TextPart("# Title")]),
-        ChatMessage("user", [TextPart("What is the title?")]),
-    ]
-    prompt, images = fold_conversation(messages)
-    assert images == ["img-1", "img-2"]
-    assert prompt == "<image>\n<image>\nWhat is the title?"
-
-
-def test_fold_conversation_text_only_and_errors() -> None:
-    prompt, images = fold_conversation([ChatMessage("user", [TextPart("a"), TextPart("b")])])
-    assert (prompt, images) == ("a\nb", [])
-    with pytest.raises(InputError):
-        fold_conversation([ChatMessage("system", [TextPart("x")])])

@@ -1,0 +1,60 @@
+"""A request's media -> images, with every limit checked before the expensive step it protects.
+
+Order: bytes (data URL decoded, or http(s) fetched with a hard deadline), then each document opened
+header-only (page counts checked), then every page's pixel size (image tokens predicted and checked), and only
+then decoding and rendering, PDF pages at no more pixels than the mode uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from common.chat import MediaRef
+from common.documents import DEFAULT_DPI, decode_data_url, kind_of_bytes, mode_pixel_budget, open_document
+from common.errors import InputError
+from common.limits import RequestLimits
+from common.modes import Mode
+from common.remote import DEFAULT_MAX_BYTES, fetch_url
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_private: bool = False
+    timeout_s: float = 15.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+def is_remote(ref: MediaRef) -> bool:
+    return ref.url.strip().lower().startswith(("http://", "https://"))
+
+
+def media_bytes(ref: MediaRef, policy: FetchPolicy) -> tuple[str, bytes]:
+    """(media type, bytes) of a data: URL, or of an http(s) URL fetched within the policy."""
+    url = ref.url.strip()
+    if url.lower().startswith("data:"):
+        return decode_data_url(url)
+    if is_remote(ref):
+        fetched = fetch_url(
+            url,
+            allow_private=policy.allow_private,
+            timeout_s=policy.timeout_s,
+            max_bytes=policy.max_bytes,
+            allow_pdf=True,
+        )
+        return fetched.content_type, fetched.data
+    raise InputError("image URLs must be data: URLs (base64) or http(s) URLs", param="messages")
+
+
+def load_media(blobs: list[tuple[str, bytes]], mode: Mode, limits: RequestLimits) -> list[list[Image.Image]]:
+    """The pages of each (media type, bytes) document as RGB images, one list per document."""
+    documents = [open_document(data, kind_of_bytes(data, media_type)) for media_type, data in blobs]
+    limits.check_pages([(doc.kind, doc.pages) for doc in documents])
+    budget = mode_pixel_budget(mode)
+    sizes = [doc.page_size(page, DEFAULT_DPI, budget) for doc in documents for page in range(1, doc.pages + 1)]
+    limits.check_image_tokens(mode, sizes)
+    return [
+        [doc.render(page, DEFAULT_DPI, budget, limits.max_image_pixels) for page in range(1, doc.pages + 1)]
+        for doc in documents
+    ]

@@ -1,0 +1,268 @@
+"""Work items: the images and pages named by a batch's inputs, and their preparation ahead of generation.
+
+Files that are readable by name but broken inside (corrupt image, encrypted PDF) become failing items so a
+batch goes on without them; missing or unsupported inputs are an InputError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+
+from common.documents import (
+    DEFAULT_DPI,
+    IMAGE_EXTENSIONS,
+    PDF_EXTENSION,
+    Document,
+    kind_of_bytes,
+    mode_pixel_budget,
+    open_document,
+    path_kind,
+)
+from common.errors import DsocrError, InputError
+from common.modes import Mode
+
+log = logging.getLogger("dsocr")
+
+PageRanges = list[tuple[int, int | None]]
+
+
+@dataclass
+class WorkItem:
+    """One image or page to OCR."""
+
+    source: str  # what the user named: a path, "-" for stdin, "" for a text-only prompt
+    kind: str  # "image", "pdf" or "text"
+    name: str  # output path stem relative to -o DIR (posix), e.g. "sub/report_page003"
+    page: int | None = None  # 1-based page of a PDF / frame of a multi-page TIFF
+    path: Path | None = None
+    data: bytes | None = None  # stdin contents
+    group: str | None = None  # combined-document stem (PDFNAME) for multi-page sources
+    group_pages: int = 0  # how many items the group has in this run
+    error: str | None = None  # known to fail before preparing (e.g. an encrypted PDF)
+
+    @property
+    def short_label(self) -> str:
+        """File name and page, for the progress bar."""
+        name = Path(self.source).name if self.source not in ("", "-") else self.label
+        return f"{name} p.{self.page}" if self.page is not None and name != self.label else name
+
+    @property
+    def label(self) -> str:
+        base = "<stdin>" if self.source == "-" else (self.source or "<text prompt>")
+        return f"{base} p.{self.page}" if self.page is not None else base
+
+
+def parse_page_ranges(text: str) -> PageRanges:
+    """'1-3,7,10-' -> [(1, 3), (7, 7), (10, None)]; InputError on anything else."""
+    ranges: PageRanges = []
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d{1,18})(?:(-)(\d{0,18}))?", part)
+        if not m:
+            raise InputError(f"bad --pages {text!r}: use page numbers and ranges like 1-3,7 or 5-", param="pages")
+        first = int(m.group(1))
+        last: int | None = first if not m.group(2) else (int(m.group(3)) if m.group(3) else None)
+        if first < 1 or (last is not None and last < first):
+            raise InputError(f"bad --pages {text!r}: pages count from 1 and ranges go upwards", param="pages")
+        ranges.append((first, last))
+    return ranges
+
+
+def select_pages(ranges: PageRanges | None, n_pages: int, source: str, strict: bool) -> list[int]:
+    """The selected pages that exist, in order; each range is clamped to the page count before it is expanded."""
+    if ranges is None:
+        return list(range(1, n_pages + 1))
+    beyond = [last for first, last in ranges if max(first, last or 0) > n_pages]
+    if beyond and strict:
+        first_beyond = min(max(first, n_pages + 1) for first, last in ranges if max(first, last or 0) > n_pages)
+        raise InputError(f"{source} has {n_pages} page(s); --pages asks for page {first_beyond}", param="pages")
+    wanted: set[int] = set()
+    for first, last in ranges:
+        wanted.update(range(first, min(last or n_pages, n_pages) + 1))
+    return sorted(wanted)
+
+
+def expand_inputs(
+    inputs: Sequence[str],
+    pages: PageRanges | None,
+    stdin: IO[bytes] | None = None,
+    exclude: Path | None = None,
+) -> list[WorkItem]:
+    """The inputs as work items, in order. Folder scans leave out `exclude` (the -o folder: its crops)."""
+    excluded = exclude.resolve() if exclude is not None else None
+    items: list[WorkItem] = []
+    for raw in inputs:
+        if raw == "-":
+            data = (stdin or _stdin()).read()
+            if not data:
+                raise InputError("no data on stdin (input '-')")
+            items += _document_items("-", kind_of_bytes(data), "stdin", None, data, pages, strict=True)
+            continue
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise InputError(f"input not found: {raw}")
+        if path.is_dir():
+            found = sorted(
+                (
+                    f
+                    for f in path.rglob("*")
+                    if f.is_file()
+                    and f.suffix.lower() in IMAGE_EXTENSIONS | {PDF_EXTENSION}
+                    and not (excluded is not None and f.resolve().is_relative_to(excluded))
+                ),
+                key=lambda f: f.relative_to(path).as_posix(),
+            )
+            if not found:
+                raise InputError(f"no images or PDFs in folder {raw}")
+            for f in found:
+                kind = "pdf" if f.suffix.lower() == PDF_EXTENSION else "image"
+                items += _document_items(str(f), kind, f.relative_to(path).with_suffix("").as_posix(), f, None,
+                                         pages, strict=False)
+            continue
+        if not os.access(path, os.R_OK):
+            raise InputError(f"cannot read {raw}: permission denied")
+        try:
+            kind = path_kind(path)
+        except OSError as exc:
+            raise InputError(f"cannot read {raw}: {exc.strerror or exc}") from None
+        if kind is None:
+            raise InputError(f"unsupported input format: {raw} (expected PNG, JPEG, WebP, TIFF, BMP, GIF or PDF)")
+        items += _document_items(raw, kind, path.stem, path, None, pages, strict=True)
+    _disambiguate_names(items)
+    return items
+
+
+def _stdin() -> IO[bytes]:
+    import sys
+
+    return sys.stdin.buffer
+
+
+def _document_items(
+    source: str,
+    kind: str,
+    stem: str,
+    path: Path | None,
+    data: bytes | None,
+    pages: PageRanges | None,
+    strict: bool,
+) -> list[WorkItem]:
+    content: Path | bytes = path if path is not None else data  # type: ignore[assignment]
+    try:
+        n_pages = open_document(content, kind, source).pages
+    except DsocrError as exc:
+        return [WorkItem(source, kind, stem, path=path, data=data, error=str(exc))]
+    if kind == "image" and n_pages == 1:
+        if pages is not None and strict and not select_pages(pages, 1, source, strict=False):
+            raise InputError(f"{source} has 1 page; --pages selects none of it", param="pages")
+        return [WorkItem(source, kind, stem, path=path, data=data)]
+    selected = select_pages(pages, n_pages, source, strict)
+    if not selected:
+        log.warning("%s: --pages selects none of its %d pages; skipped", source, n_pages)
+        return []
+    width = max(3, len(str(n_pages)))
+    return [
+        WorkItem(source, kind, f"{stem}_page{p:0{width}d}", page=p, path=path, data=data, group=stem,
+                 group_pages=len(selected))
+        for p in selected
+    ]
+
+
+def _disambiguate_names(items: list[WorkItem]) -> None:
+    """report.png and report.pdf in one folder would both write report.md: use report_png / report_pdf."""
+    sources_by_stem: dict[str, set[str]] = {}
+    for item in items:
+        sources_by_stem.setdefault(item.group or item.name, set()).add(item.source)
+    for item in items:
+        stem = item.group or item.name
+        if len(sources_by_stem[stem]) < 2 or item.path is None:
+            continue
+        new_stem = f"{stem}_{item.path.suffix.lstrip('.').lower() or 'file'}"
+        item.name = new_stem + item.name[len(stem) :]
+        if item.group:
+            item.group = new_stem
+    seen: dict[str, int] = {}
+    for item in items:  # the same file named twice: keep both outputs apart
+        count = seen.get(item.name, 0)
+        seen[item.name] = count + 1
+        if count:
+            item.name = f"{item.name}_{count + 1}"
+            if item.group:
+                item.group = f"{item.group}_{count + 1}"
+
+
+def load_item_image(item: WorkItem, dpi: int, mode: Mode) -> Image.Image | None:
+    """The item's page as an RGB image (None for a text-only item); a PDF page at most the mode's budget."""
+    if item.error:
+        raise InputError(item.error)
+    if item.kind == "text":
+        return None
+    content: Path | bytes = item.path if item.path is not None else item.data  # type: ignore[assignment]
+    document = Document(item.kind, content, pages=item.page or 1, name=item.source)
+    return document.render(item.page or 1, dpi, mode_pixel_budget(mode))
+
+
+@dataclass
+class Prepared:
+    item: WorkItem
+    image: Image.Image | None = None
+    inputs: Any = None  # common.backend.PreparedInputs
+    prepare_s: float = 0.0
+    error: BaseException | None = None
+
+
+def prepare_item(engine: Any, item: WorkItem, prompt: str, mode: Mode, dpi: int = DEFAULT_DPI) -> Prepared:
+    t0 = time.perf_counter()
+    try:
+        image = load_item_image(item, dpi, mode)
+        inputs = engine.prepare(prompt, [image] if image is not None else [], mode)
+    except Exception as exc:  # reported per item; the batch goes on
+        return Prepared(item, error=exc, prepare_s=time.perf_counter() - t0)
+    return Prepared(item, image, inputs, time.perf_counter() - t0)
+
+
+def prepared_stream(
+    engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, prefetch: int
+) -> Iterator[Prepared]:
+    """Prepared items in order; with prefetch > 0 a background thread prepares up to `prefetch` ahead."""
+    if prefetch <= 0:
+        for item in items:
+            yield prepare_item(engine, item, prompt, mode, dpi)
+        return
+    ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def worker() -> None:
+        for item in items:
+            result = prepare_item(engine, item, prompt, mode, dpi)
+            while not stop.is_set():
+                try:
+                    ready.put(result, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        ready.put(None)
+
+    thread = threading.Thread(target=worker, name="dsocr-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (got := ready.get()) is not None:
+            yield got
+    finally:
+        stop.set()
+        while thread.is_alive():  # drain so the worker can see `stop`
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
