@@ -454,6 +454,8 @@ def _main(argv: list[str]) -> int:
         engine = load_engine(args, weights=True, reporter=reporter)
         try:
             _check_context(engine, args)
+            loop = getattr(engine, "loop", None)  # batch pages as the loaded engine allows (--max-batch)
+            opts.max_batch = loop.max_batch if loop is not None else 1
             outcomes = run_batch(engine, items, opts, reporter)
         finally:
             engine.close()

@@ -21,7 +21,7 @@ from common.modes import Mode
 from common.outputs import result_record, stored_record, write_combined, write_outputs
 from common.postprocess import GroundingStripper
 from common.sampling import SamplingParams
-from common.workitems import DEFAULT_DPI, Prepared, WorkItem, prepared_stream
+from common.workitems import DEFAULT_DPI, Prefetcher, Prepared, WorkItem, prepared_stream
 
 log = logging.getLogger("dsocr")
 
@@ -56,6 +56,7 @@ class BatchOptions:
     prefetch: int = 2
     verbose: int = 0
     max_tokens_given: bool = False  # the user chose params.max_new_tokens (else it shrinks to fit the context)
+    max_batch: int = 1  # items generated at once (text streamed to a terminal always goes one at a time)
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
 
 
@@ -131,11 +132,80 @@ def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: 
                 emit_json(opts, {"source": outcome.item.source, "page": outcome.item.page, "error": outcome.message})
 
     report(groups.write_missing())
+    if opts.max_batch > 1 and not opts.stream_text:
+        _run_batched(engine, todo, opts, progress, report, groups)
+        return outcomes
     for prepared in prepared_stream(engine, todo, opts.prompt, opts.mode, opts.dpi, opts.prefetch):
         progress.start(prepared.item)
         report([_run_item(engine, prepared, opts, progress, many=len(items) > 1)])
         report(groups.step(prepared.item))
     return outcomes
+
+
+def _run_batched(
+    engine: Any, todo: list[WorkItem], opts: BatchOptions, progress: Progress, report: Any, groups: _Groups
+) -> None:
+    """Up to `max_batch` items in the generation loop at once; each is written the moment it finishes."""
+    feed = Prefetcher(engine, todo, opts.prompt, opts.mode, opts.dpi, max(opts.prefetch, opts.max_batch))
+    running: list[tuple[Prepared, Any, float]] = []
+    t0 = time.perf_counter()
+    tokens_before = _tokens_decoded(engine.loop)
+    try:
+        while True:
+            while len(running) < opts.max_batch and not feed.finished:
+                prepared = feed.get(block=not running)  # wait for work only when nothing else runs
+                if prepared is None:
+                    break
+                progress.start(prepared.item)
+                try:
+                    if prepared.error is not None:
+                        raise prepared.error
+                    running.append((prepared, engine.generate(prepared.inputs, _params_for(engine, prepared, opts)),
+                                    time.perf_counter()))
+                except Exception as exc:
+                    report([Outcome(prepared.item, "failed", message=describe_error(exc))])
+                    report(groups.step(prepared.item))
+            if not running:
+                if feed.finished:
+                    return
+                continue
+            engine.loop.step()
+            progress.token(_tokens_decoded(engine.loop) - tokens_before, time.perf_counter() - t0)
+            still = []
+            for prepared, generation, started in running:
+                if not generation.done:
+                    still.append((prepared, generation, started))
+                    continue
+                report([_finish_item(prepared, generation, opts, started)])
+                report(groups.step(prepared.item))
+            running = still
+    except KeyboardInterrupt:
+        for _, generation, _ in running:
+            generation.cancel()
+        raise
+    finally:
+        feed.close()
+
+
+def _tokens_decoded(loop: Any) -> int:
+    return sum(size * steps for size, steps in loop.batch_sizes.items())
+
+
+def _finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started: float) -> Outcome:
+    item = prepared.item
+    try:
+        if generation.error is not None:
+            raise generation.error
+        result = generation.result
+        record = result_record(item, prepared, result, opts.mode.name)
+        if opts.out_dir is not None:
+            record = write_outputs(opts.out_dir, item, prepared, record)
+    except Exception as exc:
+        if opts.verbose and not isinstance(exc, DsocrError):
+            traceback.print_exception(exc)
+        return Outcome(item, "failed", message=describe_error(exc))
+    emit_json(opts, record)
+    return Outcome(item, "ok", result.completion_tokens, time.perf_counter() - started)
 
 
 def _run_item(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress, many: bool) -> Outcome:
@@ -147,21 +217,18 @@ def _run_item(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Pro
         if opts.stream_text and many:
             opts.stdout.write(f"==> {item.label} <==\n")
             opts.stdout.flush()
-        result = _generate(engine, prepared, opts, progress)
-        record = result_record(item, prepared, result, opts.mode.name)
-        if opts.out_dir is not None:
-            record = write_outputs(opts.out_dir, item, prepared, record)
+        generation = _generate(engine, prepared, opts, progress)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         if opts.verbose and not isinstance(exc, DsocrError):
             traceback.print_exception(exc)
         return Outcome(item, "failed", message=describe_error(exc))
-    emit_json(opts, record)
-    return Outcome(item, "ok", result.completion_tokens, time.perf_counter() - t0)
+    return _finish_item(prepared, generation, opts, t0)
 
 
-def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress) -> Any:
+def _params_for(engine: Any, prepared: Prepared, opts: BatchOptions) -> SamplingParams:
+    """The run's sampling parameters with max_new_tokens fitted to this prompt's room in the context."""
     context = engine.config.language.max_position_embeddings
     budget = fit_max_tokens(
         prepared.inputs.prompt_tokens,
@@ -169,7 +236,11 @@ def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Pro
         opts.params.max_new_tokens,
         context,
     )
-    params = opts.params if budget == opts.params.max_new_tokens else _with_max(opts.params, budget)
+    return opts.params if budget == opts.params.max_new_tokens else _with_max(opts.params, budget)
+
+
+def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress) -> Any:
+    params = _params_for(engine, prepared, opts)
     generation = engine.generate(prepared.inputs, params)
     out = opts.stdout
     t0 = time.perf_counter()
@@ -195,7 +266,7 @@ def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Pro
         if wrote_text:
             out.write("\n")
             out.flush()
-    return generation.result
+    return generation
 
 
 def _with_max(params: SamplingParams, max_new_tokens: int) -> SamplingParams:

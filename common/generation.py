@@ -234,6 +234,7 @@ class GenerationLoop:
         self._lock = threading.Condition()
         self._drive = threading.RLock()
         self._worker: threading.Thread | None = None
+        self._woken = False
         self.steps = 0  # decode steps run
         self.batch_sizes: dict[int, int] = {}  # decode steps per batch size
         self.on_step: Callable[[int], None] | None = None  # called with each decode step's batch size
@@ -281,6 +282,7 @@ class GenerationLoop:
 
     def wake(self) -> None:
         with self._lock:
+            self._woken = True
             self._lock.notify_all()
 
     @property
@@ -297,17 +299,26 @@ class GenerationLoop:
 
     # ---- driving --------------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Drives the loop on the calling thread until `stop` is set (the worker thread of a server)."""
+    def run(self, stop: threading.Event, admit: Callable[[], None] | None = None) -> None:
+        """Drives the loop on the calling thread until `stop` is set (a server's worker thread).
+
+        `admit()` runs before every iteration, so a caller can move work from its own queue into the loop when
+        there is room; `wake()` (from any thread) makes an idle loop call it again. While this runs, iterating
+        a `Generation` on another thread waits for its events instead of driving the loop itself.
+        """
         self._worker = threading.current_thread()
         try:
             while not stop.is_set():
+                if admit is not None:
+                    admit()
                 with self._lock:
-                    while not self.busy and not stop.is_set():
+                    while not self.busy and not stop.is_set() and not self._woken:
                         self._lock.wait()
+                    self._woken = False
                 if stop.is_set():
                     break
-                self.step()
+                if self.busy:
+                    self.step()
         finally:
             self.cancel_all()
             self._worker = None

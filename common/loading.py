@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from common.argtypes import boolean, finite_float, int_in_range
 from common.families import ModelFamily, family_of_model_dir
 from common.options import choices
 
@@ -45,6 +46,25 @@ def add_model_arguments(group: Any, env_prefix: str | None = None) -> None:
                        ("dtype", "compute dtype; auto = bfloat16 where the device supports it")):
         group.add_argument(f"--{name}", choices=choices(name), default=default(name.upper(), "auto"),
                            help=f"{what} (default auto{env_note(name.upper())})")
+    group.add_argument(
+        "--max-batch", metavar="N", type=int_in_range(1, 1024), default=default("MAX_BATCH", None),
+        help="most sequences decoded together (default 8 on CPUs and MLX, 32 on CUDA; bounded by the KV cache)"
+        f"{env_note('MAX_BATCH')}",
+    )
+    group.add_argument(
+        "--kv-cache-gib", metavar="GIB", type=finite_float(0.0, exclusive=True), default=default("KV_CACHE_GIB", None),
+        help="memory for the KV cache, which bounds the sequences decoded together (default: CPU half the RAM, "
+        f"committed as used; CUDA 60%% of free memory; MLX a quarter of the memory){env_note('KV_CACHE_GIB')}",
+    )
+    group.add_argument(
+        "--max-context", metavar="N", type=int_in_range(16), default=default("MAX_CONTEXT", None),
+        help="positions per sequence, prompt + output (default: the model's context); smaller fits more sequences"
+        f"{env_note('MAX_CONTEXT')}",
+    )
+    group.add_argument(
+        "--cuda-graphs", type=boolean, metavar="on|off", default=default("CUDA_GRAPHS", None),
+        help=f"capture decode steps as CUDA graphs (default on with CUDA){env_note('CUDA_GRAPHS')}",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,10 +75,18 @@ class ModelOptions:
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    max_batch: int | None = None
+    kv_cache_gib: float | None = None
+    max_context: int | None = None
+    cuda_graphs: bool | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        return cls(args.model, args.revision, args.offline, args.backend, args.device, args.dtype)
+        # argparse runs a flag's type on a string default too, so DSOCR_* values arrive parsed and checked.
+        return cls(
+            args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
+            args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs,
+        )
 
     def resolved(self, show_download_progress: bool = True) -> tuple[ModelOptions, ModelFamily]:
         """These options with `model` as a local directory (downloading it on first use, as loading would) and
@@ -84,4 +112,8 @@ class ModelOptions:
             weights=weights,
             progress=progress,
             show_download_progress=show_download_progress,
+            max_batch=self.max_batch,
+            kv_cache_gib=self.kv_cache_gib,
+            max_context=self.max_context,
+            cuda_graphs=self.cuda_graphs,
         )

@@ -10,6 +10,7 @@ from typing import Any
 from common.memory import rss_bytes
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -26,6 +27,9 @@ class Metrics:
         self.rejected_queue_full = 0
         self.ttft_counts = [0] * (len(_TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
+        self.batch_counts = [0] * (len(_BATCH_BUCKETS) + 1)
+        self.batch_sum = 0
+        self.running_sequences = 0
 
     def record_request(self, path: str, status: int) -> None:
         with self._lock:
@@ -51,6 +55,13 @@ class Metrics:
             self.ttft_sum += seconds
             index = next((i for i, b in enumerate(_TTFT_BUCKETS) if seconds <= b), len(_TTFT_BUCKETS))
             self.ttft_counts[index] += 1
+
+    def record_batch(self, size: int) -> None:
+        """One decode step of `size` sequences (the generation loop's on_step hook)."""
+        with self._lock:
+            self.batch_sum += size
+            index = next((i for i, b in enumerate(_BATCH_BUCKETS) if size <= b), len(_BATCH_BUCKETS))
+            self.batch_counts[index] += 1
 
     def render(self, queue_depth: int, running: int, ready: bool) -> str:
         with self._lock:
@@ -94,6 +105,12 @@ class Metrics:
                 ),
                 ("dsocr_queue_depth", "gauge", "Requests waiting for the inference worker.", queue_depth),
                 ("dsocr_requests_running", "gauge", "Requests being generated.", running),
+                (
+                    "dsocr_running_sequences",
+                    "gauge",
+                    "Sequences in the generation loop (decoding or taking in their prompt).",
+                    self.running_sequences,
+                ),
                 ("dsocr_model_ready", "gauge", "1 once the model is loaded.", int(ready)),
                 ("dsocr_resident_memory_bytes", "gauge", "Resident memory of the server process.", rss_bytes()),
             ]
@@ -110,6 +127,17 @@ class Metrics:
                 lines.append(f'dsocr_time_to_first_token_seconds_bucket{{le="{label}"}} {cumulative}')
             lines.append(f"dsocr_time_to_first_token_seconds_sum {self.ttft_sum:.6f}")
             lines.append(f"dsocr_time_to_first_token_seconds_count {cumulative}")
+            lines += [
+                "# HELP dsocr_batch_size Sequences decoded together per decode step.",
+                "# TYPE dsocr_batch_size histogram",
+            ]
+            cumulative = 0
+            for bound, count in zip((*_BATCH_BUCKETS, float("inf")), self.batch_counts, strict=True):
+                cumulative += count
+                label = "+Inf" if bound == float("inf") else str(bound)
+                lines.append(f'dsocr_batch_size_bucket{{le="{label}"}} {cumulative}')
+            lines.append(f"dsocr_batch_size_sum {self.batch_sum}")
+            lines.append(f"dsocr_batch_size_count {cumulative}")
         return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,7 @@ class RequestQueue(Generic[T]):
         self._lock = threading.Lock()
         self._service = _ServiceTimes()
         self._running: dict[int, tuple[bool, float]] = {}  # by id() of the request
+        self.concurrency = 1  # requests served at once (the generation loop's batch)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -119,9 +120,11 @@ class RequestQueue(Generic[T]):
                 self._service.record(started[0], self.clock() - started[1])
 
     def wait_estimate_s(self) -> float:
-        """Seconds until a request queued now would start: the running requests' rest plus every waiting one."""
+        """Seconds until a request queued now would start: the running requests' rest plus every waiting one,
+        shared among the `concurrency` requests served at once."""
         with self._lock:
             now = self.clock()
             seconds = self._service.seconds
             running = sum(max(seconds[bg] - (now - t0), 0.0) for bg, t0 in self._running.values())
-            return running + sum(seconds[e.background] for e in self._entries)
+            work = running + sum(seconds[e.background] for e in self._entries)
+            return work / max(1, self.concurrency)

@@ -1,9 +1,10 @@
-"""The inference worker: one thread owns the engine and serves queued requests.
+"""The inference worker: one thread owns the engine and drives its generation loop (continuous batching).
 
-MLX streams are thread-local and CUDA likes one owner, so only this thread touches the model. HTTP handlers
-prepare requests (off the event loop) and `submit` them; results come back to the event loop as events (text
-deltas, then the final result), so a batching scheduler can later replace the one-at-a-time loop without
-changing the HTTP side. The waiting order lives in `common.request_queue.RequestQueue`.
+MLX streams are thread-local and CUDA likes one owner, so only this thread touches the model (it also loads
+it). HTTP handlers prepare requests (off the event loop) and `submit` them to a `RequestQueue` (ordering,
+bounds, Retry-After); the worker moves requests from that queue into the generation loop as long as the loop
+has room for them (`max_batch` sequences decode together), steps the loop, and sends each sequence's events
+(text deltas, then the final result) back to the event loop.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class EngineLike(Protocol):
 
     def prepare(self, prompt: str, images: list[Any], mode: Any) -> Any: ...
 
-    def generate(self, prepared: Any, params: SamplingParams) -> GenerationLike: ...
+    loop: Any  # common.generation.GenerationLoop
+
+    def generate(self, prepared: Any, params: SamplingParams, **kwargs: Any) -> GenerationLike: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -107,7 +110,7 @@ class InferenceRequest:
 
 
 class Scheduler:
-    """Owns the engine on one worker thread and serves queued requests one at a time."""
+    """Owns the engine on one worker thread and serves queued requests, many at a time (continuous batching)."""
 
     def __init__(
         self,
@@ -128,6 +131,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._running: list[InferenceRequest] = []
         self._stopping = False
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dsocr-inference", daemon=True)
         self._ready_listeners: list[Callable[[EngineLike], None]] = []
 
@@ -167,7 +171,7 @@ class Scheduler:
                 request.on_cancel = None
                 self.metrics.record_rejected()
                 raise
-            self._cond.notify()
+        self._wake()
 
     def _withdraw(self, request: InferenceRequest) -> None:
         if self._queue.remove(request):
@@ -181,7 +185,8 @@ class Scheduler:
             already_stopping, self._stopping = self._stopping, True
             queued = self._queue.clear()
             running = list(self._running)
-            self._cond.notify_all()
+        self._stop.set()
+        self._wake()
         for request in queued:
             request.emit("error", APIError(503, "the server is shutting down"))
             request.cancel()
@@ -196,6 +201,13 @@ class Scheduler:
                 self.engine.close()
             except Exception:  # closing is best effort at exit
                 log.exception("error closing the engine")
+
+    def _wake(self) -> None:
+        """The worker looks at the queue again (a request arrived, finished or the server stops)."""
+        engine = self.engine
+        loop = getattr(engine, "loop", None) if engine is not None else None
+        if loop is not None:
+            loop.wake()
 
     # --- worker thread
     def _progress(self, what: str, done: int, total: int) -> None:
@@ -216,78 +228,78 @@ class Scheduler:
         else:
             self.engine = self._source  # type: ignore[assignment]
         assert self.engine is not None
+        loop = self.engine.loop
+        loop.on_step = self.metrics.record_batch
+        self._queue.concurrency = loop.max_batch
         for listener in self._ready_listeners:
             listener(self.engine)
         self.state = "ready"
-        log.info("model ready: %s", self.engine.describe())
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                return
-            for request in batch:
-                self._serve(request)
+        log.info("model ready: %s (up to %d sequences per decode step)", self.engine.describe(), loop.max_batch)
+        loop.run(self._stop, admit=lambda: self._admit(loop))
 
-    def _next_batch(self) -> list[InferenceRequest]:
+    def _admit(self, loop: Any) -> None:
+        """Moves waiting requests into the generation loop while it has room (runs on the worker thread)."""
         with self._cond:
-            while not self._stopping and (request := self._queue.pop()) is None:
-                self._cond.wait()
-            if self._stopping:
-                return []
-            self._running.append(request)
-            return [request]
+            while loop.running + loop.waiting < loop.max_batch and (request := self._queue.pop()) is not None:
+                self._running.append(request)
+                self._start(request)
+        self.metrics.running_sequences = loop.running
 
-    def _serve(self, request: InferenceRequest) -> None:
+    def _start(self, request: InferenceRequest) -> None:
+        """Submits one request to the generation loop, its events going straight back to the event loop."""
         assert self.engine is not None
+        if request.cancelled:
+            self._finished(request, error=APIError(499, "cancelled before it started"))
+            return
         started = time.perf_counter()
-        try:
-            if request.cancelled:
-                request.emit("error", APIError(499, "cancelled before it started"))
-                return
-            self._generate(request, started)
-        except Exception as exc:  # no request may take the worker down
-            self.metrics.record_failed()
-            error = api_error_for(exc)
-            if error.status >= 500:
-                log.exception("generation failed")
-            request.emit("error", error)
-        finally:
-            self._queue.done(request)
-            with self._cond:
-                if request in self._running:
-                    self._running.remove(request)
-            if request.nbytes >= TRIM_AFTER_BYTES:
-                request.prepared = request.generation = None  # the views are no longer needed: free them first
-                trim_heap()
-
-    def _generate(self, request: InferenceRequest, started: float) -> None:
-        assert self.engine is not None
-        generation = self.engine.generate(request.prepared, request.params)
-        request.generation = generation
-        if request.cancelled:  # cancel() raced with generate(): make sure the generation sees it
-            generation.cancel()
-        deltas = iter(generation)
         stripper = GroundingStripper() if request.strip_grounding else None
-        first = True
-        try:
-            for delta in deltas:
-                if first:
+        first = [True]
+
+        def on_event(kind: str, payload: Any) -> None:
+            if kind == "delta":
+                if first[0]:
                     self.metrics.record_ttft(time.perf_counter() - started)
-                    first = False
-                if stripper is not None:
-                    delta = stripper.feed(delta)
+                    first[0] = False
+                delta = stripper.feed(payload) if stripper is not None else payload
                 if delta:
                     request.emit("delta", delta)
-                if request.cancelled:
-                    break
-            if stripper is not None and (tail := stripper.flush()):
-                request.emit("delta", tail)
-        finally:
-            close = getattr(deltas, "close", None)
-            if close is not None:
-                close()  # runs the generation's cleanup, which sets its result
-        result = generation.result
-        if result is not None:
-            if first and result.completion_tokens:
-                self.metrics.record_ttft(time.perf_counter() - started)
-            self.metrics.record_generation(result.prompt_tokens, result.completion_tokens, request.cancelled)
-        request.emit("done", result)
+            elif kind == "done":
+                if stripper is not None and (tail := stripper.flush()):
+                    request.emit("delta", tail)
+                if first[0] and payload.completion_tokens:
+                    self.metrics.record_ttft(time.perf_counter() - started)
+                cancelled = payload.finish_reason == "cancelled"
+                self.metrics.record_generation(payload.prompt_tokens, payload.completion_tokens, cancelled)
+                self._finished(request, result=payload)
+            else:
+                self.metrics.record_failed()
+                error = api_error_for(payload)
+                if error.status >= 500:
+                    log.error("generation failed: %s", payload, exc_info=payload)
+                self._finished(request, error=error)
+
+        try:
+            generation = self.engine.generate(
+                request.prepared, request.params, priority=int(request.background), listener=on_event
+            )
+        except Exception as exc:  # refused before it ran (bad input the loop caught)
+            self.metrics.record_failed()
+            self._finished(request, error=api_error_for(exc))
+            return
+        request.generation = generation
+        if request.cancelled:  # cancel() raced with submission: make sure the generation sees it
+            generation.cancel()
+
+    def _finished(self, request: InferenceRequest, *, result: Any = None, error: APIError | None = None) -> None:
+        if error is not None:
+            request.emit("error", error)
+        else:
+            request.emit("done", result)
+        self._queue.done(request)
+        with self._cond:
+            if request in self._running:
+                self._running.remove(request)
+        self._wake()
+        if request.nbytes >= TRIM_AFTER_BYTES:
+            request.prepared = request.generation = None  # the views are no longer needed: free them first
+            trim_heap()

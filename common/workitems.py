@@ -232,6 +232,59 @@ def prepare_item(engine: Any, item: WorkItem, prompt: str, mode: Mode, dpi: int 
     return Prepared(item, image, inputs, time.perf_counter() - t0)
 
 
+class Prefetcher:
+    """Prepares items on a background thread, up to `ahead` of the consumer, in order.
+
+    `get(block=False)` lets a consumer that has other work (decoding running items) take a prepared item
+    only when one is ready; `close()` stops the thread (also on Ctrl-C in the consumer).
+    """
+
+    _END = object()
+
+    def __init__(self, engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, ahead: int) -> None:
+        self._ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self.finished = False
+
+        def worker() -> None:
+            for item in items:
+                result = prepare_item(engine, item, prompt, mode, dpi)
+                if not self._put(result):
+                    return
+            self._put(self._END)
+
+        self._thread = threading.Thread(target=worker, name="dsocr-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, value: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, block: bool = True) -> Prepared | None:
+        """The next prepared item; None when there is none yet (block=False) or no more (see `finished`)."""
+        if self.finished:
+            return None
+        try:
+            got = self._ready.get(block=block)
+        except queue.Empty:
+            return None
+        if got is self._END:
+            self.finished = True
+            return None
+        return got
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # drain so the worker can see `stop`
+            with contextlib.suppress(queue.Empty):
+                self._ready.get(timeout=0.05)
+
+
 def prepared_stream(
     engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, prefetch: int
 ) -> Iterator[Prepared]:
@@ -240,29 +293,9 @@ def prepared_stream(
         for item in items:
             yield prepare_item(engine, item, prompt, mode, dpi)
         return
-    ready: queue.Queue[Prepared | None] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def worker() -> None:
-        for item in items:
-            result = prepare_item(engine, item, prompt, mode, dpi)
-            while not stop.is_set():
-                try:
-                    ready.put(result, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
-        ready.put(None)
-
-    thread = threading.Thread(target=worker, name="dsocr-prefetch", daemon=True)
-    thread.start()
+    feed = Prefetcher(engine, items, prompt, mode, dpi, prefetch)
     try:
-        while (got := ready.get()) is not None:
+        while (got := feed.get()) is not None:
             yield got
     finally:
-        stop.set()
-        while thread.is_alive():  # drain so the worker can see `stop`
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
+        feed.close()

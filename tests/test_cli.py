@@ -493,3 +493,38 @@ def test_page_ranges() -> None:
     assert select_pages(parse_page_ranges("2,1-2,4-"), 5, "x.pdf", strict=True) == [1, 2, 4, 5]
     assert select_pages(parse_page_ranges("4-"), 3, "x.pdf", strict=False) == []
     assert np.array_equal(select_pages(None, 3, "x.pdf", strict=True), [1, 2, 3])
+
+
+def _without_timings(path: Path) -> Any:
+    if path.suffix == ".json":
+        record = json.loads(path.read_text())
+        record.pop("timings", None)
+        return record
+    return path.read_bytes()
+
+
+def test_batched_run_writes_what_a_sequential_run_writes(real_engine, tmp_path, capsys, monkeypatch) -> None:
+    """Pages generated together (--max-batch 4) give the same files and --json lines as one at a time."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, text in enumerate(("invoice", "receipt", "letter")):
+        page_image(text, (300 + 40 * i, 400)).save(folder / f"p{i}.png")
+    make_pdf(folder / "doc.pdf", 3)
+    results = {}
+    for batch in (1, 4):
+        real_engine.loop.max_batch = batch  # what --max-batch sets when the engine loads
+        steps_before = dict(real_engine.loop.batch_sizes)
+        out_dir = tmp_path / f"out{batch}"
+        code, out, _ = run([str(folder), "-o", str(out_dir), "--json", "--dpi", "72", *FAST], capsys, monkeypatch,
+                           real_engine)
+        assert code == 0
+        sizes = {k: v - steps_before.get(k, 0) for k, v in real_engine.loop.batch_sizes.items()}
+        files = {p.relative_to(out_dir): _without_timings(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
+        lines = sorted(json.dumps({k: v for k, v in r.items() if k != "timings"}, sort_keys=True)
+                       for r in json_lines(out))
+        results[batch] = (files, lines, sizes)
+    real_engine.loop.max_batch = 8
+    assert results[4][0] == results[1][0] and len(results[1][0]) >= 12
+    assert results[4][1] == results[1][1] and len(results[1][1]) == 6
+    assert max(k for k, v in results[1][2].items() if v) == 1
+    assert max(k for k, v in results[4][2].items() if v) > 1  # they really ran together

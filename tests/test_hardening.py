@@ -30,9 +30,10 @@ from tests.test_server import LiveServer, SlowBackend, wait_for_metric
 from tests.test_server_clients import RecordingBackend
 
 
-def fake_engine(backend: object | None = None) -> Engine:
+def fake_engine(backend: object | None = None, max_batch: int | None = None) -> Engine:
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend or RecordingBackend(tokenizer))  # type: ignore[arg-type]
+    backend = backend or RecordingBackend(tokenizer)
+    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend, max_batch=max_batch)  # type: ignore[arg-type]
 
 
 def peak_rss_reset() -> bool:
@@ -167,7 +168,7 @@ def test_09_memory_returned_after_large_requests(server: LiveServer) -> None:
 
 def test_10_disconnect_while_queued_frees_the_slot() -> None:
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    engine = fake_engine(SlowBackend(tokenizer.eos_id, prefill_s=0.2, step_s=0.02))
+    engine = fake_engine(SlowBackend(tokenizer.eos_id, prefill_s=0.2, step_s=0.02), max_batch=1)  # one runs at a time
     with LiveServer(create_app(engine, ServerSettings(mode="tiny", max_queue=1, keepalive_s=0.1))) as live:
         long = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 400, "stream": True}
         with httpx.Client(base_url=live.base, timeout=30) as client, \

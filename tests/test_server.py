@@ -126,7 +126,7 @@ def live(engine: Engine) -> Iterator[LiveServer]:
 def slow() -> Iterator[tuple[LiveServer, SlowBackend]]:
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
     backend = SlowBackend(tokenizer.eos_id, prefill_s=0.6, step_s=0.02)
-    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)
+    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend, max_batch=1)  # queueing is what runs here
     settings = ServerSettings(mode=MODE, max_queue=1, max_new_tokens=400, keepalive_s=0.1)
     with LiveServer(create_app(fake, settings)) as server:
         yield server, backend
@@ -255,6 +255,68 @@ def test_concurrent_clients_match_sequential(client: Any) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         concurrent_results = list(pool.map(ask, prompts))
     assert concurrent_results == sequential
+
+
+def batch_histogram(server: LiveServer) -> dict[str, float]:
+    text = httpx.get(f"{server.base}/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^dsocr_batch_size_bucket\{le="([^"]+)"\} (\S+)$',
+                                                                 text, re.MULTILINE)}
+
+
+def test_concurrent_requests_decode_together_and_stream_what_they_get_alone(live: LiveServer) -> None:
+    """Five streamed requests at once share decode steps; each one's text equals the same request alone."""
+    bodies = [{"model": "deepseek-ocr", "stream": True, "max_tokens": 10 + 3 * i,
+               "messages": image_message(f"Free OCR. Part {i}.")} for i in range(5)]
+
+    def stream(body: dict[str, Any]) -> str:
+        text = []
+        with httpx.Client(base_url=live.base, timeout=120, headers=auth()) as http, \
+                http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"]
+                    if delta and delta[0]["delta"].get("content"):
+                        text.append(delta[0]["delta"]["content"])
+        return "".join(text)
+
+    before = batch_histogram(live)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        together = list(pool.map(stream, bodies))
+    after = batch_histogram(live)
+    single_steps = after["1"] - before.get("1", 0)
+    all_steps = after["+Inf"] - before.get("+Inf", 0)
+    assert all_steps > single_steps, "no decode step held more than one sequence"
+    alone = [stream(body) for body in bodies]
+    assert together == alone and all(alone)
+
+
+def test_cancel_frees_the_lane_within_a_step() -> None:
+    """Two long streams decode together; the first client leaves: its sequence is gone from the next step."""
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    backend = SlowBackend(tokenizer.eos_id, prefill_s=0.05, step_s=0.02)
+    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)
+    body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 2000, "stream": True}
+    with LiveServer(create_app(fake, ServerSettings(mode=MODE, keepalive_s=0.1))) as server, \
+            httpx.Client(base_url=server.base, timeout=30) as http, \
+            http.stream("POST", "/v1/chat/completions", json=body) as second:
+        second_lines = second.iter_lines()
+        with http.stream("POST", "/v1/chat/completions", json={**body, "messages": [
+                {"role": "user", "content": "another page"}]}) as first:
+            first_lines = first.iter_lines()
+            for _ in range(3):
+                next(first_lines)
+                next(second_lines)
+            wait_for_metric(server, "dsocr_running_sequences", 2)
+            assert max(backend.batch_sizes) == 2
+        # the first client is gone: its sequence leaves the batch at the next step
+        wait_for_metric(server, "dsocr_generations_cancelled_total", 1)
+        steps_at_cancel = len(backend.batch_sizes)
+        for _ in range(5):
+            next(second_lines)
+        assert server.metric("dsocr_running_sequences") == 1
+        later = backend.batch_sizes[steps_at_cancel:]
+        assert later and set(later) == {1}
 
 
 # ---------------------------------------------------------------------------------------------- errors
