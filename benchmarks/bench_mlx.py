@@ -142,11 +142,13 @@ def decode_bytes_per_token(model: Any, context: int, kv_bytes: int) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
     import numpy as np
-    from dsocr_mlx.generate import generate_tokens, prefill
 
     from common.backend import ImageInput, PreparedInputs
+    from common.generation import GenerationLoop
     from common.sampling import SamplingParams
-    from dsocr_mlx.language import make_cache
+    from common.tokenizer import Tokenizer
+    from dsocr_mlx.backend import MlxBackend
+    from dsocr_mlx.cache import LanePool
     from dsocr_mlx.loader import DTYPES, load_model
 
     mx.set_default_device(mx.gpu if args.device == "metal" else mx.cpu)
@@ -188,17 +190,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result["prompt_tokens"] = int(ids.shape[0])
     embeds = model.embed_inputs(ids, mask, [base])
     mx.eval(embeds)
-    result["prefill_s"], _ = timed(lambda: prefill(model, embeds, make_cache(lm.num_hidden_layers)), args.repeat)
+    pool = LanePool(lm, 1, ids.shape[0] + 8, model.dtype)
+    result["prefill_s"], _ = timed(lambda: model.prefill_lane(embeds, pool, 0, 0), args.repeat)
 
-    inputs = PreparedInputs(ids, mask, [base])
-    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0)
-    stamps: list[float] = []
-    start = time.perf_counter()
-    for _ in generate_tokens(model, inputs, params, eos_token_id=-1):  # -1: EOS never stops it
-        stamps.append(time.perf_counter())
-    result["ttft_s"] = stamps[0] - start
-    result["decode_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    result["decode_tokens"] = len(stamps)
+    # The same page through the generation loop (vision + prefill + decode), as a request would run.
+    backend = MlxBackend(model, args.device, dtype, None, max_batch=1)
+    loop = GenerationLoop(backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
+    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
+    done = loop.submit(PreparedInputs(ids, mask, [base]), params).run()
+    result["ttft_s"] = done.timings["ttft_s"]
+    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
+    result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
     result["peak_mlx_gib"] = mx.get_peak_memory() / GiB
     context = ids.shape[0] + args.decode_tokens // 2

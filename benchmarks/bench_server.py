@@ -2,12 +2,15 @@
 
     python benchmarks/bench_server.py                       # tiny fixture model: measures server overhead
     python benchmarks/bench_server.py --clients 8 --seconds 30 --max-tokens 32
+    python benchmarks/bench_server.py --clients 1,4,8,16    # concurrency sweep: ratios to 1 client
     python benchmarks/bench_server.py --make-random-full /tmp/dsocr-random   # full-size random weights (~6.7 GB)
     python benchmarks/bench_server.py --model /tmp/dsocr-random --max-tokens 8
 
 Starts `server.py` in a subprocess on a free loopback port (so client and server do not share a GIL), then each
 client loops streamed chat completions with an image for `--seconds`. Reports requests/s, output tokens/s, and
-p50/p95 of latency and time to first token (first content delta), plus the server's own /metrics counters.
+p50/p95 of latency and time to first token (first content delta), plus the server's own /metrics counters. With a
+list of client counts it runs one load per count against the same server and prints each as a ratio to the first
+count (aggregate tokens/s, latency, TTFT) with the mean number of sequences per decode step.
 """
 
 from __future__ import annotations
@@ -198,12 +201,41 @@ def engine_baseline(args: argparse.Namespace, seconds: float) -> tuple[float, fl
     return done / elapsed, tokens / elapsed
 
 
+def batch_counts(metrics: str) -> tuple[float, float]:
+    """(sum, count) of the server's dsocr_batch_size histogram: sequences per decode step."""
+    values = dict(line.split(" ", 1) for line in metrics.splitlines() if line.startswith("dsocr_batch_size_s")
+                  or line.startswith("dsocr_batch_size_c"))
+    return float(values.get("dsocr_batch_size_sum", 0)), float(values.get("dsocr_batch_size_count", 0))
+
+
+def print_sweep(console: Console, sweep: list[tuple[int, Totals, float, float]], args: argparse.Namespace) -> None:
+    table = Table(title=f"dsocr server concurrency sweep: {args.seconds:.0f} s each, max_tokens {args.max_tokens}, "
+                        f"mode {args.mode}, model {Path(args.model).name}, {args.backend} {args.device} {args.dtype}")
+    for column in ("clients", "requests", "errors", "output tok/s", "x 1st", "seq/step", "latency p50 (s)", "x 1st",
+                   "latency p95 (s)", "TTFT p50 (s)", "x 1st", "TTFT p95 (s)"):
+        table.add_column(column, justify="right")
+    base = None
+    for clients, totals, elapsed, per_step in sweep:
+        samples = totals.samples
+        tokens = sum(s.completion_tokens for s in samples) / elapsed
+        lat = [s.latency_s for s in samples]
+        ttft = [s.ttft_s for s in samples]
+        row = (tokens, percentile(lat, 0.5), percentile(ttft, 0.5))
+        base = base or row
+        table.add_row(
+            str(clients), str(len(samples)), str(sum(totals.errors.values())), f"{tokens:.1f}",
+            f"{tokens / base[0]:.2f}", f"{per_step:.2f}", f"{row[1]:.3f}", f"{row[1] / base[1]:.2f}",
+            f"{percentile(lat, 0.95):.3f}", f"{row[2]:.3f}", f"{row[2] / base[2]:.2f}", f"{percentile(ttft, 0.95):.3f}",
+        )
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(FIXTURES / "model"), help="model directory (default: tiny fixture)")
     parser.add_argument("--make-random-full", type=Path, default=None, metavar="DIR",
                         help="write a full-size random-weight checkpoint to DIR and exit")
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", default="4", help="concurrent clients, or a comma list for a sweep")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--mode", default="tiny")
@@ -212,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     parser.add_argument("--url", default=None, help="benchmark an already running server instead of starting one")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=200)
 
     if args.make_random_full is not None:
         make_random_full(args.make_random_full)
@@ -222,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     baseline = None
-    if not args.url:  # before the server starts, so the two never share the CPU
+    if not args.url and "," not in str(args.clients):  # before the server starts, so the two never share the CPU
         with console.status("in-process baseline (Engine, no server)"):
             baseline = engine_baseline(args, min(args.seconds, 15.0))
 
@@ -238,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, str(ROOT / "server.py"), "--model", args.model, "--port", str(port),
                    "--device", args.device, "--backend", args.backend, "--dtype", args.dtype,
                    "--mode", args.mode, "--max-queue", str(args.max_queue)]
+        if args.max_batch:
+            command += ["--max-batch", str(args.max_batch)]
         env = {k: v for k, v in os.environ.items() if k != "DSOCR_API_KEY"}
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -257,9 +292,16 @@ def main(argv: list[str] | None = None) -> int:
             ]}],
         }
         asyncio.run(run_load(base, 1, 0.0, body, headers))  # warm-up request
-        with console.status(f"{args.clients} clients for {args.seconds:.0f} s"):
-            totals, elapsed = asyncio.run(run_load(base, args.clients, args.seconds, body, headers))
-        metrics = httpx.get(f"{base}/metrics", headers=headers, timeout=10).text
+        counts = [int(c) for c in str(args.clients).split(",")]
+        sweep = []
+        for clients in counts:
+            before = batch_counts(httpx.get(f"{base}/metrics", headers=headers, timeout=10).text)
+            with console.status(f"{clients} clients for {args.seconds:.0f} s"):
+                totals, elapsed = asyncio.run(run_load(base, clients, args.seconds, body, headers))
+            metrics = httpx.get(f"{base}/metrics", headers=headers, timeout=10).text
+            after = batch_counts(metrics)
+            steps = after[1] - before[1]
+            sweep.append((clients, totals, elapsed, (after[0] - before[0]) / steps if steps else float("nan")))
     finally:
         if process is not None:
             process.terminate()
@@ -267,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+    if len(sweep) > 1:
+        print_sweep(console, sweep, args)
+        return 0
+    _, totals, elapsed, _ = sweep[0]
+    args.clients = counts[0]
 
     samples = totals.samples
     latencies = [s.latency_s for s in samples]

@@ -14,21 +14,41 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common.config import ModelConfig
+from common.config import LanguageConfig, ModelConfig
 from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_torch.clip import VitModel
-from dsocr_torch.language import (
-    CacheWrite,
-    DeepseekV2DecoderLayer,
-    KVCache,
-    Linear,
-    MoEFeedForward,
-    RMSNorm,
-    Trace,
-    rope_tables,
-)
+from dsocr_torch.language import MLP, Attention, CacheWrite, KVCache, Linear, RMSNorm, Trace, rope_tables
+from dsocr_torch.moe import MoEFeedForward
 from dsocr_torch.qwen2 import Qwen2Decoder2Encoder
 from dsocr_torch.sam import ImageEncoderViT
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(cfg, layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp: MoEFeedForward | MLP = (
+            MoEFeedForward(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        write: CacheWrite,
+        trace: Trace | None = None,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, write)
+        normed = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoEFeedForward):
+            return h + self.mlp(normed, trace, self.layer_idx)
+        return h + self.mlp(normed)
 
 
 class Projector(nn.Module):

@@ -33,8 +33,8 @@ def test_meta_model_from_real_config_has_exactly_the_real_checkpoint_tensors() -
 
 def test_materialized_experts_are_views_of_the_stacks() -> None:
     """bind_stacked_experts keeps one copy: expert weights are views into the [E, ...] stacks."""
-    from dsocr_torch.language import MoEFeedForward
     from dsocr_torch.loader import build_meta_model, materialize
+    from dsocr_torch.moe import MoEFeedForward
 
     model = build_meta_model(load_config(MODEL_DIR))
     materialize(model, torch.device("cpu"), torch.float32)

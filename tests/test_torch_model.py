@@ -196,7 +196,7 @@ def test_moe_fallback_dispatch_matches_grouped_mm(model: Any, monkeypatch: pytes
     from common.generation import GenerationLoop
     from common.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
-    from dsocr_torch.language import MoEFeedForward
+    from dsocr_torch.moe import MoEFeedForward
 
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
