@@ -143,7 +143,7 @@ def main() -> None:
                    "--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
         if done.returncode != 0:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            sys.exit(f"{name} failed (exit {done.returncode}; -9: killed, e.g. out of memory):\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), file=sys.stderr)
     if args.json:
