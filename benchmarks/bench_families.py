@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_torch import peak_rss_gib, sync, write_random_checkpoint  # noqa: E402
+from benchmarks.bench_torch import (  # noqa: E402
+    measure_matmul_rate,
+    peak_rss_gib,
+    sync,
+    vision_flops,
+    write_random_checkpoint,
+)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 FAMILY_FIXTURES = {"deepseek-ocr": FIXTURES / "deepseek-ocr", "deepseek-ocr-2": FIXTURES / "deepseek-ocr-2"}
@@ -80,6 +86,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
     result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
+    # Machine-independent: the vision work counted on the meta device, and this machine's matmul rate.
+    views = [(1, mode.global_size)] + ([(len(prepared.images[0].local_views), mode.image_size)]
+                                        if prepared.images[0].has_crops else [])
+    result["vision_flops"] = vision_flops(model, views)
+    result["matmul_flops"] = measure_matmul_rate(model.device, model.dtype)
     return result
 
 
@@ -102,6 +113,9 @@ def print_table(results: list[dict[str, Any]], config: str) -> None:
     row("image tokens / prompt tokens", "image_tokens", "d")
     row("load (s)", "load_s", ".1f")
     row("vision, default mode (s)", "vision_s", ".2f")
+    table.add_row("vision GFLOPs (counted) / floor at the matmul rate (s)",
+                  *(f"{r['vision_flops'] / 1e9:.0f} / {r['vision_flops'] / r['matmul_flops']:.2f}" for r in (v1, v2)),
+                  f"{v2['vision_flops'] / v1['vision_flops']:.2f}")
     row("time to first token (s)", "ttft_s", ".2f")
     row("decode (tok/s)", "decode_tok_s", ".1f")
     row("peak RSS (GiB)", "peak_rss_gib", ".2f")
