@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +26,12 @@ from typing import IO, Any
 
 from common.argtypes import finite_float, int_in_range, non_negative_int, positive_int
 from common.batch import BatchOptions, Outcome, describe_error, emit_json, run_batch
+from common.cluster import add_ray_arguments, check_ray_args
 from common.errors import DsocrError
 from common.loading import ModelOptions, add_model_arguments
 from common.logs import setup_logging
 from common.options import MAX_NEW_TOKENS_BOUND, ModeOptions, SamplingOptions, choices, read_prompt_file
-from common.prompt import IMAGE_TOKEN, task_prompt
+from common.prompt import IMAGE_TOKEN, extract_fields, task_prompt
 from common.sampling import DEFAULT_MAX_NEW_TOKENS
 from common.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_stream
 
@@ -112,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ngram-window", metavar="W", type=non_negative_int, default=0,
                    help="look back this many tokens for repeats (default 0 = the whole sequence)")
 
+    g = p.add_argument_group("structured output")
+    g.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                   help="the output is JSON matching this JSON schema (default prompt: --task extract)")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any keys)")
+
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", type=Path, default=None, metavar="DIR",
                    help="write NAME.md, NAME.json, NAME_images/ and NAME.boxes.jpg per image or page")
@@ -124,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug); tracebacks on errors")
     g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+
+    add_ray_arguments(p.add_argument_group("cluster (pip install 'dsocr[ray]')"))
     return p
 
 
@@ -136,7 +145,25 @@ def _version() -> str:
         return "0.1.0"
 
 
-def resolve_prompt(args: argparse.Namespace) -> str:
+def resolve_json_spec(args: argparse.Namespace) -> Any:
+    """The JsonSpec of --json-schema / --json-object, or None for free text."""
+    if args.json_schema is not None and args.json_object:
+        raise UsageError("--json-schema and --json-object cannot be used together; pick one")
+    if args.json_object:
+        from common.structured import json_object_spec
+
+        return json_object_spec()
+    if args.json_schema is None:
+        return None
+    from common.structured import json_schema_file_spec
+
+    try:
+        return json_schema_file_spec(args.json_schema)
+    except DsocrError as exc:
+        raise UsageError(f"--json-schema {exc}") from None
+
+
+def resolve_prompt(args: argparse.Namespace, json_spec: Any = None) -> str:
     given = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
                                       ("--task", args.task)) if value is not None]
     if len(given) > 1:
@@ -151,18 +178,22 @@ def resolve_prompt(args: argparse.Namespace) -> str:
             return read_prompt_file(args.prompt_file)
         except DsocrError as exc:
             raise UsageError(f"--prompt-file: {exc}") from None
-    task = args.task or "markdown"
+    task = args.task or ("extract" if json_spec is not None else "markdown")
     if task == "locate" and not args.ref:
         raise UsageError("--task locate needs --ref TEXT (what to find)")
+    if task == "extract":
+        if json_spec is None:
+            raise UsageError("--task extract needs --json-schema FILE (or --json-object): the fields to extract")
+        return task_prompt(task, fields=extract_fields(json_spec.schema))
     return task_prompt(task, args.ref)
 
 
-def resolve_sampling(args: argparse.Namespace) -> Any:
+def resolve_sampling(args: argparse.Namespace, json_spec: Any = None) -> Any:
     """SamplingParams from the flags; UsageError naming the flag for a bad value."""
     try:
         return SamplingOptions(args.max_new_tokens, args.temperature, args.top_p,
                                args.top_k, args.seed, args.stop, args.no_repeat_ngram_size,
-                               args.ngram_window).resolve(MAX_NEW_TOKENS_BOUND)
+                               args.ngram_window, json_spec).resolve(MAX_NEW_TOKENS_BOUND)
     except DsocrError as exc:
         raise usage_error(exc) from None
 
@@ -273,7 +304,9 @@ def _short(label: str, width: int = 40) -> str:
     return label if len(label) <= width else "…" + label[-(width - 1) :]
 
 
-def print_summary(outcomes: list[Outcome], out_dir: Path | None, stream: IO[str], live: bool) -> None:
+def print_summary(
+    outcomes: list[Outcome], out_dir: Path | None, stream: IO[str], live: bool, elapsed: float | None = None
+) -> None:
     ok = [o for o in outcomes if o.status == "ok"]
     skipped = [o for o in outcomes if o.status == "skipped"]
     failed = [o for o in outcomes if o.status == "failed"]
@@ -292,6 +325,8 @@ def print_summary(outcomes: list[Outcome], out_dir: Path | None, stream: IO[str]
     table.add_row("skipped", str(len(skipped)), "", "")
     table.add_row("failed", str(len(failed)), "", "")
     console.print(table)
+    if elapsed and ok:
+        console.print(f"{len(ok)} done in {elapsed:.1f} s: {len(ok) / elapsed:.2f} items/s")
     if failed:
         fail_table = Table(title="failed items")
         fail_table.add_column("input", overflow="fold")
@@ -423,8 +458,11 @@ def _main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     setup_logging(args.verbose)
-    prompt = resolve_prompt(args)
-    params = resolve_sampling(args)
+    if args.ray is not None:
+        check_ray_args(args)
+    json_spec = resolve_json_spec(args)
+    prompt = resolve_prompt(args, json_spec)
+    params = resolve_sampling(args, json_spec)
     items = _items(args, prompt)
     mode = resolve_mode_flags(args, model_family(args))  # the model's presets, checked before its weights load
     out_dir: Path | None = args.output
@@ -447,6 +485,8 @@ def _main(argv: list[str]) -> int:
         engine = load_engine(args, weights=False, reporter=None)
         _check_context(engine, args)
         return dry_run(engine, items, opts)
+    if args.ray is not None:
+        return _run_on_ray(args, items, opts, live)
 
     # Streaming text to this terminal: progress lines would interleave with it, so only failures are reported.
     reporter = Reporter(len(items), quiet=args.quiet or stream_text, live=live)
@@ -454,19 +494,49 @@ def _main(argv: list[str]) -> int:
         engine = load_engine(args, weights=True, reporter=reporter)
         try:
             _check_context(engine, args)
+            _check_json_spec(engine, params)
             loop = getattr(engine, "loop", None)  # batch pages as the loaded engine allows (--max-batch)
             opts.max_batch = loop.max_batch if loop is not None else 1
+            t0 = time.perf_counter()
             outcomes = run_batch(engine, items, opts, reporter)
         finally:
             engine.close()
     finally:
         reporter.close()
+    return _conclude(outcomes, args, live, time.perf_counter() - t0)
+
+
+def _check_json_spec(engine: Any, params: Any) -> None:
+    if params.json_spec is not None:  # the grammar compiles once, before any page is prepared
+        try:
+            engine.compile_json_spec(params.json_spec)
+        except DsocrError as exc:
+            raise UsageError(f"--json-schema: {exc}") from None
+
+
+def _conclude(outcomes: list[Outcome], args: argparse.Namespace, live: bool, elapsed: float) -> int:
+    """The summary table (or a single item's error line) and the exit code."""
     failed = [o for o in outcomes if o.status == "failed"]
     if len(outcomes) > 1 and not args.quiet:
-        print_summary(outcomes, out_dir, sys.stderr, live)
+        print_summary(outcomes, args.output, sys.stderr, live, elapsed)
     elif failed and len(outcomes) == 1:
         _error(f"{failed[0].item.label}: {failed[0].message}")
     return 1 if failed else 0
+
+
+def _run_on_ray(args: argparse.Namespace, items: list[WorkItem], opts: BatchOptions, live: bool) -> int:
+    """The batch as a Ray Data job (common.cluster); the driver needs only the tokenizer and config."""
+    from common.cluster import RayOptions, run_on_ray
+
+    engine = load_engine(args, weights=False, reporter=None)
+    _check_context(engine, args)
+    _check_json_spec(engine, opts.params)  # here, so a bad schema is a usage error before the job starts
+    # On a terminal Ray Data draws the progress bars and the reporter prints only failures; elsewhere plain lines.
+    reporter = Reporter(len(items), quiet=args.quiet or live, live=False)
+    options = RayOptions(args.ray, args.ray_actors, args.ray_actor_cpus, show_progress=live)
+    t0 = time.perf_counter()
+    outcomes = run_on_ray(ModelOptions.from_args(args), engine, items, opts, options, reporter, args.verbose)
+    return _conclude(outcomes, args, live, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

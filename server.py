@@ -62,6 +62,7 @@ from common.options import MAX_NEW_TOKENS_BOUND, ModeOptions, SamplingOptions, c
 from common.request_queue import QueueFullError
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from common.scheduler import EngineLike, EngineLoader, InferenceRequest, ProgressCallback, Scheduler, ShuttingDownError
+from common.structured import JsonSpec, spec_from_response_format, spec_from_text_param
 
 log = logging.getLogger("dsocr.server")
 
@@ -132,21 +133,23 @@ class Job:
 
 
 def _job(body: ChatCompletionRequest | ResponsesRequest, folded: FoldedChat, max_tokens: int | None,
-         settings: ServerSettings) -> Job:
+         settings: ServerSettings, json_spec: JsonSpec | None) -> Job:
     """Both APIs share the sampling and DeepSeek-OCR fields; only the messages and the token limit differ."""
     mode = ModeOptions(body.mode or settings.mode, body.base_size, body.image_size, body.crop_mode,
                        body.min_crops, body.max_crops).resolve(settings.family)
     # Text-only requests (titles, tags, follow-ups) are capped: they must not hold the worker for long.
     cap = settings.limits.max_text_tokens if folded.text_only else settings.max_new_tokens
     params = SamplingOptions(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop,
-                             body.no_repeat_ngram_size, body.ngram_window).resolve(cap)
+                             body.no_repeat_ngram_size, body.ngram_window, json_spec).resolve(cap)
     given = min(max_tokens, cap) if max_tokens is not None else None
-    return Job(folded, mode, params, given, body.grounding != "keep")
+    # JSON text goes out exactly as generated (grounding markup cannot occur in it).
+    return Job(folded, mode, params, given, body.grounding != "keep" and json_spec is None)
 
 
 def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
     turns = [turn_of(m.role, m.content, f"messages.{i}") for i, m in enumerate(body.messages)]
-    return _job(body, fold_chat(turns), body.max_completion_tokens or body.max_tokens, settings)
+    spec = spec_from_response_format(body.response_format)
+    return _job(body, fold_chat(turns), body.max_completion_tokens or body.max_tokens, settings, spec)
 
 
 def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
@@ -154,7 +157,7 @@ def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
         turns = [turn_of("user", body.input)]
     else:
         turns = [turn_of(item.role, item.content, f"input.{i}") for i, item in enumerate(body.input)]
-    return _job(body, fold_chat(turns), body.max_output_tokens, settings)
+    return _job(body, fold_chat(turns), body.max_output_tokens, settings, spec_from_text_param(body.text))
 
 
 def prepare_job(engine: EngineLike, job: Job, fetched: dict[int, tuple[str, bytes]],
@@ -163,6 +166,8 @@ def prepare_job(engine: EngineLike, job: Job, fetched: dict[int, tuple[str, byte
     context = engine.config.language.max_position_embeddings  # type: ignore[attr-defined]
     folded = job.folded
     check_prompt_chars(len(folded.prompt), context)
+    if job.params.json_spec is not None:  # the grammar is compiled here, off the worker thread
+        engine.compile_json_spec(job.params.json_spec)
     blobs = [fetched[i] if i in fetched else media_bytes(ref, settings.fetch) for i, ref in enumerate(folded.media)]
     pages = load_media(blobs, job.mode, settings.limits)
     prompt = widen_placeholders(folded.prompt, [len(group) for group in pages])

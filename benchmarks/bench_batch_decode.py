@@ -142,7 +142,7 @@ def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_host_overhead(batches: list[int], steps: int) -> list[dict[str, Any]]:
     """The loop's per-step host work with a backend that does no tensor work (tests.fakes.ScriptedBackend)."""
     from common.backend import PreparedInputs
-    from common.generation import GenerationLoop
+    from common.loop import GenerationLoop
     from common.sampling import SamplingParams
     from common.tokenizer import Tokenizer
     from tests.fakes import ScriptedBackend

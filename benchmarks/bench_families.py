@@ -42,8 +42,8 @@ PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from common.generation import GenerationLoop
     from common.images import load_image
+    from common.loop import GenerationLoop
     from common.modes import resolve_mode
     from common.prompt import prepare_inputs
     from common.sampling import SamplingParams

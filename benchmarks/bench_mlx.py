@@ -144,7 +144,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from common.backend import ImageInput, PreparedInputs
-    from common.generation import GenerationLoop
+    from common.loop import GenerationLoop
     from common.sampling import SamplingParams
     from common.tokenizer import Tokenizer
     from dsocr_mlx.backend import MlxBackend

@@ -1,13 +1,23 @@
-"""Cost of JSON-schema constrained decoding on the host: per-token mask computation and grammar compilation.
+"""Cost of JSON-schema constrained decoding: per-token mask computation and grammar compilation on the host, and
+(--decode) whole decode steps of the real-size model with and without the constraint, in the same run.
 
     python benchmarks/bench_structured.py                        # fixture model: real tokenizer and vocab size
     python benchmarks/bench_structured.py --batch 1,8,32 --steps 128 --threads 4
+    python benchmarks/bench_structured.py --decode               # full-size random checkpoint, torch CPU bfloat16
 
-No model runs: B sequences advance in lockstep through `GrammarCompiler.fill_masks` and
+By default no model runs: B sequences advance in lockstep through `GrammarCompiler.fill_masks` and
 `GrammarMatcher.consume`, each picking a random allowed token with a preference for JSON delimiters (so strings
 end and every part of the grammar is visited). A sequence that completes its JSON restarts with a fresh matcher,
 so every step has B masks to compute. Steps are timed as a decode loop would run them: all B masks, then all B
 consumes. Batches of at least two run both on llguidance's thread pool and one by one, for comparison.
+
+--decode drives the generation loop on the full-size random checkpoint (written by bench_torch's
+`write_random_checkpoint` when missing): B sequences decode unconstrained (EOS ignored), then constrained to a
+schema, with the masks filled inline or on the loop's helper thread while the forward pass runs (a sequence
+whose JSON completes starts the next document, so the batch stays full); the modes alternate over several
+rounds. Printed: step times and the constrained step as a ratio of the unconstrained one, and the parts the
+constraint adds to a step, measured directly: the grammar's work (masks, consumes) and the backend's masking
+(bitmask to -inf logits), as a fraction of the unconstrained step.
 """
 
 from __future__ import annotations
@@ -135,7 +145,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per batch size")
     parser.add_argument("--threads", type=int, default=None, help="llguidance pool threads (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
+    decode = parser.add_argument_group("--decode: whole decode steps at the real model size")
+    decode.add_argument("--decode", action="store_true", help="measure decode steps instead of masks alone")
+    decode.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help=f"default {CHECKPOINT}")
+    decode.add_argument("--decode-batch", default="1,4", help="comma-separated decode batch sizes")
+    decode.add_argument("--decode-steps", type=int, default=12, help="timed steps per mode and round")
+    decode.add_argument("--rounds", type=int, default=3, help="rounds over the modes (they alternate)")
+    decode.add_argument("--torch-threads", default="1",
+                        help="comma-separated torch thread counts (1 keeps a shared machine's timings sane)")
     args = parser.parse_args()
+    if args.decode:
+        decode_main(args)
+        return
     batches = [int(b) for b in args.batch.split(",")]
 
     from rich.console import Console
@@ -184,6 +205,171 @@ def main() -> None:
         "step = the B masks of one decode step (fill_masks); per seq = step / B; consume = the B consume calls; "
         "JSON done = documents completed (each restarts with a fresh matcher)."
     )
+
+
+# ------------------------------------------------------------------------------------------------ --decode
+
+CHECKPOINT = Path("/tmp/dsocr-bench-random-ckpt")
+# The random model writes inside a string without end: the mask of every step is a string's (most ids allowed).
+OPEN_STRING: dict[str, Any] = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+MODES = (("free", None, False), ("json", "spec", False), ("json, helper thread", "spec", True))
+
+
+class BenchMatcher:
+    """A sequence's grammar state for the benchmark: adds up the seconds its mask fills take (on whichever thread)
+    and, when a JSON document completes, starts the next one, so the sequence stays in the batch and every step
+    is constrained (the random model may close a document after a few tokens)."""
+
+    def __init__(self, compiler: GrammarCompiler, spec: JsonSpec, counters: dict[str, float]) -> None:
+        self.compiler, self.spec, self.counters = compiler, spec, counters
+        self.inner = compiler.matcher(spec)
+
+    def fill_mask(self, row: np.ndarray) -> None:
+        start = time.perf_counter()
+        self.inner.fill_mask(row)
+        self.counters["fill_s"] += time.perf_counter() - start
+
+    def consume(self, token_id: int) -> bool:
+        start = time.perf_counter()
+        accepted = self.inner.consume(token_id)
+        self.counters["consume_s"] += time.perf_counter() - start
+        if accepted and self.inner.finished:
+            self.counters["documents"] += 1
+            self.inner = self.compiler.matcher(self.spec)
+        return accepted
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    @property
+    def error(self) -> str | None:
+        return self.inner.error
+
+
+def decode_run(backend: Any, tokenizer: Tokenizer, compiler: GrammarCompiler, batch: int, spec: JsonSpec | None,
+               threaded: bool, steps: int) -> tuple[list[float], list[float], int]:
+    """Seconds of each decode step holding all `batch` sequences, the grammar's seconds (mask fills and token
+    consumes) in each, and the JSON documents completed."""
+    from common.backend import PreparedInputs
+    from common.loop import GenerationLoop
+    from common.sampling import SamplingParams
+
+    counters = {"fill_s": 0.0, "consume_s": 0.0, "documents": 0.0}
+    loop = GenerationLoop(backend, tokenizer, max_batch=batch, mask_thread=threaded,
+                          constraints=lambda s: BenchMatcher(compiler, s, counters))
+    warmup = 2
+    # The n-gram guard stays on (the default rule), as in a real request; EOS only ends free text when allowed.
+    params = SamplingParams(max_new_tokens=warmup + steps + 2, ignore_eos=spec is None, json_spec=spec)
+    generations = []
+    for i in range(batch):
+        ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(f"Invoice {i}: extract the fields as JSON.")])
+        generations.append(loop.submit(PreparedInputs(ids, np.zeros(ids.shape, bool), []), params))
+    while not loop.batch_sizes.get(batch):  # prompts in, all lanes decoding
+        loop.step()
+    step_s, fill_s = [], []
+    for i in range(warmup + steps):
+        full_before, grammar_before = loop.batch_sizes.get(batch, 0), counters["fill_s"] + counters["consume_s"]
+        start = time.perf_counter()
+        loop.step()
+        elapsed = time.perf_counter() - start
+        if i >= warmup and loop.batch_sizes.get(batch, 0) == full_before + 1:
+            step_s.append(elapsed)
+            fill_s.append(counters["fill_s"] + counters["consume_s"] - grammar_before)
+    loop.cancel_all()
+    assert all(g.error is None for g in generations), [g.error for g in generations]
+    return step_s, fill_s, int(counters["documents"])
+
+
+def masking_cost(backend: Any, compiler: GrammarCompiler, batch: int, spec: JsonSpec, repeat: int = 40) -> float:
+    """Seconds the backend's token choice spends on the allowed-token masks for `batch` rows (fastest of
+    `repeat` tries each way: on a shared machine the minimum is the least disturbed)."""
+    import torch
+
+    from common.backend import StepControls
+
+    matchers = [compiler.matcher(spec) for _ in range(batch)]
+    masks = compiler.allocate_masks(batch)
+    compiler.fill_masks(matchers, masks)
+
+    def controls(allowed: np.ndarray | None) -> StepControls:
+        return StepControls(np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
+                            np.zeros(batch, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), allowed)
+
+    logits = torch.randn(batch, backend.vocab_size)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeat):
+        for masked in (False, True):
+            start = time.perf_counter()
+            backend.read(backend.sample(logits.clone(), controls(masks if masked else None)))
+            times[masked].append(time.perf_counter() - start)
+    return max(0.0, min(times[True]) - min(times[False]))
+
+
+def decode_main(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.bench_torch import write_random_checkpoint
+    from dsocr_torch.backend import load
+
+    console = Console(width=160)
+    if not (args.checkpoint / "config.json").is_file():
+        console.print(f"writing a random full-size checkpoint to {args.checkpoint} ...")
+        write_random_checkpoint(args.checkpoint)
+    batches = [int(b) for b in args.decode_batch.split(",")]
+    tokenizer = Tokenizer.from_dir(args.model)  # the checkpoint holds weights only; the tokenizer is the same
+    # Short prompts and few tokens: small lanes, so every batch size fits the KV cache.
+    backend = load(args.checkpoint, device="cpu", dtype="bfloat16", max_batch=max(batches), kv_cache_gib=1.0,
+                   max_context=512, cuda_graphs=False)
+    if backend.lanes < max(batches):
+        raise SystemExit(f"the KV cache holds {backend.lanes} sequences; --decode-batch asks for {max(batches)}")
+    compiler = GrammarCompiler.from_model_dir(args.model, vocab_size=backend.vocab_size)
+    specs = {"open string": json_schema_spec(OPEN_STRING), "invoice": json_schema_spec(INVOICE)}
+    decode_run(backend, tokenizer, compiler, max(batches), None, False, 2)  # warm-up: allocator, oneDNN kernels
+    load_before = os.getloadavg()[0]
+    table = Table(title=f"constrained decode steps, full-size random checkpoint, torch CPU bfloat16 "
+                        f"({args.rounds} rounds x {args.decode_steps} steps per mode)")
+    for column in ("torch threads", "B", "schema", "free ms/step", "json ms/step", "ratio", "json + helper thread "
+                   "ms/step", "ratio", "grammar µs/step", "masking µs/step", "(grammar + masking) / free step",
+                   "JSON docs"):
+        table.add_column(column, justify="right")
+    for threads in (int(t) for t in args.torch_threads.split(",")):
+        torch.set_num_threads(threads)
+        for batch in batches:
+            for name, spec in specs.items():
+                steps: dict[str, list[float]] = {mode: [] for mode, _, _ in MODES}
+                fills: list[float] = []
+                done = 0
+                for _ in range(args.rounds):
+                    for mode, constrained, threaded in MODES:
+                        step_s, fill_s, finished = decode_run(backend, tokenizer, compiler, batch,
+                                                              spec if constrained else None, threaded,
+                                                              args.decode_steps)
+                        steps[mode] += step_s
+                        if constrained:
+                            fills += fill_s
+                            done += finished
+                free, inline, helper = (statistics.median(steps[m]) for m, _, _ in MODES)
+                fill, masking = statistics.median(fills), masking_cost(backend, compiler, batch, spec)
+                table.add_row(str(threads), str(batch), name, f"{free * 1e3:.1f}", f"{inline * 1e3:.1f}",
+                              f"{inline / free:.3f}", f"{helper * 1e3:.1f}", f"{helper / free:.3f}", us(fill),
+                              us(masking), f"{(fill + masking) / free:.2%}", str(done))
+    console.print(table)
+    console.print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs). "
+                  "ratio = constrained step / unconstrained step (median step times, same run; on a loaded machine "
+                  "the step-to-step noise is larger than the masking); grammar = llguidance's mask computation and "
+                  "token consumption for the B rows (median per step); masking = the backend turning the bitmasks "
+                  "into -inf logits (fastest of 40); JSON docs = documents the constrained runs completed (each "
+                  "restarts).")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from common.backend import ImageInput, PreparedInputs
-    from common.generation import GenerationLoop
+    from common.loop import GenerationLoop
     from common.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.loader import load_model

@@ -1,7 +1,7 @@
 """The small interface every backend implements, and the inputs it receives.
 
 The CLI and the server never import torch or mlx: they call `load_backend(...)` and hand the backend to
-`common.generation.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.prompt.prepare_inputs`)
+`common.loop.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.prompt.prepare_inputs`)
 and drives batched decode steps.
 """
 
@@ -108,7 +108,7 @@ class PrefillJob(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model on one device, driven step by step by `common.generation.GenerationLoop`.
+    """A loaded model on one device, driven step by step by `common.loop.GenerationLoop`.
 
     The backend owns tensors only: a KV cache of `lanes` lanes, each holding up to `lane_capacity` positions.
     A decode step runs the lanes [0, B) together. Device values (`Logits`, `Tokens`) are opaque handles; only

@@ -41,6 +41,7 @@ class Outcome:
     tokens: int = 0
     seconds: float = 0.0
     message: str = ""
+    record: dict[str, Any] | None = None  # the item's JSON object (ok and skipped items)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def emit_json(opts: BatchOptions, record: dict[str, Any]) -> None:
         opts.stdout.flush()
 
 
-class _Groups:
+class DocumentGroups:
     """Multi-page documents: the combined PDFNAME.md is written once its last page of this run is done."""
 
     def __init__(self, items: list[WorkItem], todo: list[WorkItem], opts: BatchOptions) -> None:
@@ -110,26 +111,39 @@ class _Groups:
         return []
 
 
-def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: Progress) -> list[Outcome]:
-    """Generates every item (skipping finished ones) and writes outputs; Ctrl-C propagates after cleanup."""
-    outcomes: list[Outcome] = []
+def split_done(items: list[WorkItem], opts: BatchOptions, progress: Progress) -> tuple[list[Outcome], list[WorkItem]]:
+    """(skipped outcomes, items to do): items whose NAME.json is finished are skipped (resume), unless --overwrite."""
+    skipped: list[Outcome] = []
     todo: list[WorkItem] = []
     for item in items:
         stored = None if opts.out_dir is None or opts.overwrite else stored_record(opts.out_dir, item)
         if stored is None:
             todo.append(item)
             continue
-        outcomes.append(Outcome(item, "skipped"))
+        skipped.append(Outcome(item, "skipped", record=stored))
         progress.finish(item, "skipped")
         emit_json(opts, stored)
-    groups = _Groups(items, todo, opts)
+    return skipped, todo
+
+
+def report_outcome(outcome: Outcome, opts: BatchOptions, progress: Progress) -> None:
+    """Progress, then the item's --json line (its record, or its error)."""
+    progress.finish(outcome.item, outcome.status, outcome.tokens, outcome.seconds, outcome.message)
+    if outcome.status == "failed":
+        emit_json(opts, {"source": outcome.item.source, "page": outcome.item.page, "error": outcome.message})
+    elif outcome.record is not None:
+        emit_json(opts, outcome.record)
+
+
+def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: Progress) -> list[Outcome]:
+    """Generates every item (skipping finished ones) and writes outputs; Ctrl-C propagates after cleanup."""
+    outcomes, todo = split_done(items, opts, progress)
+    groups = DocumentGroups(items, todo, opts)
 
     def report(new: list[Outcome]) -> None:
         for outcome in new:
             outcomes.append(outcome)
-            progress.finish(outcome.item, outcome.status, outcome.tokens, outcome.seconds, outcome.message)
-            if outcome.status == "failed":
-                emit_json(opts, {"source": outcome.item.source, "page": outcome.item.page, "error": outcome.message})
+            report_outcome(outcome, opts, progress)
 
     report(groups.write_missing())
     if opts.max_batch > 1 and not opts.stream_text:
@@ -143,7 +157,7 @@ def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: 
 
 
 def _run_batched(
-    engine: Any, todo: list[WorkItem], opts: BatchOptions, progress: Progress, report: Any, groups: _Groups
+    engine: Any, todo: list[WorkItem], opts: BatchOptions, progress: Progress, report: Any, groups: DocumentGroups
 ) -> None:
     """Up to `max_batch` items in the generation loop at once; each is written the moment it finishes."""
     feed = Prefetcher(engine, todo, opts.prompt, opts.mode, opts.dpi, max(opts.prefetch, opts.max_batch))
@@ -160,7 +174,7 @@ def _run_batched(
                 try:
                     if prepared.error is not None:
                         raise prepared.error
-                    running.append((prepared, engine.generate(prepared.inputs, _params_for(engine, prepared, opts)),
+                    running.append((prepared, engine.generate(prepared.inputs, params_for(engine, prepared, opts)),
                                     time.perf_counter()))
                 except Exception as exc:
                     report([Outcome(prepared.item, "failed", message=describe_error(exc))])
@@ -176,7 +190,7 @@ def _run_batched(
                 if not generation.done:
                     still.append((prepared, generation, started))
                     continue
-                report([_finish_item(prepared, generation, opts, started)])
+                report([finish_item(prepared, generation, opts, started)])
                 report(groups.step(prepared.item))
             running = still
     except KeyboardInterrupt:
@@ -191,21 +205,21 @@ def _tokens_decoded(loop: Any) -> int:
     return sum(size * steps for size, steps in loop.batch_sizes.items())
 
 
-def _finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started: float) -> Outcome:
+def finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started: float) -> Outcome:
+    """The outcome of a finished generation, its outputs written to -o DIR (a failure is the item's, never raised)."""
     item = prepared.item
     try:
         if generation.error is not None:
             raise generation.error
         result = generation.result
-        record = result_record(item, prepared, result, opts.mode.name)
+        record = result_record(item, prepared, result, opts.mode.name, json_output=opts.params.json_spec is not None)
         if opts.out_dir is not None:
             record = write_outputs(opts.out_dir, item, prepared, record)
     except Exception as exc:
         if opts.verbose and not isinstance(exc, DsocrError):
             traceback.print_exception(exc)
         return Outcome(item, "failed", message=describe_error(exc))
-    emit_json(opts, record)
-    return Outcome(item, "ok", result.completion_tokens, time.perf_counter() - started)
+    return Outcome(item, "ok", result.completion_tokens, time.perf_counter() - started, record=record)
 
 
 def _run_item(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress, many: bool) -> Outcome:
@@ -224,10 +238,10 @@ def _run_item(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Pro
         if opts.verbose and not isinstance(exc, DsocrError):
             traceback.print_exception(exc)
         return Outcome(item, "failed", message=describe_error(exc))
-    return _finish_item(prepared, generation, opts, t0)
+    return finish_item(prepared, generation, opts, t0)
 
 
-def _params_for(engine: Any, prepared: Prepared, opts: BatchOptions) -> SamplingParams:
+def params_for(engine: Any, prepared: Prepared, opts: BatchOptions) -> SamplingParams:
     """The run's sampling parameters with max_new_tokens fitted to this prompt's room in the context."""
     context = engine.config.language.max_position_embeddings
     budget = fit_max_tokens(
@@ -240,23 +254,24 @@ def _params_for(engine: Any, prepared: Prepared, opts: BatchOptions) -> Sampling
 
 
 def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress) -> Any:
-    params = _params_for(engine, prepared, opts)
+    params = params_for(engine, prepared, opts)
     generation = engine.generate(prepared.inputs, params)
     out = opts.stdout
     t0 = time.perf_counter()
     deltas = 0
     wrote_text = False
-    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it).
-    stripper = GroundingStripper()
+    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it). JSON goes as is.
+    stripper = GroundingStripper() if opts.params.json_spec is None else None
     try:
         for delta in generation:
             deltas += 1
-            if opts.stream_text and (shown := stripper.feed(delta)):
+            shown = stripper.feed(delta) if stripper is not None else delta
+            if opts.stream_text and shown:
                 out.write(shown)
                 out.flush()
                 wrote_text = True
             progress.token(deltas, time.perf_counter() - t0)
-        if opts.stream_text and (tail := stripper.flush()):
+        if opts.stream_text and stripper is not None and (tail := stripper.flush()):
             out.write(tail)
             wrote_text = True
     except KeyboardInterrupt:

@@ -6,9 +6,10 @@ The CLI and the server both drive an `Engine`; neither knows which backend runs 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -17,12 +18,16 @@ from common.config import ModelConfig, load_config
 from common.device import select_backend
 from common.errors import InputError
 from common.families import family_named
-from common.generation import Generation, GenerationLoop, GenerationResult, Listener, crop_grid_of
+from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
+from common.loop import GenerationLoop
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
 from common.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from common.structured import GrammarCompiler, GrammarMatcher, JsonSpec
 
 __all__ = ["Engine", "Generation", "GenerationResult", "crop_grid_of"]
 
@@ -44,7 +49,13 @@ class Engine:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
         self.family = config.family  # which model this is (common.families): modes and token counts follow it
         self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
-        self.loop = GenerationLoop(backend, tokenizer, max_batch=max_batch) if backend is not None else None
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self.loop = (
+            GenerationLoop(backend, tokenizer, max_batch=max_batch, constraints=self.constraint_for)
+            if backend is not None
+            else None
+        )
 
     @classmethod
     def load(
@@ -107,6 +118,28 @@ class Engine:
             raise RuntimeError("this engine was loaded without weights")
         params = with_ngram_whitelist(params, self.ngram_whitelist)
         return self.loop.submit(prepared, params, priority=priority, listener=listener)
+
+    def grammar(self) -> GrammarCompiler:
+        """The model's grammar compiler, built on first use (it indexes the whole vocabulary: seconds)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                from common.structured import GrammarCompiler
+
+                t0 = time.perf_counter()
+                self._grammar = GrammarCompiler.from_model_dir(
+                    self.model_dir, eos_id=self.tokenizer.eos_id, vocab_size=self.config.language.vocab_size
+                )
+                log.info("grammar compiler ready in %.1f s", time.perf_counter() - t0)
+            return self._grammar
+
+    def compile_json_spec(self, spec: JsonSpec) -> None:
+        """Compiles (and caches) a spec's grammar now, so a request pays for it before it is queued and a
+        grammar the tokenizer cannot serve is an InputError there; the server calls it off the worker thread."""
+        self.grammar().matcher(spec)
+
+    def constraint_for(self, spec: JsonSpec) -> GrammarMatcher:
+        """A fresh grammar state for one sequence (the loop calls it at submission)."""
+        return self.grammar().matcher(spec)
 
     def describe(self) -> dict[str, Any]:
         b = self.backend

@@ -23,7 +23,7 @@ from common.modes import Mode
 PATCH_SIZE = 16  # SAM's patch size
 DOWNSAMPLE_RATIO = 4  # net_2 and net_3 halve SAM's grid twice: a view of S px gives (S/64)^2 vision tokens
 
-# The authors' prompts (README and run scripts of both repositories; OCR 2 kept them).
+# The authors' prompts (README and run scripts of both repositories; OCR 2 kept them), and dsocr's extract.
 TASK_PROMPTS: Mapping[str, str] = MappingProxyType(
     {
         "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
@@ -32,6 +32,8 @@ TASK_PROMPTS: Mapping[str, str] = MappingProxyType(
         "describe": "<image>\nDescribe this image in detail.",
         "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
         "grounding": "<image>\n<|grounding|>OCR this image.",
+        # Structured output (JSON by a schema): FIELDS names what the schema asks for (common.prompt.extract_fields).
+        "extract": "<image>\nExtract FIELDS from the document as JSON.",
     }
 )
 

@@ -96,6 +96,8 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None  # one choice only
     user: str | None = None
+    # {"type": "text" | "json_object" | "json_schema", ...}: checked by common.structured (errors name the field)
+    response_format: Any = None
 
 
 class ResponseInputItem(Struct):
@@ -118,6 +120,7 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None
+    text: Any = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: common.structured
 
 
 # ---------------------------------------------------------------------------------------------------- responses

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import InputError
 from common.families import ModelFamily, all_mode_names
@@ -15,6 +16,9 @@ from common.limits import check_stop_strings
 from common.modes import Mode, resolve_mode
 from common.prompt import TASKS
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+
+if TYPE_CHECKING:
+    from common.structured import JsonSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A bound far above any model context, so an absurd value is refused before anything is allocated.
@@ -84,6 +88,7 @@ class SamplingOptions:
     stop: str | list[str] | tuple[str, ...] | None = None
     no_repeat_ngram_size: int | None = None
     ngram_window: int | None = None
+    json_spec: JsonSpec | None = None  # JSON output (common.structured); None = free text
 
     def resolve(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
         """SamplingParams; InputError naming the option for a bad value. max_tokens is capped by the default."""
@@ -103,6 +108,7 @@ class SamplingOptions:
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=stop_strings(self.stop),
+            json_spec=self.json_spec,
             **extra,
         )
 

@@ -73,14 +73,28 @@ def _box_dict(box: Any) -> dict[str, Any]:
     }
 
 
-def result_record(item: WorkItem, prepared: Prepared, result: Any, mode_name: str) -> dict[str, Any]:
-    """The JSON object of one item (--json line and NAME.json)."""
+def parsed_json(text: str) -> Any:
+    """The value of a JSON text, or None when it does not parse (a JSON output cut short by the token budget)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def result_record(
+    item: WorkItem, prepared: Prepared, result: Any, mode_name: str, *, json_output: bool = False
+) -> dict[str, Any]:
+    """The JSON object of one item (--json line and NAME.json); `json_output` adds `data`, the parsed text."""
     from common.postprocess import to_markdown
 
     timings = dict(result.timings)
     timings["prepare_s"] = prepared.prepare_s
-    boxes = to_markdown(result.raw_text, prepared.image.size).boxes if prepared.image is not None else []
-    return {
+    boxes = (
+        to_markdown(result.raw_text, prepared.image.size).boxes
+        if prepared.image is not None and not json_output
+        else []
+    )
+    record = {
         "source": item.source,
         "page": item.page,
         "text": result.text,
@@ -94,6 +108,9 @@ def result_record(item: WorkItem, prepared: Prepared, result: Any, mode_name: st
         "boxes": [_box_dict(b) for b in boxes],  # grounding boxes, pixel coordinates of the input image
         "timings": {k: round(v, 6) for k, v in timings.items()},
     }
+    if json_output:
+        record["data"] = parsed_json(result.text)
+    return record
 
 
 def write_outputs(out_dir: Path, item: WorkItem, prepared: Prepared, record: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +121,10 @@ def write_outputs(out_dir: Path, item: WorkItem, prepared: Prepared, record: dic
     from common.postprocess import crop_figures, draw_boxes, to_markdown
 
     paths = output_paths(out_dir, item)
+    if "data" in record:  # JSON output: `text` stays the JSON; NAME.md shows it as a code block
+        atomic_write(paths["md"], f"```json\n{record['raw_text']}\n```\n")
+        atomic_write(paths["json"], json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+        return record
     markdown = record["raw_text"]
     if prepared.image is not None:
         converted = to_markdown(record["raw_text"], prepared.image.size, image_dir=paths["images"].name)

@@ -7,6 +7,9 @@ and prepends BOS (no EOS).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -19,13 +22,38 @@ from common.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
 _REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
+_FIELDS_PLACEHOLDER = "FIELDS"
 
-# The authors' prompts (the same for both families; each family carries its own in common.families).
+# The authors' prompts and dsocr's `extract` (the same for both families; each family carries its own in
+# common.families).
 TASKS = TASK_PROMPTS
+_ANY_FIELDS = "the content"  # a schema without named properties (or any JSON object)
 
 
-def task_prompt(task: str, ref: str | None = None, family: ModelFamily = DEEPSEEK_OCR) -> str:
-    """The preset prompt of a task; `locate` needs `ref`, the text to find."""
+def extract_fields(schema: Mapping[str, Any] | None) -> list[str]:
+    """What `--task extract` asks for: the schema's top-level properties, each with its own properties (of an
+    object, or of an array's items) in parentheses, e.g. ["vendor", "lines (description, amount)"]."""
+    properties = (schema or {}).get("properties")
+    if not isinstance(properties, Mapping):
+        return []
+    fields = []
+    for name, sub in properties.items():
+        if isinstance(sub, Mapping) and isinstance(sub.get("items"), Mapping):
+            sub = sub["items"]
+        inner = sub.get("properties") if isinstance(sub, Mapping) else None
+        fields.append(f"{name} ({', '.join(map(str, inner))})" if isinstance(inner, Mapping) and inner else str(name))
+    return fields
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def task_prompt(
+    task: str, ref: str | None = None, fields: Sequence[str] | None = None, family: ModelFamily = DEEPSEEK_OCR
+) -> str:
+    """The preset prompt of a task; `locate` needs `ref`, the text to find, `extract` the JSON schema's `fields`
+    (`extract_fields`; empty: any JSON object)."""
     key = task.strip().lower()
     if key not in family.prompts:
         raise InputError(f"unknown task {task!r}; choose one of {', '.join(family.prompts)}")
@@ -34,6 +62,10 @@ def task_prompt(task: str, ref: str | None = None, family: ModelFamily = DEEPSEE
         if ref is None or not ref.strip():
             raise InputError(f"task {key!r} needs the text to locate (ref)")
         return template.replace(_REF_PLACEHOLDER, f"<|ref|>{ref.strip()}<|/ref|>")
+    if key == "extract":
+        if fields is None:
+            raise InputError("task 'extract' needs a JSON schema (or any JSON object) for the output")
+        return template.replace(_FIELDS_PLACEHOLDER, _join(fields) if fields else _ANY_FIELDS)
     return template
 
 

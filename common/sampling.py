@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from common.errors import InputError
+
+if TYPE_CHECKING:
+    from common.structured import JsonSpec
 
 # The authors' vLLM recipe always lets table cells repeat; their ids come from the tokenizer.
 NGRAM_WHITELIST_TOKENS: tuple[str, ...] = ("<td>", "</td>")
@@ -21,7 +24,8 @@ class SamplingParams:
 
     temperature 0 means greedy. `no_repeat_ngram_size` 0 disables the n-gram guard; `ngram_window` 0
     looks at the whole sequence including the prompt (the official Hugging Face `infer()`), a positive
-    window looks at the last `ngram_window` tokens only (the authors' vLLM recipe).
+    window looks at the last `ngram_window` tokens only (the authors' vLLM recipe). `json_spec` constrains
+    the output to JSON (a schema or any object; see common.structured), None = free text.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -34,6 +38,7 @@ class SamplingParams:
     ngram_window: int = 0
     ngram_whitelist: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past EOS until max_new_tokens (benchmarks)
+    json_spec: JsonSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -125,17 +125,32 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.replace("<non-verbose/>", "").splitlines() if part.strip())
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic inside llguidance: pyo3 raises it as `PanicException`, a BaseException (not Exception)."""
+    return type(exc).__name__ == "PanicException"
+
+
+def _panic_message(exc: BaseException) -> str:
+    return f"the grammar engine failed ({_one_line(str(exc))[:200]})"
+
+
 def _grammar_for(schema: Mapping[str, Any], where: str) -> str:
     """llguidance grammar text for a schema, checked (tokenizer-independent checks) without a model."""
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_JSON_OVERRIDES)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+            grammar, None, limits=llg.LLParserLimits(verbose_errors=False)
+        )
     except ValueError as exc:
-        raise InputError(f"{where}: invalid JSON schema: {_one_line(str(exc))}") from None
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
-        grammar, None, limits=llg.LLParserLimits(verbose_errors=False)
-    )
+        raise InputError(f"{where}: invalid JSON schema: {_one_line(str(exc))}", param=where) from None
+    except BaseException as exc:  # a schema can make the engine panic (one did while formatting its error)
+        if not _is_panic(exc):
+            raise
+        raise InputError(f"{where}: invalid JSON schema: {_panic_message(exc)}", param=where) from None
     if is_error:
-        raise InputError(f"{where}: invalid JSON schema: {_one_line(messages[0] if messages else 'rejected')}")
+        raise InputError(
+            f"{where}: invalid JSON schema: {_one_line(messages[0] if messages else 'rejected')}", param=where
+        )
     return grammar
 
 
@@ -147,16 +162,35 @@ def json_schema_spec(
         try:
             schema = json.loads(schema)
         except ValueError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc})") from None
+            raise InputError(f"{where}: not valid JSON ({exc})", param=where) from None
     if not isinstance(schema, Mapping):
-        raise InputError(f"{where}: a JSON schema must be a JSON object, got {type(schema).__name__}")
+        raise InputError(f"{where}: a JSON schema must be a JSON object, got {type(schema).__name__}", param=where)
     try:
         schema_text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: not serializable as JSON ({exc})") from None
+        raise InputError(f"{where}: not serializable as JSON ({exc})", param=where) from None
     if len(schema_text) > MAX_SCHEMA_CHARS:
-        raise InputError(f"{where}: the schema is {len(schema_text)} characters; the limit is {MAX_SCHEMA_CHARS}")
+        raise InputError(
+            f"{where}: the schema is {len(schema_text)} characters; the limit is {MAX_SCHEMA_CHARS}", param=where
+        )
     return JsonSpec("json_schema", schema_text, name, strict, _grammar_for(schema, where))
+
+
+def json_schema_file_spec(path: Path) -> JsonSpec:
+    """A spec from a JSON schema file (the CLI's --json-schema), read with a cap; errors name the file."""
+    limit = 4 * MAX_SCHEMA_CHARS  # bytes: generous for indentation and multi-byte text
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}", param="json_schema") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: larger than {limit:,} bytes; a JSON schema is far shorter", param="json_schema")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text: {exc}", param="json_schema") from None
+    return json_schema_spec(text, where=str(path))
 
 
 def json_object_spec() -> JsonSpec:
@@ -167,7 +201,7 @@ def json_object_spec() -> JsonSpec:
 
 def _check_name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _NAME_PATTERN.match(value):
-        raise InputError(f"{where}: must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-', got {value!r}")
+        raise InputError(f"{where}: must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-', got {value!r}", param=where)
     return value
 
 
@@ -175,7 +209,7 @@ def _check_strict(value: Any, where: str) -> bool:
     if value is None:
         return False  # OpenAI's default
     if not isinstance(value, bool):
-        raise InputError(f"{where}: must be true or false, got {value!r}")
+        raise InputError(f"{where}: must be true or false, got {value!r}", param=where)
     return value
 
 
@@ -186,12 +220,19 @@ def _spec_of_format(value: Any, where: str, schema_holder: Mapping[str, Any] | N
     if kind == "json_object":
         return json_object_spec()
     if kind != "json_schema":
-        raise InputError(f"{where}.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+        raise InputError(
+            f"{where}.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=f"{where}.type"
+        )
     if schema_holder is None:
-        raise InputError(f"{where}: type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'")
+        raise InputError(
+            f"{where}: type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'", param=where
+        )
     holder_where = where if schema_holder is value else f"{where}.json_schema"
     if "schema" not in schema_holder:
-        raise InputError(f"{holder_where}.schema: missing; give the JSON schema the output must match")
+        raise InputError(
+            f"{holder_where}.schema: missing; give the JSON schema the output must match",
+            param=f"{holder_where}.schema",
+        )
     return json_schema_spec(
         schema_holder["schema"],
         name=_check_name(schema_holder.get("name"), f"{holder_where}.name"),
@@ -209,10 +250,12 @@ def spec_from_response_format(value: Any, where: str = "response_format") -> Jso
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}')
+        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
     holder = value.get("json_schema")
     if holder is not None and not isinstance(holder, Mapping):
-        raise InputError(f"{where}.json_schema: must be an object with 'name' and 'schema'")
+        raise InputError(
+            f"{where}.json_schema: must be an object with 'name' and 'schema'", param=f"{where}.json_schema"
+        )
     return _spec_of_format(value, where, holder)
 
 
@@ -224,8 +267,17 @@ def spec_from_text_format(value: Any, where: str = "text.format") -> JsonSpec | 
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}')
+        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
     return _spec_of_format(value, where, value)
+
+
+def spec_from_text_param(value: Any, where: str = "text") -> JsonSpec | None:
+    """Responses API `text` (`{"format": {...}, "verbosity"?}`): its `format`, as `spec_from_text_format`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InputError(f'{where}: must be an object such as {{"format": {{"type": "json_object"}}}}', param=where)
+    return spec_from_text_format(value.get("format"), f"{where}.format")
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -236,7 +288,8 @@ class GrammarMatcher:
 
     Per step: `fill_mask(row)` before sampling, `consume(token_id)` after. EOS is in the mask only while the
     JSON is complete (`eos_allowed`). Once `finished`, EOS is the only id allowed; a decode loop may end the
-    sequence right there. After a failed `consume` the matcher stays in `error` and allows only EOS.
+    sequence right there. After a failed `consume` the matcher stays in `error` and allows only EOS. A panic of
+    the engine is contained the same way (this sequence fails, the others in its batch go on).
     """
 
     def __init__(self, matcher: llg.LLMatcher, spec: JsonSpec, vocab_size: int, eos_id: int) -> None:
@@ -245,33 +298,56 @@ class GrammarMatcher:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._eos_consumed = False
+        self._failure: str | None = None  # set when the engine panicked
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Writes the allowed-token bitmask for the next token into `row` (int32, C-contiguous)."""
         rows = row[None, :] if row.ndim == 1 else row  # a view, never a copy: the writes must land in `row`
         _check_mask_rows(rows, self.vocab_size, 1)
-        llg_numpy.fill_next_token_bitmask(self._matcher, rows)
+        if self._failure is None:
+            try:
+                llg_numpy.fill_next_token_bitmask(self._matcher, rows)
+                return
+            except BaseException as exc:
+                if not _is_panic(exc):
+                    raise
+                self._failure = _panic_message(exc)
+        rows[0] = 0
+        rows[0].view(np.uint32)[self.eos_id >> 5] = np.uint32(1 << (self.eos_id & 31))
 
     def consume(self, token_id: int) -> bool:
         """Advances over the sampled token; False (and `error` set) when the grammar does not allow it."""
-        accepted = bool(self._matcher.consume_token(int(token_id)))
+        if self._failure is not None:
+            return False
+        try:
+            accepted = bool(self._matcher.consume_token(int(token_id)))
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            self._failure = _panic_message(exc)
+            return False
         if accepted and int(token_id) == self.eos_id:
             self._eos_consumed = True
         return accepted
 
+    def _failed(self) -> bool:
+        return self._failure is not None or self._matcher.is_error()
+
     @property
     def eos_allowed(self) -> bool:
         """True only when the output so far is complete JSON matching the schema."""
-        return not self._eos_consumed and not self._matcher.is_error() and self._matcher.is_accepting()
+        return not self._eos_consumed and not self._failed() and self._matcher.is_accepting()
 
     @property
     def finished(self) -> bool:
         """The JSON is complete and nothing but EOS can follow (or EOS was consumed)."""
-        return not self._matcher.is_error() and (self._eos_consumed or self._matcher.is_stopped())
+        return not self._failed() and (self._eos_consumed or self._matcher.is_stopped())
 
     @property
     def error(self) -> str | None:
         """Why the matcher failed (a token outside the grammar was consumed), else None."""
+        if self._failure is not None:
+            return self._failure
         return _one_line(self._matcher.get_error()) if self._matcher.is_error() else None
 
 
@@ -337,7 +413,14 @@ class GrammarCompiler:
                 self._compiled.move_to_end(spec.schema_text)
                 return compiled
         grammar = spec.grammar or _grammar_for(spec.schema, "schema")
-        compiled = llg.LLMatcher(self._tokenizer, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
+        try:
+            compiled = llg.LLMatcher(
+                self._tokenizer, grammar, log_level=0, limits=llg.LLParserLimits(verbose_errors=False)
+            )
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            raise InputError(f"invalid JSON schema: {_panic_message(exc)}") from None
         if compiled.is_error():
             raise InputError(f"invalid JSON schema: {_one_line(compiled.get_error())}")
         with self._lock:

@@ -15,7 +15,8 @@ import pytest
 
 from common.backend import ImageInput, PreparedInputs
 from common.errors import InputError
-from common.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationLoop, StopMatcher
+from common.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, StopMatcher
+from common.loop import GenerationLoop
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR

@@ -16,8 +16,9 @@ mx = pytest.importorskip("mlx.core")
 
 from common.backend import PreparedInputs  # noqa: E402
 from common.errors import BackendUnavailableError, ConfigError  # noqa: E402
-from common.generation import FINISH_CANCELLED, GenerationLoop  # noqa: E402
+from common.generation import FINISH_CANCELLED  # noqa: E402
 from common.images import load_image  # noqa: E402
+from common.loop import GenerationLoop  # noqa: E402
 from common.modes import resolve_mode  # noqa: E402
 from common.sampling import SamplingParams  # noqa: E402
 from common.tiling import tile_image, to_image_input  # noqa: E402

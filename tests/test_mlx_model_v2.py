@@ -18,8 +18,8 @@ mx = pytest.importorskip("mlx.core")
 from common.backend import PreparedInputs  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.families import DEEPSEEK_OCR_2  # noqa: E402
-from common.generation import GenerationLoop  # noqa: E402
 from common.images import load_image  # noqa: E402
+from common.loop import GenerationLoop  # noqa: E402
 from common.modes import resolve_mode  # noqa: E402
 from common.sampling import SamplingParams  # noqa: E402
 from common.tiling import tile_image, to_image_input  # noqa: E402

@@ -16,6 +16,7 @@ from common.images import load_image
 from common.modes import MODES, resolve_mode
 from common.prompt import (
     TASKS,
+    extract_fields,
     prepare_inputs,
     task_prompt,
 )
@@ -111,6 +112,25 @@ def test_placeholder_count_must_match_images() -> None:
         prepare_inputs(tok, "<image>\nFree OCR.", [], MODES["tiny"])
 
 
+def test_extract_fields_name_what_the_schema_asks_for() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "vendor": {"type": "string"},
+            "address": {"type": "object", "properties": {"city": {}, "zip": {}}},
+            "lines": {"type": "array", "items": {"type": "object", "properties": {"item": {}, "qty": {}}}},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    fields = extract_fields(schema)
+    assert fields == ["vendor", "address (city, zip)", "lines (item, qty)", "tags"]
+    assert task_prompt("extract", fields=fields) == (
+        "<image>\nExtract vendor, address (city, zip), lines (item, qty) and tags from the document as JSON."
+    )
+    assert extract_fields({"type": "object"}) == extract_fields(None) == []
+    assert extract_fields({"type": "array", "items": {"type": "integer"}}) == []
+
+
 def test_task_presets() -> None:
     assert TASKS == {
         "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
@@ -119,6 +139,7 @@ def test_task_presets() -> None:
         "describe": "<image>\nDescribe this image in detail.",
         "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
         "grounding": "<image>\n<|grounding|>OCR this image.",
+        "extract": "<image>\nExtract FIELDS from the document as JSON.",
     }
     assert task_prompt("ocr") == "<image>\nFree OCR."
     assert task_prompt("locate", ref="the total") == "<image>\nLocate <|ref|>the total<|/ref|> in the image."
@@ -126,6 +147,10 @@ def test_task_presets() -> None:
         task_prompt("locate")
     with pytest.raises(InputError, match="markdown"):
         task_prompt("translate")
+    assert task_prompt("extract", fields=["vendor"]) == "<image>\nExtract vendor from the document as JSON."
+    assert task_prompt("extract", fields=[]) == "<image>\nExtract the content from the document as JSON."
+    with pytest.raises(InputError, match="JSON schema"):
+        task_prompt("extract")
     # The markdown preset is the fixtures' prompt (they add a trailing space that strip() removes).
     entry = cases_manifest()["preprocess"]["entries"][0]
     assert entry["prompt"].strip() == task_prompt("markdown")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from common.backend import PreparedInputs
-from common.generation import FINISH_CANCELLED, GenerationLoop
+from common.generation import FINISH_CANCELLED
+from common.loop import GenerationLoop
 from common.sampling import SamplingParams
 from tests.conftest import MODEL_DIR, model_case_ids, rel_err
 from tests.test_torch_model import DEVICES, TOLERANCE, case_data, prepared_inputs

@@ -193,7 +193,7 @@ def test_chunked_prefill_equals_full_prefill(model: Any) -> None:
 def test_moe_fallback_dispatch_matches_grouped_mm(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-expert fallback (used where grouped_mm is unavailable, e.g. float32 on CUDA) gives the same result."""
     from common.backend import PreparedInputs
-    from common.generation import GenerationLoop
+    from common.loop import GenerationLoop
     from common.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.moe import MoEFeedForward

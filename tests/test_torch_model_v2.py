@@ -18,7 +18,7 @@ import torch
 
 from common.backend import PreparedInputs
 from common.families import DEEPSEEK_OCR_2
-from common.generation import GenerationLoop
+from common.loop import GenerationLoop
 from common.sampling import SamplingParams
 from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, model_cases_v2, rel_err
 
