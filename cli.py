@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", type=Path, default=None, metavar="FILE", help="read the prompt from a file")
 
     g = p.add_argument_group("image mode")
-    g.add_argument("--mode", choices=choices("mode"), default="gundam",
-                   help="resolution preset (default gundam: 1024 global view + 640 tiles)")
+    g.add_argument("--mode", choices=choices("mode"), default=None,
+                   help="resolution preset of the model (default gundam: a 1024 global view + tiles, 640 px for "
+                   "DeepSeek-OCR (presets tiny, small, base, large, gundam), 768 px for DeepSeek-OCR 2 (presets "
+                   "gundam, base, small))")
     g.add_argument("--base-size", metavar="PX", type=positive_int, default=None,
                    help="global view size (overrides the mode)")
     g.add_argument("--image-size", metavar="PX", type=positive_int, default=None,
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", action=argparse.BooleanOptionalAction, default=None,
                    help="cut the image into tiles (overrides the mode)")
     g.add_argument("--min-crops", metavar="N", type=positive_int, default=None, help="fewest tiles (default 2)")
-    g.add_argument("--max-crops", metavar="N", type=positive_int, default=None, help="most tiles (default 9)")
+    g.add_argument("--max-crops", metavar="N", type=positive_int, default=None,
+                   help="most tiles (default 9 for DeepSeek-OCR, 6 for DeepSeek-OCR 2)")
     g.add_argument("--dpi", metavar="DPI", type=int_in_range(1, 2400), default=DEFAULT_DPI,
                    help=f"PDF render resolution (default {DEFAULT_DPI})")
     g.add_argument("--pages", default=None, metavar="RANGES",
@@ -185,17 +188,32 @@ def resolve_prompt(args: argparse.Namespace, json_spec: Any = None) -> str:
     return task_prompt(task, args.ref)
 
 
-def resolve_options(args: argparse.Namespace, json_spec: Any = None) -> tuple[Any, Any]:
-    """(Mode, SamplingParams) from the flags; UsageError naming the flag for a bad value."""
+def resolve_sampling(args: argparse.Namespace, json_spec: Any = None) -> Any:
+    """SamplingParams from the flags; UsageError naming the flag for a bad value."""
     try:
-        mode = ModeOptions(args.mode, args.base_size, args.image_size, args.crop, args.min_crops,
-                           args.max_crops).resolve()
-        params = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p,
-                                 args.top_k, args.seed, args.stop, args.no_repeat_ngram_size,
-                                 args.ngram_window, json_spec).resolve(MAX_NEW_TOKENS_BOUND)
+        return SamplingOptions(args.max_new_tokens, args.temperature, args.top_p,
+                               args.top_k, args.seed, args.stop, args.no_repeat_ngram_size,
+                               args.ngram_window, json_spec).resolve(MAX_NEW_TOKENS_BOUND)
     except DsocrError as exc:
         raise usage_error(exc) from None
-    return mode, params
+
+
+def resolve_mode_flags(args: argparse.Namespace, family: Any = None) -> Any:
+    """The Mode from the flags among `family`'s presets (the model's; None: DeepSeek-OCR); UsageError naming the
+    flag for a bad value."""
+    try:
+        return ModeOptions(args.mode, args.base_size, args.image_size, args.crop, args.min_crops,
+                           args.max_crops).resolve(family)
+    except DsocrError as exc:
+        raise usage_error(exc) from None
+
+
+def model_family(args: argparse.Namespace) -> Any:
+    """The family of --model, from its config.json (downloading the model on first use, as loading would);
+    `args.model` becomes the local directory, so loading does not resolve it again."""
+    model, family = ModelOptions.from_args(args).resolved(show_download_progress=not args.quiet)
+    args.model = model.model
+    return family
 
 
 # ------------------------------------------------------------ progress
@@ -444,8 +462,9 @@ def _main(argv: list[str]) -> int:
         check_ray_args(args)
     json_spec = resolve_json_spec(args)
     prompt = resolve_prompt(args, json_spec)
-    mode, params = resolve_options(args, json_spec)
+    params = resolve_sampling(args, json_spec)
     items = _items(args, prompt)
+    mode = resolve_mode_flags(args, model_family(args))  # the model's presets, checked before its weights load
     out_dir: Path | None = args.output
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():

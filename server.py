@@ -40,6 +40,7 @@ from common import openai_stream as sse
 from common.api_errors import APIError, api_error_for, error_type
 from common.argtypes import boolean, finite_float, int_in_range, port_number, positive_int
 from common.chat import FoldedChat, fold_chat, turn_of, widen_placeholders
+from common.families import DEEPSEEK_OCR, ModelFamily
 from common.limits import RequestLimits, check_prompt_chars, fit_max_tokens
 from common.loading import ModelOptions, add_model_arguments, env_default
 from common.logs import setup_logging
@@ -69,7 +70,8 @@ log = logging.getLogger("dsocr.server")
 @dataclass
 class ServerSettings:
     model_ids: tuple[str, ...] = (MODEL_ID,)  # first is advertised; all are accepted (case-insensitive)
-    mode: str = "gundam"
+    mode: str | None = None  # None: the model family's default preset
+    family: ModelFamily = DEEPSEEK_OCR  # the loaded model's (set when it is ready): its presets are the valid modes
     max_queue: int = 16
     max_queued_mb: float = 1024.0  # bytes of prepared views the waiting requests may hold
     max_body_mb: float = 64.0
@@ -134,7 +136,7 @@ def _job(body: ChatCompletionRequest | ResponsesRequest, folded: FoldedChat, max
          settings: ServerSettings, json_spec: JsonSpec | None) -> Job:
     """Both APIs share the sampling and DeepSeek-OCR fields; only the messages and the token limit differ."""
     mode = ModeOptions(body.mode or settings.mode, body.base_size, body.image_size, body.crop_mode,
-                       body.min_crops, body.max_crops).resolve()
+                       body.min_crops, body.max_crops).resolve(settings.family)
     # Text-only requests (titles, tags, follow-ups) are capped: they must not hold the worker for long.
     cap = settings.limits.max_text_tokens if folded.text_only else settings.max_new_tokens
     params = SamplingOptions(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop,
@@ -342,6 +344,7 @@ def create_app(engine_or_loader: EngineLike | EngineLoader, settings: ServerSett
         if model_dir is not None:
             names += [Path(model_dir).name, str(model_dir)]
         settings.model_ids = tuple(dict.fromkeys(n for n in names if n))
+        settings.family = getattr(engine, "family", settings.family)
 
     scheduler.on_ready(add_model_aliases)
     prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="dsocr-prepare")
@@ -411,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--host", str, "127.0.0.1", "bind address (0.0.0.0 exposes it: set an API key)"),
         ("--port", port_number, 8000, "port"),
         ("--api-key", str, None, "require 'Authorization: Bearer KEY' on /v1"),
-        ("--mode", _choice("mode"), "gundam", f"default resolution mode: {', '.join(choices('mode'))}"),
+        ("--mode", _choice("mode"), None, "default resolution mode, a preset of the model (unset: gundam): "
+         "tiny, small, base, large, gundam for DeepSeek-OCR; gundam, base, small for DeepSeek-OCR 2"),
         ("--max-new-tokens", int_in_range(1, MAX_NEW_TOKENS_BOUND), DEFAULT_MAX_NEW_TOKENS,
          "default and most completion tokens of a request (never more than the context allows)"),
         ("--max-text-tokens", positive_int, limits.max_text_tokens,
@@ -465,7 +469,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     model = ModelOptions.from_args(args)
 
     def load_engine(progress: ProgressCallback) -> EngineLike:
-        return model.load(progress=progress)
+        resolved, family = model.resolved()
+        ModeOptions(args.mode).resolve(family)  # a preset the model lacks fails before its weights load
+        return resolved.load(progress=progress)
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None

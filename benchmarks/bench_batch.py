@@ -71,7 +71,7 @@ def run_once(engine: Engine, pdf: Path, prefetch: int, args: argparse.Namespace,
     items = expand_inputs([str(pdf)], None)
     opts = BatchOptions(
         prompt=task_prompt("markdown"),
-        mode=resolve_mode(args.mode),
+        mode=resolve_mode(args.mode, family=engine.family),
         params=SamplingParams(max_new_tokens=args.max_new_tokens),
         out_dir=out_dir,
         overwrite=True,
@@ -111,7 +111,8 @@ def main() -> None:
         # Preparation alone, for reference: render + load + tile + tokenize, no generation.
         items = expand_inputs([str(pdf)], None)
         t0 = time.perf_counter()
-        for prepared in prepared_stream(engine, items, task_prompt("markdown"), resolve_mode(args.mode), args.dpi, 0):
+        mode = resolve_mode(args.mode, family=engine.family)
+        for prepared in prepared_stream(engine, items, task_prompt("markdown"), mode, args.dpi, 0):
             assert prepared.error is None, prepared.error
         prepare_s = (time.perf_counter() - t0) / len(items)
 

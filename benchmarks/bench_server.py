@@ -188,11 +188,12 @@ def engine_baseline(args: argparse.Namespace, seconds: float) -> tuple[float, fl
     engine = Engine.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
     image = load_image(args.image)
     params = SamplingParams(max_new_tokens=args.max_tokens)
-    engine.generate(engine.prepare("<image>\nFree OCR.", [image], resolve_mode(args.mode)), params).run()  # warm-up
+    mode = resolve_mode(args.mode, family=engine.family)
+    engine.generate(engine.prepare("<image>\nFree OCR.", [image], mode), params).run()  # warm-up
     done = tokens = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        prepared = engine.prepare("<image>\nFree OCR.", [image], resolve_mode(args.mode))
+        prepared = engine.prepare("<image>\nFree OCR.", [image], mode)
         tokens += engine.generate(prepared, params).run().completion_tokens
         done += 1
     elapsed = time.perf_counter() - start

@@ -33,7 +33,9 @@ GiB = 1024**3
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
-def write_random_checkpoint(folder: Path, shard_bytes: int = 2 * GiB) -> None:
+def write_random_checkpoint(
+    folder: Path, shard_bytes: int = 2 * GiB, config: Path = REAL_CONFIG, shapes_file: Path = REAL_SHAPES
+) -> None:
     """Random bf16 tensors named and shaped as the real checkpoint, as index + shards (skipped if present)."""
     import torch
     from safetensors.torch import save_file
@@ -43,8 +45,8 @@ def write_random_checkpoint(folder: Path, shard_bytes: int = 2 * GiB) -> None:
     if (folder / INDEX_FILE).is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(REAL_CONFIG.read_text())
-    shapes = json.loads(REAL_SHAPES.read_text())["tensors"]
+    (folder / "config.json").write_text(config.read_text())
+    shapes = json.loads(shapes_file.read_text())["tensors"]
     generator = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
     shard: dict[str, Any] = {}

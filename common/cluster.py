@@ -169,12 +169,14 @@ def unpack_prepared(payload: bytes) -> tuple[Prepared, str | None]:
 
 
 class Preparer:
-    """What the CPU tasks need of the driver's engine: its tokenizer (an Engine holds locks, which do not pickle)."""
+    """What the CPU tasks need of the driver's engine: its tokenizer and model family (an Engine holds locks, which
+    do not pickle)."""
 
     prepare = Engine.prepare
 
     def __init__(self, engine: Any) -> None:
         self.tokenizer = engine.tokenizer
+        self.family = engine.family
 
 
 _engines: dict[bytes, Any] = {}  # per worker process: the driver's Preparer, by object id

@@ -1,8 +1,10 @@
-"""Typed model configuration parsed from the official DeepSeek-OCR `config.json`.
+"""Typed model configuration parsed from the official DeepSeek-OCR / DeepSeek-OCR 2 `config.json`.
 
 The Hugging Face code reads the top-level language-model keys (`language_config` is a duplicate that
-vLLM reads); vision sizes live under `vision_config.width`. Six keys the official schema lacks (the
-authors hard-code them) are read when present and otherwise default to the real model's values.
+vLLM reads); vision sizes live under `vision_config.width`. Keys the official schema lacks (the authors
+hard-code them) are read when present and otherwise default to the real model's values. `architectures`
+selects the model family (common.families), which decides the vision encoder: CLIP-L for DeepSeek-OCR,
+a Qwen2 decoder used as an encoder for DeepSeek-OCR 2.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2, ModelFamily, family_for_config
 
 _MISSING = object()
 
@@ -100,6 +103,27 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class Qwen2EncoderConfig:
+    """DeepSeek-OCR 2's `model.qwen2_model`: Qwen2 decoder layers run as an encoder with learned queries.
+
+    Only `dim` is in the official config.json (`vision_config.width.qwen2-0-5b.dim`); the rest are the
+    authors' constants (Qwen2-0.5B) unless the config names them.
+    """
+
+    dim: int
+    layers: int = 24
+    heads: int = 14
+    kv_heads: int = 2
+    intermediate_size: int = 4864
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass(frozen=True)
 class ProjectorConfig:
     input_dim: int
     n_embed: int
@@ -154,10 +178,12 @@ class LanguageConfig:
 class ModelConfig:
     language: LanguageConfig
     sam: SamConfig
-    clip: ClipConfig
+    clip: ClipConfig | None  # DeepSeek-OCR's second vision encoder
     projector: ProjectorConfig
     path: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    family: ModelFamily = DEEPSEEK_OCR
+    qwen2: Qwen2EncoderConfig | None = None  # DeepSeek-OCR 2's second vision encoder
 
 
 def parse_config(data: dict[str, Any], path: Path | str = "config.json") -> ModelConfig:
@@ -207,32 +233,8 @@ def parse_config(data: dict[str, Any], path: Path | str = "config.json") -> Mode
     if lm.hidden_act != "silu":
         raise ConfigError(f"{path}: key 'hidden_act' = {lm.hidden_act!r} is not supported (expected 'silu')")
 
+    family = family_for_config(data, path)
     widths = top.child("vision_config").child("width")
-    sam_r = widths.child("sam_vit_b")
-    channels = sam_r.get_int_list("downsample_channels")
-    if len(channels) != 2:
-        raise ConfigError(f"{path}: key 'vision_config.width.sam_vit_b.downsample_channels' must have 2 entries")
-    sam = SamConfig(
-        width=sam_r.get("width", int),
-        layers=sam_r.get("layers", int),
-        heads=sam_r.get("heads", int),
-        global_attn_indexes=sam_r.get_int_list("global_attn_indexes"),
-        downsample_channels=(channels[0], channels[1]),
-        out_chans=sam_r.get("out_chans", int, 256),
-        window_size=sam_r.get("window_size", int, 14),
-        mlp_ratio=sam_r.get("mlp_ratio", float, 4.0),
-        patch_size=sam_r.get("patch_size", int, 16),
-        image_size=sam_r.get("image_size", int, 1024),
-    )
-    clip_r = widths.child("clip-l-14-224")
-    clip = ClipConfig(
-        width=clip_r.get("width", int),
-        layers=clip_r.get("layers", int),
-        heads=clip_r.get("heads", int),
-        image_size=clip_r.get("image_size", int, 224),
-        patch_size=clip_r.get("patch_size", int, 14),
-        ffn_hidden_size=clip_r.get("ffn_hidden_size", int, 4096),
-    )
     proj_r = top.child("projector_config")
     projector = ProjectorConfig(
         input_dim=proj_r.get("input_dim", int),
@@ -243,6 +245,29 @@ def parse_config(data: dict[str, Any], path: Path | str = "config.json") -> Mode
         raise ConfigError(
             f"{path}: key 'projector_config.projector_type' = {projector.projector_type!r} is not supported"
         )
+    if projector.n_embed != lm.hidden_size:
+        raise ConfigError(f"{path}: 'projector_config.n_embed' must equal 'hidden_size' ({lm.hidden_size})")
+    if family is DEEPSEEK_OCR_2:
+        qwen2 = _qwen2_config(widths.child("qwen2-0-5b"), path)
+        # net_3 feeds the Qwen2 encoder, so its width is the encoder's; the official config.json still says
+        # v1's `downsample_channels: [512, 1024]`, which the code never reads.
+        sam = _sam_config(widths.child("sam_vit_b"), path, net_3=qwen2.dim)
+        if projector.input_dim != qwen2.dim:
+            raise ConfigError(
+                f"{path}: 'projector_config.input_dim' ({projector.input_dim}) must equal "
+                f"'qwen2-0-5b.dim' ({qwen2.dim})"
+            )
+        return ModelConfig(lm, sam, None, projector, str(path), data, family, qwen2)
+    sam = _sam_config(widths.child("sam_vit_b"), path)
+    clip_r = widths.child("clip-l-14-224")
+    clip = ClipConfig(
+        width=clip_r.get("width", int),
+        layers=clip_r.get("layers", int),
+        heads=clip_r.get("heads", int),
+        image_size=clip_r.get("image_size", int, 224),
+        patch_size=clip_r.get("patch_size", int, 14),
+        ffn_hidden_size=clip_r.get("ffn_hidden_size", int, 4096),
+    )
     if sam.downsample_channels[1] != clip.width:
         raise ConfigError(
             f"{path}: 'sam_vit_b.downsample_channels[1]' ({sam.downsample_channels[1]}) must equal "
@@ -252,9 +277,43 @@ def parse_config(data: dict[str, Any], path: Path | str = "config.json") -> Mode
         raise ConfigError(
             f"{path}: 'projector_config.input_dim' ({projector.input_dim}) must equal CLIP width + SAM channels"
         )
-    if projector.n_embed != lm.hidden_size:
-        raise ConfigError(f"{path}: 'projector_config.n_embed' must equal 'hidden_size' ({lm.hidden_size})")
-    return ModelConfig(language=lm, sam=sam, clip=clip, projector=projector, path=str(path), raw=data)
+    return ModelConfig(lm, sam, clip, projector, str(path), data, family)
+
+
+def _sam_config(sam_r: _Reader, path: Path | str, net_3: int | None = None) -> SamConfig:
+    channels = sam_r.get_int_list("downsample_channels")
+    if len(channels) != 2:
+        raise ConfigError(f"{path}: key 'vision_config.width.sam_vit_b.downsample_channels' must have 2 entries")
+    return SamConfig(
+        width=sam_r.get("width", int),
+        layers=sam_r.get("layers", int),
+        heads=sam_r.get("heads", int),
+        global_attn_indexes=sam_r.get_int_list("global_attn_indexes"),
+        downsample_channels=(channels[0], channels[1] if net_3 is None else net_3),
+        out_chans=sam_r.get("out_chans", int, 256),
+        window_size=sam_r.get("window_size", int, 14),
+        mlp_ratio=sam_r.get("mlp_ratio", float, 4.0),
+        patch_size=sam_r.get("patch_size", int, 16),
+        image_size=sam_r.get("image_size", int, 1024),
+    )
+
+
+def _qwen2_config(qwen_r: _Reader, path: Path | str) -> Qwen2EncoderConfig:
+    cfg = Qwen2EncoderConfig(
+        dim=qwen_r.get("dim", int),
+        layers=qwen_r.get("layers", int, 24),
+        heads=qwen_r.get("heads", int, 14),
+        kv_heads=qwen_r.get("kv_heads", int, 2),
+        intermediate_size=qwen_r.get("intermediate_size", int, 4864),
+        rope_theta=qwen_r.get("rope_theta", float, 1000000.0),
+        rms_norm_eps=qwen_r.get("rms_norm_eps", float, 1e-6),
+    )
+    if not cfg.heads or cfg.dim % cfg.heads or not cfg.kv_heads or cfg.heads % cfg.kv_heads:
+        raise ConfigError(
+            f"{path}: 'qwen2-0-5b' dim {cfg.dim}, heads {cfg.heads}, kv_heads {cfg.kv_heads}: dim must be a "
+            "multiple of heads and heads a multiple of kv_heads"
+        )
+    return cfg
 
 
 def load_config(path: str | Path) -> ModelConfig:

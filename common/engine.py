@@ -16,6 +16,8 @@ from PIL import Image
 from common.backend import Backend, PreparedInputs, ProgressCallback, load_backend
 from common.config import ModelConfig, load_config
 from common.device import select_backend
+from common.errors import InputError
+from common.families import family_named
 from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
 from common.loop import GenerationLoop
@@ -45,6 +47,7 @@ class Engine:
         max_batch: int | None = None,
     ) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
+        self.family = config.family  # which model this is (common.families): modes and token counts follow it
         self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
@@ -94,6 +97,10 @@ class Engine:
         return cls(model_dir, tokenizer, config, loaded, max_batch=max_batch)
 
     def prepare(self, prompt: str, images: list[Image.Image], mode: Mode) -> PreparedInputs:
+        if mode.family != self.family.name:
+            other = family_named(mode.family).title
+            message = f"mode {mode.name!r} is a {other} mode, but this model is {self.family.title}"
+            raise InputError(message, param="mode")
         prepared = prepare_inputs(self.tokenizer, prompt, images, mode)
         prepared.image_sizes = [im.size for im in images]
         return prepared
@@ -138,6 +145,7 @@ class Engine:
         b = self.backend
         return {
             "model_dir": str(self.model_dir),
+            "family": self.family.name,
             "backend": b.name if b else None,
             "device": b.device if b else None,
             "dtype": b.dtype if b else None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common.argtypes import boolean, finite_float, int_in_range
+from common.families import ModelFamily, family_of_model_dir
 from common.options import choices
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -86,6 +87,15 @@ class ModelOptions:
             args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
             args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs,
         )
+
+    def resolved(self, show_download_progress: bool = True) -> tuple[ModelOptions, ModelFamily]:
+        """These options with `model` as a local directory (downloading it on first use, as loading would) and
+        the model's family, read from its config.json: what decides the valid modes before the weights load."""
+        from common.hub import resolve_model
+
+        model_dir = resolve_model(self.model, revision=self.revision, offline=self.offline,
+                                  show_progress=show_download_progress)
+        return replace(self, model=str(model_dir)), family_of_model_dir(model_dir)
 
     def load(self, *, weights: bool = True, progress: ProgressCallback | None = None,
              show_download_progress: bool = True) -> Any:

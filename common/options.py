@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import InputError
+from common.families import ModelFamily, all_mode_names
 from common.limits import check_stop_strings
-from common.modes import MODES, Mode, resolve_mode
+from common.modes import Mode, resolve_mode
 from common.prompt import TASKS
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
@@ -31,7 +32,7 @@ def choices(option: str) -> tuple[str, ...]:
     from common.device import DEVICES
 
     table = {
-        "mode": tuple(MODES),
+        "mode": all_mode_names(),  # every family's presets; the loaded model decides which are valid
         "task": tuple(TASKS),
         "backend": ("auto", *BACKENDS),
         "device": DEVICES,
@@ -42,18 +43,21 @@ def choices(option: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModeOptions:
-    """A mode preset and the per-field overrides a user may give (None = the preset's value)."""
+    """A mode preset and the per-field overrides a user may give (None = the model family's default preset /
+    the preset's value)."""
 
-    mode: str = "gundam"
+    mode: str | None = None
     base_size: int | None = None
     image_size: int | None = None
     crop_mode: bool | None = None
     min_crops: int | None = None
     max_crops: int | None = None
 
-    def resolve(self) -> Mode:
+    def resolve(self, family: ModelFamily | None = None) -> Mode:
+        """The Mode for `family` (the loaded model's; None: DeepSeek-OCR), whose presets and limits apply."""
         return resolve_mode(
             self.mode,
+            family=family,
             base_size=self.base_size,
             image_size=self.image_size,
             crop_mode=self.crop_mode,

@@ -15,6 +15,7 @@ from PIL import Image
 
 from common.backend import ImageInput, PreparedInputs
 from common.errors import InputError
+from common.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily
 from common.modes import Mode
 from common.tiling import image_token_count, tile_image, to_image_input
 from common.tokenizer import Tokenizer
@@ -23,17 +24,9 @@ IMAGE_TOKEN = "<image>"
 _REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
 _FIELDS_PLACEHOLDER = "FIELDS"
 
-# The prompts the authors use (README and run_dpsk_ocr.py).
-TASKS: dict[str, str] = {
-    "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
-    "ocr": "<image>\nFree OCR.",
-    "figure": "<image>\nParse the figure.",
-    "describe": "<image>\nDescribe this image in detail.",
-    "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
-    "grounding": "<image>\n<|grounding|>OCR this image.",
-    # Structured output (JSON by a schema): FIELDS names what the schema asks for (`extract_fields`).
-    "extract": "<image>\nExtract FIELDS from the document as JSON.",
-}
+# The authors' prompts and dsocr's `extract` (the same for both families; each family carries its own in
+# common.families).
+TASKS = TASK_PROMPTS
 _ANY_FIELDS = "the content"  # a schema without named properties (or any JSON object)
 
 
@@ -56,13 +49,15 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def task_prompt(task: str, ref: str | None = None, fields: Sequence[str] | None = None) -> str:
+def task_prompt(
+    task: str, ref: str | None = None, fields: Sequence[str] | None = None, family: ModelFamily = DEEPSEEK_OCR
+) -> str:
     """The preset prompt of a task; `locate` needs `ref`, the text to find, `extract` the JSON schema's `fields`
     (`extract_fields`; empty: any JSON object)."""
     key = task.strip().lower()
-    if key not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    template = TASKS[key]
+    if key not in family.prompts:
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(family.prompts)}")
+    template = family.prompts[key]
     if _REF_PLACEHOLDER in template:
         if ref is None or not ref.strip():
             raise InputError(f"task {key!r} needs the text to locate (ref)")

@@ -8,19 +8,17 @@ bf16 values.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from common.backend import ImageInput
+from common.families import family_named
 from common.modes import Mode
 
 # Normalize(mean=0.5): the official pad colour is tuple(int(x * 255) for x in mean).
 PAD_COLOR = (127, 127, 127)
-PATCH_SIZE = 16  # SAM patch size
-DOWNSAMPLE_RATIO = 4  # net_2 and net_3 halve the grid twice
 
 
 @dataclass
@@ -78,12 +76,12 @@ def _pad(image: Image.Image, size: int) -> Image.Image:
 
 
 def tile_image(image: Image.Image, mode: Mode) -> TiledImage:
-    """The views infer() builds for one RGB image."""
+    """The views infer() builds for one RGB image, by the rules of the family `mode` was resolved for."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if not mode.crop_mode:
         size = mode.image_size  # the official non-crop path only looks at image_size
-        if size <= 640:
+        if size <= family_named(mode.family).squash_max_side:
             # Official quirk: small sizes are stretched to a square (aspect distorted), not padded.
             view = image.resize((size, size), Image.Resampling.BICUBIC)
             view = _pad(view, size)  # a no-op on a square image of the right size; kept for parity
@@ -93,7 +91,7 @@ def tile_image(image: Image.Image, mode: Mode) -> TiledImage:
     width, height = image.size
     tiles: list[Image.Image] = []
     grid = (1, 1)
-    # Official: images that fit in one tile (hard-coded 640 = the Gundam tile) get no crops at all.
+    # Official: images that fit in one tile (hard-coded there: 640 in v1, 768 in OCR 2) get no crops at all.
     if not (width <= mode.image_size and height <= mode.image_size):
         grid = choose_crop_grid(width, height, mode.min_crops, mode.max_crops, mode.image_size)
         if grid[0] > 1 or grid[1] > 1:
@@ -102,15 +100,8 @@ def tile_image(image: Image.Image, mode: Mode) -> TiledImage:
 
 
 def image_token_count(mode: Mode, crop_grid: tuple[int, int], has_crops: bool) -> int:
-    """Number of <image> tokens for one image: global rows with a newline each, a separator, local rows."""
-    global_side = mode.base_size if mode.crop_mode else mode.image_size
-    nb = math.ceil((global_side // PATCH_SIZE) / DOWNSAMPLE_RATIO)
-    count = nb * (nb + 1) + 1
-    if mode.crop_mode and has_crops:
-        nq = math.ceil((mode.image_size // PATCH_SIZE) / DOWNSAMPLE_RATIO)
-        columns, rows = crop_grid
-        count += (nq * rows) * (nq * columns + 1)
-    return count
+    """Number of <image> tokens for one image, from the token layout of the mode's family."""
+    return family_named(mode.family).layout.image_tokens(mode, crop_grid, has_crops)
 
 
 def _normalize_lut() -> np.ndarray:

@@ -1,11 +1,13 @@
 """`dsocr convert`: writes an MLX checkpoint with quantized decoder weights that `--model DIR` loads.
 
 Quantized (MLX affine, per group of `group_size` input values): the decoder's attention and MLP linears,
-the stacked routed experts, the shared experts, the token embedding and the LM head. Kept in float: SAM,
-CLIP, the MoE router (`mlp.gate`), the norms, `image_newline`/`view_seperator`, and by default the
-projector: it is 0.08% of the real model's bytes (2048x1280) but feeds every image token, so quantizing
-it saves ~4 MB for a measurable error on all image embeddings (tests/test_mlx_convert.py prints both).
-A linear whose input width is not a multiple of `group_size` stays in float (MLX cannot group it).
+the stacked routed experts, the shared experts, the token embedding and the LM head. Kept in float: the
+vision encoders (SAM, and CLIP or DeepSeek-OCR 2's Qwen2 encoder: every image token goes through them and
+their quantization error has not been measured on real weights), the MoE router (`mlp.gate`), the norms,
+`image_newline`/`view_seperator`, and by default the projector: it is 0.08% of the real model's bytes
+(2048x1280) but feeds every image token, so quantizing it saves ~4 MB for a measurable error on all image
+embeddings (tests/test_mlx_convert.py prints both). A linear whose input width is not a multiple of
+`group_size` stays in float (MLX cannot group it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ BITS = (4, 8)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 MAX_SHARD_BYTES = 4 << 30
 
-FLOAT_PREFIXES = ("model.sam_model", "model.vision_model")
+FLOAT_PREFIXES = ("model.sam_model", "model.vision_model", "model.qwen2_model")
 
 
 def should_quantize(path: str, module: nn.Module, group_size: int, quantize_projector: bool) -> bool:

@@ -150,9 +150,7 @@ def materialize(model: DeepseekOCRForCausalLM, progress: ProgressCallback | None
     one projection's per-expert tensors while they are stacked (rather than a whole layer's).
     """
     inner = model.model
-    groups: list[Any] = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head]
-    groups += [inner.sam_model, inner.vision_model, inner.projector]
-    groups += [{"image_newline": inner.image_newline, "view_seperator": inner.view_seperator}]
+    groups: list[Any] = [inner.embed_tokens, *inner.layers, inner.norm, model.lm_head, *inner.vision_modules()]
     arrays = [a for g in groups for _, a in tree_flatten(g.parameters() if isinstance(g, nn.Module) else g)]
     total, done = sum(a.nbytes for a in arrays), 0
     for array in arrays:

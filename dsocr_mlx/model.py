@@ -1,12 +1,15 @@
-"""DeepSeek-OCR on MLX: SAM -> CLIP -> projector -> image-token layout -> DeepSeek-V2 MoE decoder.
+"""DeepSeek-OCR and DeepSeek-OCR 2 on MLX: vision encoder -> projector -> image-token layout -> DeepSeek-V2
+MoE decoder.
 
-Mirrors dsocr_torch/model.py. MLX convolutions are channels-last, so pixels go in as NHWC and SAM's
-output stays [B, g, g, C]; everything after the projector is layout-independent.
+Mirrors dsocr_torch/model.py: DeepSeek-OCR encodes views with SAM -> CLIP, DeepSeek-OCR 2 with SAM -> a Qwen2
+encoder with learned queries; `MODEL_CLASSES` registers each family's `model.*` class and the token layout
+comes from the family's description (common.families). MLX convolutions are channels-last, so pixels go in
+as NHWC and SAM's output stays [B, g, g, C]; everything after the projector is layout-independent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -16,17 +19,20 @@ from mlx_lm.models.base import create_causal_mask
 
 from common.backend import ImageInput
 from common.config import ModelConfig
+from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_mlx import clip as clip_module
 from dsocr_mlx import sam as sam_module
 from dsocr_mlx.cache import LanePool
 from dsocr_mlx.language import DeepseekV2DecoderLayer, decoder_forward, stack_experts
+from dsocr_mlx.qwen2 import Qwen2Decoder2Encoder
 
 SAM_PREFIX = "model.sam_model."
 CLIP_PREFIX = "model.vision_model."
+Sanitizer = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 
 
 class Projector(nn.Module):
-    """`model.projector.layers`: Linear(clip width + SAM channels -> hidden) with bias."""
+    """`model.projector.layers`: Linear(vision features -> hidden) with bias."""
 
     def __init__(self, input_dim: int, n_embed: int) -> None:
         super().__init__()
@@ -37,7 +43,11 @@ class Projector(nn.Module):
 
 
 class DeepseekOCRModel(nn.Module):
-    """`model.*`: token embeddings, decoder layers, final norm and the vision tower."""
+    """`model.*` of DeepSeek-OCR: token embeddings, decoder layers, final norm, SAM + CLIP, the projector and
+    the layout embeddings. Another family's class overrides `build_vision`, `encode_views` and `TOWERS`."""
+
+    # Vision towers whose checkpoint tensors need `sanitize` (PyTorch conv layouts), by name prefix.
+    TOWERS: tuple[tuple[str, Sanitizer], ...] = ((SAM_PREFIX, sam_module.sanitize), (CLIP_PREFIX, clip_module.sanitize))
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -45,19 +55,78 @@ class DeepseekOCRModel(nn.Module):
         self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
         self.layers = [DeepseekV2DecoderLayer(lm, i) for i in range(lm.num_hidden_layers)]
         self.norm = nn.RMSNorm(lm.hidden_size, eps=lm.rms_norm_eps)
+        self.build_vision(cfg)
+        # The authors' spelling: "seperator".
+        if cfg.family.layout.row_newlines:
+            self.image_newline = mx.zeros((lm.hidden_size,))
+        if cfg.family.layout.separator:
+            self.view_seperator = mx.zeros((lm.hidden_size,))
+
+    def build_vision(self, cfg: ModelConfig) -> None:
+        assert cfg.clip is not None
         self.sam_model = sam_module.ImageEncoderViT(cfg.sam)
         self.vision_model = clip_module.VitModel(cfg.clip)
         self.projector = Projector(cfg.projector.input_dim, cfg.projector.n_embed)
-        # The authors' spelling: "seperator".
-        self.image_newline = mx.zeros((lm.hidden_size,))
-        self.view_seperator = mx.zeros((lm.hidden_size,))
+
+    def vision_modules(self) -> list[Any]:
+        """Everything that is not the decoder (what the loader evaluates after it)."""
+        decoder = {"embed_tokens", "layers", "norm"}
+        return [value for name, value in self.items() if name not in decoder]
+
+    def project(self, sam_out: mx.array, clip_out: mx.array) -> mx.array:
+        """cat(CLIP tokens without CLS, SAM features) on channels -> projector: [B, g*g, hidden]."""
+        batch, grid_h, grid_w, channels = sam_out.shape
+        features = mx.concatenate([clip_out[:, 1:], sam_out.reshape(batch, grid_h * grid_w, channels)], axis=-1)
+        return self.projector(features)
+
+    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+        """[B, S, S, 3] NHWC pixels -> [B, g*g, hidden] projected features (row-major over the g x g grid)."""
+        sam_out = self.sam_model(pixels)
+        clip_out = self.vision_model(sam_out)
+        projected = self.project(sam_out, clip_out)
+        if record is not None:
+            record.update(sam_out=sam_out, clip_out=clip_out, projector_out=projected)
+        return projected
+
+
+class DeepseekOCR2Model(DeepseekOCRModel):
+    """`model.*` of DeepSeek-OCR 2: SAM (net_3 as wide as the encoder) + the Qwen2 encoder, whose query
+    outputs (one per vision token) go through the projector."""
+
+    TOWERS = ((SAM_PREFIX, sam_module.sanitize),)  # the Qwen2 encoder has no convolutions
+
+    def build_vision(self, cfg: ModelConfig) -> None:
+        assert cfg.qwen2 is not None
+        self.sam_model = sam_module.ImageEncoderViT(cfg.sam)
+        self.qwen2_model = Qwen2Decoder2Encoder(cfg.qwen2, cfg.family.view_sizes)
+        self.projector = Projector(cfg.projector.input_dim, cfg.projector.n_embed)
+
+    def project(self, queries: mx.array) -> mx.array:
+        return self.projector(queries)
+
+    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+        sam_out = self.sam_model(pixels)
+        batch, grid_h, grid_w, channels = sam_out.shape
+        full = self.qwen2_model(sam_out.reshape(batch, grid_h * grid_w, channels))
+        queries = full[:, grid_h * grid_w :]  # only the queries' outputs leave the encoder
+        projected = self.project(queries)
+        if record is not None:
+            record.update(sam_out=sam_out, qwen2_full_out=full, qwen2_out=queries, projector_out=projected)
+        return projected
+
+
+# Each family's `model.*` class; the decoder and everything after `embed_inputs` are shared.
+MODEL_CLASSES: dict[str, type[DeepseekOCRModel]] = {
+    DEEPSEEK_OCR.name: DeepseekOCRModel,
+    DEEPSEEK_OCR_2.name: DeepseekOCR2Model,
+}
 
 
 class DeepseekOCRForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DeepseekOCRModel(cfg)
+        self.model = MODEL_CLASSES[cfg.family.name](cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     @property
@@ -70,53 +139,50 @@ class DeepseekOCRForCausalLM(nn.Module):
 
     # ---- vision -------------------------------------------------------------------------------------
 
-    def vision_features(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
-        """[B, S, S, 3] NHWC pixels -> (SAM output [B, g, g, C], CLIP output [B, 1 + g*g, C])."""
-        sam_out = self.model.sam_model(pixels.astype(self.dtype))
-        return sam_out, self.model.vision_model(sam_out)
-
-    def project(self, sam_out: mx.array, clip_out: mx.array) -> mx.array:
-        """cat(CLIP tokens without CLS, SAM features) on channels -> projector: [B, g*g, hidden]."""
-        batch, grid_h, grid_w, channels = sam_out.shape
-        features = mx.concatenate(
-            [clip_out[:, 1:], sam_out.reshape(batch, grid_h * grid_w, channels)], axis=-1
-        )
-        return self.model.projector(features)
+    def project(self, *features: mx.array) -> mx.array:
+        """The family's projector step from its encoder outputs (v1: SAM and CLIP outputs; OCR 2: queries)."""
+        return self.model.project(*features)
 
     def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
         """[B, S, S, 3] NHWC pixels -> [B, g*g, hidden] projected features (row-major over the g x g grid)."""
-        sam_out, clip_out = self.vision_features(pixels)
-        projected = self.project(sam_out, clip_out)
-        if record is not None:
-            record.update(sam_out=sam_out, clip_out=clip_out, projector_out=projected)
-        return projected
+        return self.model.encode_views(pixels.astype(self.dtype), record)
 
-    def _with_newlines(self, grid: mx.array) -> mx.array:
-        """[rows, cols, H] -> [rows * (cols + 1), H] with `image_newline` closing every row."""
+    def _rows(self, grid: mx.array) -> mx.array:
+        """[rows, cols, H] -> its tokens row by row; `image_newline` closes each row if the layout says so."""
         rows, _, hidden = grid.shape
+        if not self.config.family.layout.row_newlines:
+            return grid.reshape(-1, hidden)
         newline = mx.broadcast_to(self.model.image_newline.astype(grid.dtype), (rows, 1, hidden))
         return mx.concatenate([grid, newline], axis=1).reshape(-1, hidden)
 
     def layout_image_tokens(
         self, global_features: mx.array, local_features: mx.array | None, crop_grid: tuple[int, int]
     ) -> mx.array:
-        """Projected views -> the image's token embeddings in sequence order.
+        """Projected views -> the image's token embeddings in the family's order (common.families.TokenLayout).
 
         `global_features` [g*g, H]; `local_features` [tiles, t*t, H] (row-major tiles of a crop grid of
-        (width tiles, height tiles)) or None. Order: [local rows..., global rows..., view separator], each
-        row closed by `image_newline`; the local tiles form one (h_tiles*t) x (w_tiles*t) grid.
+        (width tiles, height tiles)) or None. Order: [local tiles, global view, view separator]; the tiles
+        form one (h_tiles*t) x (w_tiles*t) grid when the layout stitches them, else follow tile by tile.
         """
+        layout = self.config.family.layout
         hidden = global_features.shape[-1]
         parts = []
         if local_features is not None:
             width_tiles, height_tiles = crop_grid
+            n_tiles = local_features.shape[0]
+            if n_tiles != width_tiles * height_tiles:
+                raise ValueError(f"{n_tiles} local views do not fill a {width_tiles}x{height_tiles} crop grid")
             tile = _square_side(local_features.shape[1])
-            tiles = local_features.reshape(height_tiles, width_tiles, tile, tile, hidden)
-            tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(height_tiles * tile, width_tiles * tile, hidden)
-            parts.append(self._with_newlines(tiles))
+            if layout.stitch_tiles:
+                tiles = local_features.reshape(height_tiles, width_tiles, tile, tile, hidden)
+                tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(height_tiles * tile, width_tiles * tile, hidden)
+            else:
+                tiles = local_features.reshape(n_tiles * tile, tile, hidden)
+            parts.append(self._rows(tiles))
         grid = _square_side(global_features.shape[0])
-        parts.append(self._with_newlines(global_features.reshape(grid, grid, hidden)))
-        parts.append(self.model.view_seperator.astype(global_features.dtype)[None])
+        parts.append(self._rows(global_features.reshape(grid, grid, hidden)))
+        if layout.separator:
+            parts.append(self.model.view_seperator.astype(global_features.dtype)[None])
         return mx.concatenate(parts, axis=0)
 
     def image_embeddings(self, image: ImageInput, record: dict[str, Any] | None = None) -> mx.array:
@@ -202,14 +268,11 @@ class DeepseekOCRForCausalLM(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Official Hugging Face names/layouts -> this model's; idempotent (sanitising twice equals once).
 
-        Per-expert tensors are stacked; SAM/CLIP conv weights go from OIHW to OHWI through their own
+        Per-expert tensors are stacked; the vision towers' conv weights go from OIHW to OHWI through their own
         `sanitize`. Nothing else is renamed or dropped.
         """
         weights = stack_experts(dict(weights), self.config.language)
-        for prefix, tower_sanitize in (
-            (SAM_PREFIX, sam_module.sanitize),
-            (CLIP_PREFIX, clip_module.sanitize),
-        ):
+        for prefix, tower_sanitize in self.model.TOWERS:
             tower = {k[len(prefix) :]: weights.pop(k) for k in [k for k in weights if k.startswith(prefix)]}
             weights.update({prefix + k: v for k, v in tower_sanitize(tower).items()})
         return weights

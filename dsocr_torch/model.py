@@ -1,7 +1,10 @@
-"""DeepSeek-OCR: SAM ViT-B + CLIP-L vision towers, a linear projector and the DeepSeek-V2 MoE decoder.
+"""DeepSeek-OCR and DeepSeek-OCR 2: a vision encoder, a linear projector and the DeepSeek-V2 MoE decoder.
 
-Attribute paths equal the checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`,
-`model.sam_model.neck.0.weight`, `lm_head.weight`, ...).
+DeepSeek-OCR encodes each view with SAM ViT-B + CLIP-L, DeepSeek-OCR 2 with SAM ViT-B + a Qwen2 encoder
+with learned queries; the decoder is the same. `MODEL_CLASSES` registers each family's `model.*` class; the
+token layout of both comes from the family's description (common.families). Attribute paths equal the
+checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`, `model.sam_model.neck.0.weight`,
+`model.qwen2_model.query_768.weight`, `lm_head.weight`, ...).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import torch
 from torch import nn
 
 from common.config import LanguageConfig, ModelConfig
+from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_torch.clip import VitModel
 from dsocr_torch.language import MLP, Attention, CacheWrite, KVCache, Linear, RMSNorm, Trace, rope_tables
 from dsocr_torch.moe import MoEFeedForward
+from dsocr_torch.qwen2 import Qwen2Decoder2Encoder
 from dsocr_torch.sam import ImageEncoderViT
 
 
@@ -47,7 +52,7 @@ class DeepseekV2DecoderLayer(nn.Module):
 
 
 class Projector(nn.Module):
-    """`model.projector.layers`: one Linear from [CLIP | SAM] features to the decoder width."""
+    """`model.projector.layers`: one Linear from the vision features to the decoder width."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -68,13 +73,18 @@ class ImageTensors:
 
 @dataclass
 class VisionTrace:
-    """Per-view intermediates for parity tests: sam_out, clip_out, projector_out for 'global'/'local'."""
+    """Per-view intermediates for parity tests ('global'/'local' -> what `encode_views` returns)."""
 
     views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     image_embeds: torch.Tensor | None = None
 
 
 class DeepseekOCRModel(nn.Module):
+    """`model.*` of DeepSeek-OCR: the decoder, SAM + CLIP-L, the projector and the layout embeddings.
+
+    Another family's class overrides `build_vision` and `encode_views`; the rest is shared.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         lm = cfg.language
@@ -82,15 +92,21 @@ class DeepseekOCRModel(nn.Module):
         self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
         self.layers = nn.ModuleList(DeepseekV2DecoderLayer(lm, i) for i in range(lm.num_hidden_layers))
         self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
-        self.sam_model = ImageEncoderViT(cfg.sam)
-        self.vision_model = VitModel(cfg.clip)
-        self.projector = Projector(cfg)
-        self.image_newline = nn.Parameter(torch.zeros(lm.hidden_size))
-        self.view_seperator = nn.Parameter(torch.zeros(lm.hidden_size))  # sic: the checkpoint's spelling
+        self.build_vision(cfg)
+        if cfg.family.layout.row_newlines:
+            self.image_newline = nn.Parameter(torch.zeros(lm.hidden_size))
+        if cfg.family.layout.separator:
+            self.view_seperator = nn.Parameter(torch.zeros(lm.hidden_size))  # sic: the checkpoint's spelling
         self._rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_cast: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- vision -------------------------------------------------------------------------------------
+    def build_vision(self, cfg: ModelConfig) -> None:
+        assert cfg.clip is not None
+        self.sam_model = ImageEncoderViT(cfg.sam)
+        self.vision_model = VitModel(cfg.clip)
+        self.projector = Projector(cfg)
+
     def encode_views(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixels [B, 3, S, S] -> SAM features, CLIP features and projected tokens [B, (S/64)^2, hidden]."""
         sam_out = self.sam_model(pixels)
@@ -98,9 +114,11 @@ class DeepseekOCRModel(nn.Module):
         features = torch.cat((clip_out[:, 1:], sam_out.flatten(2).transpose(1, 2)), dim=-1)
         return {"sam_out": sam_out, "clip_out": clip_out, "projector_out": self.projector(features)}
 
-    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid [rows, cols, hidden] -> [rows * (cols + 1), hidden] with image_newline closing every row."""
+    def _rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid [rows, cols, hidden] -> its tokens row by row; image_newline closes each row if the layout says so."""
         rows, _, hidden = grid.shape
+        if not self.config.family.layout.row_newlines:
+            return grid.reshape(-1, hidden)
         newline = self.image_newline.to(grid.dtype).view(1, 1, hidden).expand(rows, 1, hidden)
         return torch.cat((grid, newline), dim=1).reshape(-1, hidden)
 
@@ -120,7 +138,9 @@ class DeepseekOCRModel(nn.Module):
     def layout_image_tokens(
         self, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None, crop_grid: tuple[int, int]
     ) -> torch.Tensor:
-        """global [g*g, hidden], local [n_tiles, t*t, hidden] -> rows with newlines, local first, separator last."""
+        """global [g*g, hidden], local [n_tiles, t*t, hidden] -> the image's tokens in the family's layout:
+        local tiles, global view, separator (common.families.TokenLayout)."""
+        layout = self.config.family.layout
         side = _square_side(global_tokens.shape[0])
         parts = []
         if local_tokens is not None:
@@ -129,15 +149,19 @@ class DeepseekOCRModel(nn.Module):
             if n_tiles != width_tiles * height_tiles:
                 raise ValueError(f"{n_tiles} local views do not fill a {width_tiles}x{height_tiles} crop grid")
             tile_side = _square_side(per_tile)
-            # Tile t sits at row t // width_tiles, column t % width_tiles of the crop grid.
-            grid = (
-                local_tokens.view(height_tiles, width_tiles, tile_side, tile_side, hidden)
-                .permute(0, 2, 1, 3, 4)
-                .reshape(height_tiles * tile_side, width_tiles * tile_side, hidden)
-            )
-            parts.append(self._with_newlines(grid))
-        parts.append(self._with_newlines(global_tokens.view(side, side, -1)))
-        parts.append(self.view_seperator.to(global_tokens.dtype).view(1, -1))
+            if layout.stitch_tiles:
+                # Tile t sits at row t // width_tiles, column t % width_tiles of the crop grid.
+                grid = (
+                    local_tokens.view(height_tiles, width_tiles, tile_side, tile_side, hidden)
+                    .permute(0, 2, 1, 3, 4)
+                    .reshape(height_tiles * tile_side, width_tiles * tile_side, hidden)
+                )
+            else:  # tile after tile, each row-major
+                grid = local_tokens.reshape(n_tiles * tile_side, tile_side, hidden)
+            parts.append(self._rows(grid))
+        parts.append(self._rows(global_tokens.view(side, side, -1)))
+        if layout.separator:
+            parts.append(self.view_seperator.to(global_tokens.dtype).view(1, -1))
         return torch.cat(parts, dim=0)
 
     def embed(
@@ -253,11 +277,38 @@ class DeepseekOCRModel(nn.Module):
         return h
 
 
+class DeepseekOCR2Model(DeepseekOCRModel):
+    """`model.*` of DeepSeek-OCR 2: SAM ViT-B (net_3 as wide as the encoder) + the Qwen2 encoder, whose
+    query outputs (one per vision token) go through the projector."""
+
+    def build_vision(self, cfg: ModelConfig) -> None:
+        assert cfg.qwen2 is not None
+        self.sam_model = ImageEncoderViT(cfg.sam)
+        self.qwen2_model = Qwen2Decoder2Encoder(cfg.qwen2, cfg.family.view_sizes)
+        self.projector = Projector(cfg)
+
+    def encode_views(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pixels [B, 3, S, S] -> SAM features, encoder outputs and projected tokens [B, (S/64)^2, hidden]."""
+        sam_out = self.sam_model(pixels)
+        features = sam_out.flatten(2).transpose(1, 2)  # [B, n, dim], row-major over SAM's grid
+        full = self.qwen2_model(features)
+        queries = full[:, features.shape[1] :]  # only the queries' outputs leave the encoder
+        projected = self.projector(queries)
+        return {"sam_out": sam_out, "qwen2_full_out": full, "qwen2_out": queries, "projector_out": projected}
+
+
+# Each family's `model.*` class; the decoder and everything after `embed` are shared.
+MODEL_CLASSES: dict[str, type[DeepseekOCRModel]] = {
+    DEEPSEEK_OCR.name: DeepseekOCRModel,
+    DEEPSEEK_OCR_2.name: DeepseekOCR2Model,
+}
+
+
 class DeepseekOCRForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DeepseekOCRModel(cfg)
+        self.model = MODEL_CLASSES[cfg.family.name](cfg)
         self.lm_head = Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
 
     @property

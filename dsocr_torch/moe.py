@@ -141,7 +141,10 @@ class MoEFeedForward(nn.Module):
             out = self._routed_embedding_bag(flat, ids)
             return self._combine(out.view(n_tokens, self.top_k, hidden), weights, flat.dtype)
         if self._use_grouped_mm is None:
-            self._use_grouped_mm = _grouped_mm_works(flat, self.gate_up_by_input)
+            # Both products: grouped_mm needs 16-byte row strides, which an odd expert width can break in one only.
+            self._use_grouped_mm = _grouped_mm_works(flat, self.gate_up_by_input) and _grouped_mm_works(
+                flat, self.down_by_input
+            )
         flat_ids = ids.reshape(-1)
         # Sort the (token, slot) pairs by expert; all shapes are static (n_tokens * k rows).
         order = torch.argsort(flat_ids, stable=True)

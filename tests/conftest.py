@@ -16,6 +16,9 @@ if str(ROOT) not in sys.path:
 
 FIXTURES = ROOT / "tests" / "fixtures" / "deepseek-ocr"
 MODEL_DIR = FIXTURES / "model"
+# DeepSeek-OCR 2 (see its COPY.md for what differs from the shared set: view hashes, no SAM debug tensors).
+FIXTURES_V2 = ROOT / "tests" / "fixtures" / "deepseek-ocr-2"
+MODEL_DIR_V2 = FIXTURES_V2 / "model"
 
 
 @cache
@@ -71,6 +74,30 @@ def read_safetensors(path: Path) -> dict[str, Any]:
 def case_tensors(case_id: str) -> dict[str, Any]:
     """numpy arrays of cases/<id>.safetensors (bf16 entries, if any, come back as float32)."""
     return read_safetensors(FIXTURES / "cases" / f"{case_id}.safetensors")
+
+
+@cache
+def cases_manifest_v2() -> dict[str, Any]:
+    return json.loads((FIXTURES_V2 / "cases.json").read_text())
+
+
+def model_cases_v2() -> list[dict[str, Any]]:
+    """DeepSeek-OCR 2: the 11 image cases plus the text-only case, in manifest order."""
+    manifest = cases_manifest_v2()
+    return list(manifest["cases"]) + list(manifest["lm_only"])
+
+
+def case_by_id_v2(case_id: str) -> dict[str, Any]:
+    return next(c for c in model_cases_v2() if c["id"] == case_id)
+
+
+@cache
+def case_tensors_v2(case_id: str) -> dict[str, Any]:
+    return read_safetensors(FIXTURES_V2 / "cases" / f"{case_id}.safetensors")
+
+
+# The fixture set names DeepSeek-OCR 2's three settings after infer()'s arguments; dsocr's presets of them:
+V2_MODE_NAMES = {"default": "gundam", "nocrop_1024": "base", "nocrop_768": "small"}
 
 
 def rel_err(actual: Any, expected: Any) -> float:
