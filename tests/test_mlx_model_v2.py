@@ -187,7 +187,7 @@ def test_token_ids_and_raw_logits_match_fixtures(
 
 def test_backend_end_to_end_from_the_image(backend: Any, tokenizer: Tokenizer) -> None:
     """The MLX backend on a v2 checkpoint: real preprocessing and vision, infer()'s n-gram 20 ids."""
-    case = case_by_id_v2("pm04_receipt_tall_default")
+    case = case_by_id_v2("pm08_rgba_nocrop768")  # one 768 view: the cheapest vision path
     t = case_tensors_v2(case["id"])
     inputs = PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image_input(case)])
     result = GenerationLoop(backend, tokenizer).submit(inputs, SamplingParams(max_new_tokens=32)).run()
@@ -219,7 +219,7 @@ def test_real_checkpoint_maps_onto_real_model() -> None:
 def test_half_precision_runs_close(dtype: str, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Half precision on MLX-CPU through vision and decoder: loosely bounded (the reference moves ~1% in bf16)."""
     half = mlx_backend.load(MODEL_DIR_V2, device="cpu", dtype=dtype, max_batch=1, kv_cache_gib=0.25)
-    case = case_by_id_v2("pm04_receipt_tall_default")
+    case = case_by_id_v2("pm08_rgba_nocrop768")  # one 768 view: the cheapest vision path
     t = case_tensors_v2(case["id"])
     inputs = PreparedInputs(input_ids=t["input_ids"], images_seq_mask=t["images_seq_mask"], images=[image_input(case)])
     steps = recording_sample(half, monkeypatch)

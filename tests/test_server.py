@@ -507,7 +507,7 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
     for path in ("/v1/chat/completions", "/v1/responses"):
         strategy = schema[path]["POST"].as_strategy()
 
-        @settings(max_examples=15, deadline=None, database=None,
+        @settings(max_examples=8, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def check(case: Any) -> None:
@@ -518,7 +518,7 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
                 assert "error" in json.loads(response.text)
 
         check()
-    assert len(statuses) >= 20
+    assert len(statuses) >= 12
 
 
 def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
