@@ -75,6 +75,21 @@ def outputs(out_dir: Path) -> dict[str, Any]:
     return found
 
 
+def differences(got: dict[str, Any], expected: dict[str, Any]) -> str:
+    """Each output that differs, field by field (a failure names what changed, not just the file)."""
+    lines = []
+    for name in sorted(set(got) | set(expected)):
+        a, b = got.get(name), expected.get(name)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            lines += [f"{name}.{k}: {a.get(k)!r} != {b.get(k)!r}" for k in fields]
+        else:
+            lines.append(f"{name}: {a!r} != {b!r}")
+    return "\n".join(lines)
+
+
 def without_timings(records: list[dict[str, Any]]) -> list[str]:
     return sorted(json.dumps({k: v for k, v in r.items() if k != "timings"}, sort_keys=True) for r in records)
 
@@ -166,7 +181,7 @@ def test_same_outputs_as_a_local_run_then_resume(
     argv = [str(inputs), "-o", str(out_dir), "--json", "--dpi", "72", *FAST, *RAY_FLAGS, "--max-batch", "4"]
     code, out, err = run(argv, capsys)
     assert code == 1, err  # the corrupt PNG failed; everything else finished
-    assert outputs(out_dir) == local_run[0]
+    assert outputs(out_dir) == local_run[0], differences(outputs(out_dir), local_run[0])
     assert without_timings(json_lines(out)) == local_run[1]  # the --json lines too (the error line included)
     failed = json_lines((out_dir / "failed.jsonl").read_text())
     assert [(Path(f["source"]).name, f["name"]) for f in failed] == [("broken.png", "broken")]
@@ -184,7 +199,7 @@ def test_same_outputs_as_a_local_run_then_resume(
     assert err.count("] skipped ") == 4 and err.count("] ok ") == 1
     redone = [p.name for p, t in times.items() if not p.exists() or p.stat().st_mtime_ns != t]
     assert redone == ["doc_page002.json"]
-    assert outputs(out_dir) == local_run[0]
+    assert outputs(out_dir) == local_run[0], differences(outputs(out_dir), local_run[0])
     assert len(json_lines(out)) == 6  # stored records of the skipped pages, the redone page, the error line
     assert [name for name, _, _ in writes(tmp_path)[len(written):]] == ["doc_page002"]
 
@@ -211,7 +226,7 @@ def test_killed_actors_every_page_written_once(
     pids = {name: pid for name, pid, _ in written}
     assert pids[ray_faults.KILL_MID_PAGE] != mid  # redone by the actor that replaced the killed one
     assert pids[ray_faults.KILL_AFTER_WRITE] == after  # written before the kill, and not again after it
-    assert outputs(out_dir) == local_run[0]
+    assert outputs(out_dir) == local_run[0], differences(outputs(out_dir), local_run[0])
     # Ray's own messages about the dead workers stay off stdout, which holds exactly one JSON line per page.
     assert without_timings(json_lines(out)) == local_run[1]
     assert err.count("] ok ") == 5 and err.count("] failed ") == 1
