@@ -1,0 +1,59 @@
+"""common.documents: pdfium is entered by one thread at a time, whatever the documents."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pypdfium2
+import pytest
+
+from common.documents import open_document
+from tests.hostile import pdf_bytes
+
+
+class Overlap:
+    """Counts threads inside wrapped pdfium calls; each call lingers so that unserialised calls do overlap."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, function: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.inside += 1
+                self.calls += 1
+                self.most = max(self.most, self.inside)
+            try:
+                time.sleep(0.005)
+                return function(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.inside -= 1
+
+        return wrapped
+
+
+def test_pdfium_is_entered_by_one_thread_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Different PDFs opened, counted and rendered from 8 threads: no two pdfium calls ever overlap (pdfium keeps
+    global state across documents; without the process-wide lock this sees 8 threads inside at once)."""
+    overlap = Overlap()
+    monkeypatch.setattr(pypdfium2.PdfDocument, "__init__", overlap.wrap(pypdfium2.PdfDocument.__init__))
+    monkeypatch.setattr(pypdfium2.PdfPage, "render", overlap.wrap(pypdfium2.PdfPage.render))
+    pdfs = [pdf_bytes([(200 + 10 * i, 300)] * 3) for i in range(8)]
+
+    def pages(pdf: bytes) -> list[tuple[int, int]]:
+        document = open_document(pdf)
+        return [document.render(page, dpi=72).size for page in range(1, document.pages + 1)]
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(pages, pdfs * 2))
+    assert [len(s) for s in sizes] == [3] * 16
+    assert sizes[0][0] == (200, 300) and sizes[7][0] == (270, 300)
+    assert overlap.calls >= 16 * 4  # every open and render went through the wrappers
+    assert overlap.most == 1
