@@ -8,6 +8,7 @@ Every refusal is an InputError naming the field at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import InputError
 from common.modes import Mode
@@ -126,3 +127,19 @@ def check_stop_strings(stop: tuple[str, ...]) -> None:
 def check_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise InputError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
+
+
+def read_capped_text(path: Path, max_bytes: int, *, param: str, kind: str) -> str:
+    """A small text file (a prompt, a JSON schema) read with a cap, as UTF-8: a device like /dev/zero never ends.
+    InputError naming the file and `param`; `kind` says what the file should be ("a prompt")."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}", param=param) from None
+    if len(data) > max_bytes:
+        raise InputError(f"{path}: larger than {max_bytes:,} bytes; {kind} is far shorter", param=param)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text: {exc}", param=param) from None

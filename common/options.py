@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import InputError
 from common.families import ModelFamily, all_mode_names
-from common.limits import check_stop_strings
+from common.limits import check_stop_strings, read_capped_text
 from common.modes import Mode, resolve_mode
 from common.prompt import TASKS
 from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -114,15 +114,5 @@ class SamplingOptions:
 
 
 def read_prompt_file(path: Path, max_bytes: int = MAX_PROMPT_FILE_BYTES) -> str:
-    """A prompt file's text, read with a cap (a device like /dev/zero never ends)."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}", param="prompt_file") from None
-    if len(data) > max_bytes:
-        raise InputError(f"{path} is larger than {max_bytes:,} bytes; a prompt is far shorter", param="prompt_file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text: {exc}", param="prompt_file") from None
+    """A prompt file's text, read with a cap."""
+    return read_capped_text(path, max_bytes, param="prompt_file", kind="a prompt")

@@ -31,6 +31,7 @@ import llguidance.numpy as llg_numpy
 import numpy as np
 
 from common.errors import ConfigError, InputError, ModelNotFoundError
+from common.limits import read_capped_text
 
 # A schema is a request field; past this size it is refused before compiling.
 MAX_SCHEMA_CHARS = 100_000
@@ -179,17 +180,7 @@ def json_schema_spec(
 def json_schema_file_spec(path: Path) -> JsonSpec:
     """A spec from a JSON schema file (the CLI's --json-schema), read with a cap; errors name the file."""
     limit = 4 * MAX_SCHEMA_CHARS  # bytes: generous for indentation and multi-byte text
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}", param="json_schema") from None
-    if len(data) > limit:
-        raise InputError(f"{path}: larger than {limit:,} bytes; a JSON schema is far shorter", param="json_schema")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text: {exc}", param="json_schema") from None
+    text = read_capped_text(path, limit, param="json_schema", kind="a JSON schema")
     return json_schema_spec(text, where=str(path))
 
 
