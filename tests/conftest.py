@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,20 @@ def case_tensors_v2(case_id: str) -> dict[str, Any]:
 
 # The fixture set names DeepSeek-OCR 2's three settings after infer()'s arguments; dsocr's presets of them:
 V2_MODE_NAMES = {"default": "gundam", "nocrop_1024": "base", "nocrop_768": "small"}
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the block: the parity runs are tiny, and thread spinning on a busy 2-core machine
+    costs more than it gives."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rel_err(actual: Any, expected: Any) -> float:

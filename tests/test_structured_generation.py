@@ -30,7 +30,7 @@ from common.prompt import extract_fields, task_prompt
 from common.sampling import SamplingParams
 from common.structured import allowed_ids, bitmask_to_bool, json_object_spec, json_schema_spec
 from common.tokenizer import Tokenizer
-from tests.conftest import FIXTURES, MODEL_DIR
+from tests.conftest import FIXTURES, MODEL_DIR, one_torch_thread
 from tests.fakes import ScriptedBackend
 from tests.structured_cases import OPEN_ENDED_INTEGER, SCHEMAS, UNBOUNDED, is_valid, parses, validated
 
@@ -40,14 +40,10 @@ SAMPLERS = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.95, "seed":
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    loaded = Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32", max_batch=32)
-    yield loaded
-    loaded.close()
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        loaded = Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32", max_batch=32)
+        yield loaded
+        loaded.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from common.backend import PreparedInputs
 from common.generation import FINISH_CANCELLED
 from common.loop import GenerationLoop
 from common.sampling import SamplingParams
-from tests.conftest import MODEL_DIR, model_case_ids, rel_err
+from tests.conftest import MODEL_DIR, model_case_ids, one_torch_thread, rel_err
 from tests.test_torch_model import DEVICES, TOLERANCE, case_data, prepared_inputs
 
 # fixture key -> no_repeat_ngram_size used by the reference run (greedy: no ban; infer: 20; eval_mode: 35)
@@ -26,12 +26,10 @@ MAX_NEW = 32
 def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
     from dsocr_torch.backend import load
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    loaded = load(MODEL_DIR, device=request.param, dtype="float32", max_batch=40, kv_cache_gib=1.0)
-    yield loaded
-    loaded.close()
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        loaded = load(MODEL_DIR, device=request.param, dtype="float32", max_batch=40, kv_cache_gib=1.0)
+        yield loaded
+        loaded.close()
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +217,7 @@ def test_bfloat16_compute_runs_every_case(tokenizer: Any, capsys: pytest.Capture
     """bf16 is compared loosely (the reference itself moves ~1% in bf16): report, assert only that it runs."""
     from dsocr_torch.backend import load
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         bf16 = load(MODEL_DIR, device="cpu", dtype="bfloat16", kv_cache_gib=1.0)
         loop = GenerationLoop(bf16, tokenizer, max_batch=12)
         gens = {case_id: loop.submit(prepared_inputs(tokenizer, case_id), params(0)) for case_id in model_case_ids()}
@@ -234,5 +230,3 @@ def test_bfloat16_compute_runs_every_case(tokenizer: Any, capsys: pytest.Capture
             lines.append(f"{case_id}: greedy prefix equal {agree}/{MAX_NEW}")
         with capsys.disabled():
             print("\nbfloat16 compute vs float32 reference (batched):\n  " + "\n  ".join(lines))
-    finally:
-        torch.set_num_threads(threads)

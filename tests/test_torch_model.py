@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.sampling import SamplingParams
-from tests.conftest import FIXTURES, MODEL_DIR, model_case_ids, model_cases, rel_err
+from tests.conftest import FIXTURES, MODEL_DIR, model_case_ids, model_cases, one_torch_thread, rel_err
 
 TOLERANCE = 1e-4  # max|diff| <= 1e-4 x max|ref| per tensor
 IMAGE_CASES = [c["id"] for c in model_cases() if c.get("kind") != "lm_only"]
@@ -43,11 +43,8 @@ def case_info(case_id: str) -> dict[str, Any]:
 def model(request: pytest.FixtureRequest) -> Iterator[Any]:
     from dsocr_torch.loader import load_model
 
-    # One thread: the parity runs are tiny and thread spinning on a busy 2-core machine costs more than it gives.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(MODEL_DIR, device=request.param, dtype="float32")
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield load_model(MODEL_DIR, device=request.param, dtype="float32")
 
 
 def within(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:

@@ -20,7 +20,7 @@ from common.backend import PreparedInputs
 from common.families import DEEPSEEK_OCR_2
 from common.loop import GenerationLoop
 from common.sampling import SamplingParams
-from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, model_cases_v2, rel_err
+from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, model_cases_v2, one_torch_thread, rel_err
 
 # max|diff| <= TOLERANCE x max|ref| per tensor. The fixture README measures float32 reordering noise at
 # ~1e-7 relative and suggests ~1e-5 for an independent implementation.
@@ -49,10 +49,8 @@ def case_info(case_id: str) -> dict[str, Any]:
 def model(request: pytest.FixtureRequest) -> Iterator[Any]:
     from dsocr_torch.loader import load_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(MODEL_DIR_V2, device=request.param, dtype="float32")
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield load_model(MODEL_DIR_V2, device=request.param, dtype="float32")
 
 
 @pytest.fixture(scope="module")
