@@ -55,6 +55,7 @@ class DecodeGraphs:
             return self.model.decode_step(tokens, cache)
         bucket = next(b for b in self.batch_buckets if b >= batch)
         kv_length = self.kv_bucket(max(cache.host_lengths[:batch]) + 1)
+        cache.clean_to(min(bucket, cache.lanes), kv_length)  # the graph reads the padding lanes too
         self.tokens[:batch].copy_(tokens)
         self.tokens[batch:bucket].zero_()
         self.active[:batch].fill_(1)

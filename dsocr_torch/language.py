@@ -126,12 +126,20 @@ class KVCache:
     Allocated once, written in place; shapes never change. A lane holds one sequence; `lengths[l]` is the
     number of positions filled in lane l (device tensor, so a decode step reads its positions without a host
     sync) and `host_lengths` mirrors it for the host-side choices (how far a decode step has to read).
+
+    A batched step reads every lane up to the longest lane's end. Positions past a lane's own end get softmax
+    weight 0, but 0 x NaN is NaN, so whatever is read must be finite; the buffers are allocated empty (untouched
+    pages cost no memory), so `clean_to` zeroes each lane ahead of its reads, a block at a time, and `clean`
+    records how far each lane is known to be finite.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     lengths: torch.Tensor  # int64 [lanes]
     host_lengths: list[int]
+    clean: list[int] = field(default_factory=list)  # per lane: positions [0, clean) hold finite values
+
+    CLEAN_BLOCK = 256  # positions zeroed at once, past what a step needs
 
     @classmethod
     def allocate(
@@ -142,6 +150,7 @@ class KVCache:
             torch.empty(shape, device=device, dtype=dtype),
             torch.empty(shape, device=device, dtype=dtype),
             torch.zeros(lanes, device=device, dtype=torch.int64),
+            [0] * lanes,
             [0] * lanes,
         )
 
@@ -172,6 +181,17 @@ class KVCache:
     def set_length(self, lane: int, length: int) -> None:
         self.host_lengths[lane] = length
         self.lengths[lane] = length
+
+    def clean_to(self, lanes: int, end: int) -> None:
+        """Makes positions [0, end) of lanes [0, lanes) finite before a step reads them: a lane's own positions
+        are written; what lies past them is zeroed here unless an earlier call or sequence made it finite."""
+        for lane in range(lanes):
+            if self.clean[lane] < end:
+                start = max(self.clean[lane], self.host_lengths[lane])
+                stop = min(self.capacity, max(end, start) + self.CLEAN_BLOCK)
+                self.keys[:, lane, :, start:stop].zero_()
+                self.values[:, lane, :, start:stop].zero_()
+                self.clean[lane] = stop
 
     def move_lane(self, src: int, dst: int) -> None:
         """Copies lane `src`'s filled positions (every layer) into lane `dst`."""

@@ -233,6 +233,7 @@ class DeepseekOCRModel(nn.Module):
         batch = inputs_embeds.shape[0]
         host = cache.host_lengths[:batch]
         kv_length = max(host) + 1
+        cache.clean_to(batch, kv_length)
         hidden = self.decode_static(inputs_embeds, cache, kv_length, masked=min(host) + 1 != kv_length)
         cache.lengths[:batch] += 1
         for lane in range(batch):

@@ -72,6 +72,27 @@ def test_every_case_generated_together_matches_its_reference(backend: Any, token
     assert max(loop.batch_sizes) >= 10, loop.batch_sizes  # they really ran together
 
 
+def test_garbage_in_unwritten_cache_never_reaches_a_sequence(tokenizer: Any) -> None:
+    """A fresh cache is uninitialised memory: fill it with NaN and decode prompts of different lengths together.
+    Shorter lanes read past their end (weight 0, but 0 x NaN is NaN) unless what they read is made finite."""
+    from dsocr_torch.backend import load
+
+    with one_torch_thread():
+        fresh = load(MODEL_DIR, device="cpu", dtype="float32", max_batch=4, kv_cache_gib=0.25)
+        try:
+            fresh.cache.keys.fill_(float("nan"))
+            fresh.cache.values.fill_(float("nan"))
+            loop = GenerationLoop(fresh, tokenizer, max_batch=4)
+            cases = model_case_ids()[:4]
+            gens = {case_id: loop.submit(from_embeds(case_id), params(0)) for case_id in cases}
+            for case_id, gen in gens.items():
+                assert gen.run().token_ids == case_data(case_id)["greedy.ids"].tolist(), case_id
+            assert len({from_embeds(c).input_ids.shape[0] for c in cases}) > 1  # lanes of different lengths
+            assert max(loop.batch_sizes) == 4
+        finally:
+            fresh.close()
+
+
 def test_joining_and_cancelling_mid_flight(backend: Any, tokenizer: Any) -> None:
     loop = GenerationLoop(backend, tokenizer)
     early = ("pm01_doc_base", "pm12_text_only", "pm05_banner_wide_base")
