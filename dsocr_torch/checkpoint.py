@@ -9,12 +9,16 @@ resident memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,3 +198,32 @@ def file_fingerprint(file: Path) -> list[object]:
     and modification time."""
     stat = file.stat()
     return [os.path.realpath(file).rsplit(os.sep, 1)[-1], file.name, stat.st_size, stat.st_mtime_ns]
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fill the page tables of a range from the page cache in one call
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+def map_in(tensor: torch.Tensor) -> None:
+    """Maps the pages under a memory-mapped tensor into this process now, so a request does not take a page
+    fault per page later: the kernel fills the page tables in one call where it can, else a read per page."""
+    if tensor.numel() == 0:
+        return
+    madvise = _madvise()
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    stop = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if madvise is not None and madvise(start, stop - start, _MADV_POPULATE_READ) == 0:
+        return
+    tensor.reshape(-1).view(torch.uint8)[::_PAGE].sum()  # older kernels, other systems

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import LanguageConfig
+from dsocr_torch.onednn import pack_linear_weight
 
 
 def _onednn_linear_available() -> bool:
@@ -35,6 +36,7 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None  # oneDNN-layout weight set by pack_weight; None: use self.weight
+    packed_owner: torch.Tensor | None = None  # the mapped bytes under `packed`, when it does not own them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -76,15 +78,11 @@ class Linear(nn.Linear):
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
 
-    def use_packed(self, packed: torch.Tensor) -> None:
-        """Makes `packed` (from `pack_linear_weight`) this layer's weight; the plain Parameter becomes meta."""
-        self.packed = packed
+    def use_packed(self, packed: torch.Tensor, owner: torch.Tensor | None = None) -> None:
+        """Makes `packed` (from `pack_linear_weight`, or over the memory `owner` keeps alive) this layer's
+        weight; the plain Parameter becomes meta."""
+        self.packed, self.packed_owner = packed, owner
         self.weight = nn.Parameter(torch.empty(packed.shape, dtype=packed.dtype, device="meta"), requires_grad=False)
-
-
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A [out, in] bfloat16 CPU weight in oneDNN's blocked layout for one-row products (a new tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # 1: tuned for one row
 
 
 class RMSNorm(nn.Module):

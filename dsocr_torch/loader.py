@@ -5,10 +5,11 @@ before any weight is touched. Then, on the CPU:
 
 * a tensor used as stored (same dtype) is a view of the memory-mapped checkpoint: no copy and no memory of
   its own (the page cache's pages, shared with every reader of the file);
-* the decoder's dense weights, when packed for oneDNN (bfloat16, `pack=True`), are packed straight from the map;
-* the routed experts (stacked and transposed for the MoE kernels) and tensors converted to another dtype come
-  from the prepared-layout cache next to the model (`dsocr_torch.prepared`), which the first load writes.
-  Without it they are computed into memory of their own.
+* the routed experts (stacked and transposed for the MoE kernels), tensors converted to another dtype and the
+  decoder's dense weights packed for oneDNN (bfloat16, `pack=True`) come from the prepared-layout cache next
+  to the model (`dsocr_torch.prepared`), which the first load writes; packed weights are oneDNN tensors over
+  the mapped bytes (`dsocr_torch.onednn`). Without the cache they are computed into memory of their own.
+* every mapped page a request will read is mapped in at load, so the first request takes no page faults.
 
 The copying and packing run on a thread per core (each copy single-threaded, so no thread waits on another)
 and the progress callback counts the bytes that need that work. On CUDA each tensor goes from the map straight
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import mmap
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +39,26 @@ from dsocr_torch.checkpoint import (
     TensorEntry,
     aligned,
     checkpoint_index,
+    map_in,
 )
-from dsocr_torch.language import Linear, pack_linear_weight
+from dsocr_torch.language import Linear
 from dsocr_torch.model import DeepseekOCRForCausalLM
-from dsocr_torch.prepared import PreparedCache, cache_enabled, fingerprint, plan_slots, slot_views
+from dsocr_torch.onednn import (
+    MappedPacking,
+    mapped_packing,
+    pack_linear_weight,
+    packed_memory,
+    packed_metadata,
+    packing_fingerprint,
+)
+from dsocr_torch.prepared import (
+    PreparedCache,
+    PreparedTensors,
+    cache_enabled,
+    fingerprint,
+    plan_slots,
+    slot_views,
+)
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "TensorEntry", "checkpoint_index", "load_model"]
 
@@ -237,10 +253,12 @@ def _load_on_cpu(
 ) -> None:
     entries = checkpoint.entries
     meta = model.state_dict(keep_vars=True)
-    packed = {}
+    packed: dict[str, Linear] = {}
     if pack and Linear.packs(dtype, torch.device("cpu")):
         packed = {f"{name}.weight": linear for name, linear in model.decode_linears().items()}
-    # The prepared layout: the expert stacks, then every tensor stored in another dtype (or misaligned).
+    mapping = mapped_packing() if packed else None
+    # The prepared layout: the expert stacks, then every tensor stored in another dtype (or misaligned), then
+    # (where they can be mapped back) the packed weights.
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     sources: dict[str, str] = {}  # checkpoint name -> the prepared slot it goes into ("" for an expert)
     for name, moe in model.moe_layers():
@@ -259,52 +277,97 @@ def _load_on_cpu(
             sources[name] = name
             specs.append((name, target, tuple(meta[name].shape)))
     slots, size = plan_slots(specs)
+    packed_specs = [(name, dtype, tuple(meta[name].shape)) for name in packed] if mapping is not None else []
     prepared_cache = None
-    if cache_enabled(cache, size):
-        prepared_cache = PreparedCache(model_dir, dtype, fingerprint(checkpoint, dtype), slots, size)
+    if cache_enabled(cache, size + sum(entries[name].nbytes for name, _, _ in packed_specs)):
+        key = fingerprint(checkpoint, dtype, packing_fingerprint() if packed_specs else "")
+        prepared_cache = PreparedCache(model_dir, dtype, key, slots, size, packed_specs)
     prepared = prepared_cache.open() if prepared_cache is not None else None
-    writer = prepared_cache.create() if prepared_cache is not None and prepared is None else None
-    touched = {n: e for n, e in direct.items() if n not in _LOOKUP_TABLES}
-    work = sum(entries[n].nbytes for n in packed) + sum(e.nbytes for e in touched.values())
-    work += sum(s.nbytes for s in slots) if prepared is not None or writer is not None else 0
-    work += sum(entries[n].nbytes for n in sources) if prepared is None else 0
-    jobs = _Jobs(_Progress(progress, work))
-    if prepared is None:
-        prepared = writer.tensors if writer is not None else slot_views(torch.empty(size, dtype=torch.uint8), slots)
+    if prepared is not None and mapping is not None and not _packing_holds(mapping, prepared, files, entries, dtype):
+        log.info("packed weights in %s were packed for another CPU or oneDNN; rebuilding", prepared_cache.path)
+        prepared = None
+    touched = [files.view(entry) for name, entry in direct.items() if name not in _LOOKUP_TABLES]
+    for entry in direct.values():
+        files.prefetch(entry)
+    if prepared is not None:  # what was computed is in the cache: map it in (and pack what it cannot hold)
+        unpacked = [name for name in packed if name not in prepared.packed]
+        work = size + sum(m.nbytes for m, _ in prepared.packed.values()) + sum(t.nbytes for t in touched)
+        jobs = _Jobs(_Progress(progress, work + sum(entries[name].nbytes for name in unpacked)))
+        for name in unpacked:
+            jobs.pack(files, entries[name], packed[name], dtype)
+        jobs.map_in([*prepared.tensors.values(), *(memory for memory, _ in prepared.packed.values())])
+    else:
+        writing = prepared_cache is not None
+        work = sum(entries[n].nbytes for n in (*packed, *sources)) + sum(t.nbytes for t in touched)
+        work += (size + sum(entries[name].nbytes for name, _, _ in packed_specs)) if writing else 0
+        jobs = _Jobs(_Progress(progress, work))
+        for name, linear in packed.items():
+            jobs.pack(files, entries[name], linear, dtype)
+        writer = None
+        if writing:
+            if packed_specs:  # their sizes and layouts are known once they are packed
+                jobs.run()
+            layouts = {name: _packed_layout(packed[name].packed) for name, _, _ in packed_specs}
+            writer = prepared_cache.create(layouts)
+        computed = writer.tensors if writer is not None else slot_views(torch.empty(size, dtype=torch.uint8), slots)
         for name, moe in model.moe_layers():
-            stacks = prepared[f"{name}.gate_up_by_input"], prepared[f"{name}.down_by_input"]
+            stacks = computed[f"{name}.gate_up_by_input"], computed[f"{name}.down_by_input"]
             for key, view in moe.expert_weight_views(*stacks).items():
                 jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view)
         for name, slot in sources.items():
             if slot:
-                jobs.copy(files, entries[name], prepared[slot])
-    else:
-        jobs.touch(prepared.values())
-    for name, linear in packed.items():
-        jobs.pack(files, entries[name], linear, dtype)
-    for entry in direct.values():
-        files.prefetch(entry)
-    jobs.touch(files.view(entry) for entry in touched.values())
-    try:
-        jobs.run()
-    except BaseException:
+                jobs.copy(files, entries[name], computed[slot])
         if writer is not None:
-            writer.abort()
-        raise
-    if writer is not None:
-        committed = writer.commit()
-        if committed is not None:  # the same values, now read from the finished file
-            prepared = committed
-            jobs.touch(prepared.values())
+            for name, (memory, _) in writer.packed.items():
+                jobs.copy_packed(packed[name], memory, entries[name].nbytes)
+        try:
             jobs.run()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        prepared = writer.commit() if writer is not None else None
+        if prepared is not None:  # the same values, now read from the finished file
+            jobs.map_in([*prepared.tensors.values(), *(memory for memory, _ in prepared.packed.values())])
+        else:
+            prepared = PreparedTensors(computed, {})
+    jobs.map_in(touched)
+    jobs.run()
+    jobs.progress.finish()
     for name, moe in model.moe_layers():
-        stacks = prepared[f"{name}.gate_up_by_input"], prepared[f"{name}.down_by_input"]
+        stacks = prepared.tensors[f"{name}.gate_up_by_input"], prepared.tensors[f"{name}.down_by_input"]
         moe.bind_stacked_experts("cpu", dtype, stacks)
     for name, slot in sources.items():
         if slot:
-            _set_tensor(model, name, prepared[slot])
+            _set_tensor(model, name, prepared.tensors[slot])
+    for name, (memory, metadata) in prepared.packed.items():
+        assert mapping is not None
+        packed[name].use_packed(mapping.wrap(memory, tuple(meta[name].shape), dtype, metadata), owner=memory)
     for name, entry in direct.items():
         _set_tensor(model, name, files.view(entry))
+
+
+def _packed_layout(packed: torch.Tensor | None) -> tuple[int, bytes]:
+    assert packed is not None
+    return int(torch.ops.mkldnn._nbytes(packed)), packed_metadata(packed)
+
+
+def _packing_holds(
+    mapping: MappedPacking,
+    prepared: PreparedTensors,
+    files: MappedFiles,
+    entries: dict[str, TensorEntry],
+    dtype: torch.dtype,
+) -> bool:
+    """Whether this machine packs like the one that wrote the cache: the smallest packed weight, packed again."""
+    if not prepared.packed:
+        return True
+    name = min(prepared.packed, key=lambda n: entries[n].nbytes)
+    memory, metadata = prepared.packed[name]
+    try:
+        return mapping.matches(files.view(entries[name]).to(dtype), memory, metadata)
+    finally:
+        files.release(entries[name])
 
 
 def _load_on_device(
@@ -346,6 +409,11 @@ class _Progress:
     def __init__(self, callback: ProgressCallback | None, total: int) -> None:
         self.callback, self.total, self.done = callback, total, 0
 
+    def finish(self) -> None:
+        """The bar at its end, whatever the estimate was (a cache that could not be written does less work)."""
+        if self.callback is not None:
+            self.callback(PROGRESS_LABEL, self.done >> 20, self.done >> 20)
+
     def advance(self, nbytes: int) -> None:
         before, self.done = self.done >> 20, self.done + nbytes
         if self.callback is not None and (self.done >> 20 != before or self.done >= self.total):
@@ -373,12 +441,21 @@ class _Jobs:
 
         self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))
 
-    def touch(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Maps memory-mapped weights in now, a byte per page, rather than one page fault at a time in a request."""
+    def copy_packed(self, linear: Linear, target: torch.Tensor, nbytes: int) -> None:
+        """The packed weight's bytes into the cache file (counted as `nbytes` of progress)."""
+
+        def run() -> None:
+            assert linear.packed is not None
+            target.copy_(packed_memory(linear.packed))
+
+        self.items.append((("~packed", target.data_ptr()), nbytes, run))
+
+    def map_in(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Maps memory-mapped weights in now rather than one page fault at a time in a request."""
         for tensor in tensors:
             if tensor.numel():
                 order = (f"~{tensor.data_ptr()}", 0)  # after the file work, in address order
-                self.items.append((order, tensor.nbytes, functools.partial(_touch, tensor)))
+                self.items.append((order, tensor.nbytes, functools.partial(map_in, tensor)))
 
     def run(self) -> None:
         items, self.items = sorted(self.items, key=lambda item: item[0]), []
@@ -402,6 +479,3 @@ class _Jobs:
         finally:
             torch.set_num_threads(threads)
 
-
-def _touch(tensor: torch.Tensor) -> None:
-    tensor.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()

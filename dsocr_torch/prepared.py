@@ -1,15 +1,17 @@
 """The prepared-layout cache: the tensors whose in-memory layout is not the checkpoint's, kept on disk once.
 
 On the CPU most weights are used as stored and are memory-mapped from the checkpoint itself. The rest (the
-routed experts, stacked and transposed for the MoE kernels, and every tensor converted to another dtype) must
-be computed, and writing gigabytes of fresh memory costs more than reading the file. So the first load writes
-them, in their final layout, to `<model>/.dsocr-prepared/<dtype>.bin`, and later loads memory-map that file
-like the checkpoint: no copy, no fresh memory, pages shared with the page cache.
+routed experts, stacked and transposed for the MoE kernels, every tensor converted to another dtype, and the
+decoder's dense weights packed for oneDNN) must be computed, and writing gigabytes of fresh memory costs more
+than reading the file. So the first load writes them, in their final layout, to
+`<model>/.dsocr-prepared/<dtype>.bin`, and later loads memory-map that file like the checkpoint: no copy, no
+fresh memory, pages shared with the page cache.
 
 The file starts with a header naming the checkpoint's fingerprint (each shard's resolved name, size,
-modification time and safetensors header; a Hub blob's name is its sha256) and the tensors' names, dtypes,
-shapes and offsets; anything that differs makes the loader rebuild it. It is written under a temporary
-name, flushed to disk and renamed, so a crash never leaves a half-written cache behind the real name.
+modification time and safetensors header; a Hub blob's name is its sha256; with packed weights, also what
+decides oneDNN's layout) and the tensors' names, dtypes, shapes and offsets (and packed layouts); anything
+that differs makes the loader rebuild it. It is written under a temporary name, flushed to disk and renamed,
+so a crash never leaves a half-written cache behind the real name.
 Set DSOCR_PREPARED_CACHE=0 to never read or write it.
 """
 
@@ -25,6 +27,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ENV = "DSOCR_PREPARED_CACHE"
 CACHE_DIR = ".dsocr-prepared"
-MAGIC = b"DSOCR-PREPARED-1"
+MAGIC = b"DSOCR-PREPARED-2"
 _ALIGN = 4096  # each tensor starts on a page: views are aligned and unrelated tensors share no page
 _SPARE_BYTES = 1 << 30  # free disk left after writing the cache, at least
 MIN_BYTES = 256 << 20  # smaller prepared layouts are computed on every load (a tiny model gets no cache file)
@@ -65,17 +68,44 @@ class Slot:
         return [self.name, str(self.dtype).removeprefix("torch."), list(self.shape), self.offset]
 
 
+@dataclass(frozen=True)
+class PackedSlot:
+    """A oneDNN-packed weight: its bytes (an opaque blocked layout) and the description that rebuilds it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    metadata: bytes
+
+    def describe(self) -> list[object]:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return [self.name, dtype, list(self.shape), self.offset, self.nbytes, self.metadata.hex()]
+
+
+@dataclass
+class PreparedTensors:
+    tensors: dict[str, torch.Tensor]  # name -> tensor in its final layout
+    packed: dict[str, tuple[torch.Tensor, bytes]]  # name -> (its packed bytes, oneDNN's layout description)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 def plan_slots(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[list[Slot], int]:
     """Page-aligned places for `specs` (name, dtype, shape), in order; returns them and the data size."""
     slots, offset = [], 0
     for name, dtype, shape in specs:
         slots.append(Slot(name, dtype, tuple(shape), offset))
-        offset += -(-slots[-1].nbytes // _ALIGN) * _ALIGN
+        offset += _aligned(slots[-1].nbytes)
     return slots, offset
 
 
-def fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
-    parts: list[object] = [MAGIC.decode(), _DTYPE_NAMES.get(dtype, str(dtype))]
+def fingerprint(checkpoint: Checkpoint, dtype: torch.dtype, packing: str = "") -> str:
+    """The cache's key: the checkpoint's files and headers, the dtype and (`packing`) what decides packed layouts."""
+    parts: list[object] = [MAGIC.decode(), _DTYPE_NAMES.get(dtype, str(dtype)), packing]
     for file, header in sorted(checkpoint.headers.items()):
         parts.append([*file_fingerprint(file), hashlib.sha256(header).hexdigest()])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -88,75 +118,135 @@ def slot_views(buffer: torch.Tensor, slots: list[Slot], base: int = 0) -> dict[s
     }
 
 
-def _header(key: str, slots: list[Slot], data_size: int) -> bytes:
-    meta = json.dumps({"key": key, "slots": [s.describe() for s in slots], "data_size": data_size}).encode()
+def _packed_views(buffer: torch.Tensor, slots: list[PackedSlot], base: int) -> dict[str, tuple[torch.Tensor, bytes]]:
+    return {s.name: (buffer[base + s.offset : base + s.offset + s.nbytes], s.metadata) for s in slots}
+
+
+def _header(key: str, slots: list[Slot], packed: list[PackedSlot], data_size: int) -> bytes:
+    described = {"key": key, "slots": [s.describe() for s in slots], "packed": [s.describe() for s in packed]}
+    meta = json.dumps({**described, "data_size": data_size}).encode()
     head = MAGIC + struct.pack("<Q", len(meta)) + meta
     return head + b"\0" * (-len(head) % _ALIGN)
 
 
-class PreparedCache:
-    """One dtype's prepared tensors for one model folder."""
+def _read_header(handle: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The header's fields and its length (where the data starts); ValueError when it is not one."""
+    head = handle.read(len(MAGIC) + 8)
+    if len(head) != len(MAGIC) + 8 or not head.startswith(MAGIC):
+        raise ValueError("not a prepared-layout file of this version")
+    (length,) = struct.unpack("<Q", head[len(MAGIC) :])
+    if length > 1 << 26:
+        raise ValueError("header too long")
+    fields = json.loads(handle.read(length))
+    if not isinstance(fields, dict):
+        raise ValueError("header is not an object")
+    return fields, _aligned(len(head) + length)
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype, key: str, slots: list[Slot], data_size: int) -> None:
+
+def _packed_slots(described: list[list[Any]]) -> list[PackedSlot]:
+    slots = []
+    for name, dtype, shape, offset, nbytes, metadata in described:
+        slots.append(PackedSlot(name, getattr(torch, dtype), tuple(shape), offset, nbytes, bytes.fromhex(metadata)))
+    return slots
+
+
+class PreparedCache:
+    """One dtype's prepared tensors for one model folder.
+
+    `slots` are the tensors whose layout is known before loading; `packed` names the (name, dtype, shape) of
+    oneDNN-packed weights, whose sizes and layouts only packing tells: they are placed after the slots when
+    the file is written, and read back from its header.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: torch.dtype,
+        key: str,
+        slots: list[Slot],
+        data_size: int,
+        packed: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+    ) -> None:
         self.path = model_dir / CACHE_DIR / f"{_DTYPE_NAMES.get(dtype, 'other')}.bin"
         self.key, self.slots, self.data_size = key, slots, data_size
-        self.header = _header(key, slots, data_size)
+        self.packed = [(name, dtype, tuple(shape)) for name, dtype, shape in packed or []]
 
-    @property
-    def size(self) -> int:
-        return len(self.header) + self.data_size
-
-    def open(self) -> dict[str, torch.Tensor] | None:
+    def open(self) -> PreparedTensors | None:
         """The cached tensors as private maps of the file, or None when it is missing or stale."""
         try:
             with self.path.open("rb") as handle:
-                if handle.read(len(self.header)) != self.header or os.fstat(handle.fileno()).st_size != self.size:
+                fields, data_start = _read_header(handle)
+                packed = _packed_slots(fields.get("packed", []))
+                data_size = fields.get("data_size")
+                if (
+                    fields.get("key") != self.key
+                    or fields.get("slots") != [s.describe() for s in self.slots]
+                    or [(s.name, s.dtype, s.shape) for s in packed] != self.packed
+                    or not isinstance(data_size, int)
+                    or any(s.offset < self.data_size or s.offset + s.nbytes > data_size for s in packed)
+                    or os.fstat(handle.fileno()).st_size != data_start + data_size
+                ):
                     log.info("prepared-layout cache %s is stale; rebuilding it", self.path)
                     return None
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.info("prepared-layout cache %s is unreadable (%s); not using it", self.path, exc)
+        except (OSError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            log.info("prepared-layout cache %s is unreadable (%s); rebuilding it", self.path, exc)
             return None
-        return slot_views(torch.frombuffer(mapped, dtype=torch.uint8), self.slots, len(self.header))
+        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+        return PreparedTensors(slot_views(buffer, self.slots, data_start), _packed_views(buffer, packed, data_start))
 
-    def create(self) -> CacheWriter | None:
-        """A writer whose tensors are the new file's pages, or None where the folder cannot take the file."""
+    def create(self, packed_layouts: dict[str, tuple[int, bytes]] | None = None) -> CacheWriter | None:
+        """A writer whose tensors are the new file's pages, or None where the folder cannot take the file.
+
+        `packed_layouts`: name -> (bytes, oneDNN layout description) of every weight in `packed`.
+        """
+        packed_layouts = packed_layouts or {}
+        packed, offset = [], self.data_size
+        for name, dtype, shape in self.packed:
+            nbytes, metadata = packed_layouts[name]
+            packed.append(PackedSlot(name, dtype, shape, offset, nbytes, metadata))
+            offset += _aligned(nbytes)
+        header = _header(self.key, self.slots, packed, offset)
+        size = len(header) + offset
         folder = self.path.parent
         try:
             folder.mkdir(exist_ok=True)
             _remove_stale_temporaries(folder)
             free = shutil.disk_usage(folder).free
-            if free < self.size + _SPARE_BYTES:
+            if free < size + _SPARE_BYTES:
                 log.warning(
                     "not writing the prepared-layout cache: it needs %.1f GB and %s has %.1f GB free",
-                    self.size / 1e9, folder, free / 1e9,
+                    size / 1e9, folder, free / 1e9,
                 )
                 return None
             temporary = folder / f"{self.path.name}.tmp-{os.getpid()}"
             with temporary.open("w+b") as handle:
-                handle.truncate(self.size)  # sparse until written
-                handle.write(self.header)
-                mapped = mmap.mmap(handle.fileno(), self.size)  # shared: writes go to the file
+                handle.truncate(size)  # sparse until written
+                handle.write(header)
+                mapped = mmap.mmap(handle.fileno(), size)  # shared: writes go to the file
         except (OSError, ValueError) as exc:
             log.info("not writing the prepared-layout cache in %s (%s)", folder, exc)
             return None
-        log.info("writing the prepared-layout cache %s (%.1f GB, once)", self.path, self.size / 1e9)
+        log.info("writing the prepared-layout cache %s (%.1f GB, once)", self.path, size / 1e9)
         buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-        return CacheWriter(self, temporary, slot_views(buffer, self.slots, len(self.header)))
+        views = slot_views(buffer, self.slots, len(header))
+        written = PreparedTensors(views, _packed_views(buffer, packed, len(header)))
+        return CacheWriter(self, temporary, written)
 
 
 class CacheWriter:
-    def __init__(self, cache: PreparedCache, temporary: Path, tensors: dict[str, torch.Tensor]) -> None:
-        self.cache, self.temporary, self.tensors = cache, temporary, tensors
+    def __init__(self, cache: PreparedCache, temporary: Path, written: PreparedTensors) -> None:
+        self.cache, self.temporary = cache, temporary
+        self.tensors, self.packed = written.tensors, written.packed
 
-    def commit(self) -> dict[str, torch.Tensor] | None:
+    def commit(self) -> PreparedTensors | None:
         """Flushes the file to disk, gives it its real name and returns read maps of it (None on failure).
 
         The writable shared map is dropped: a stray in-place write to a weight must not reach the cache.
         """
-        self.tensors = {}
+        self.tensors, self.packed = {}, {}
         try:
             with self.temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -168,7 +258,7 @@ class CacheWriter:
         return self.cache.open()
 
     def abort(self) -> None:
-        self.tensors = {}
+        self.tensors, self.packed = {}, {}
         self.temporary.unlink(missing_ok=True)
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import CheckpointError
+from dsocr_torch.language import Linear
 from tests.conftest import MODEL_DIR
 
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -149,6 +150,77 @@ def test_packing_while_loading_equals_packing_after(model_dir: Path) -> None:
     assert all(linear.packed is not None and linear.weight.is_meta for linear in linears.values())
     assert packed.pack_for_cpu_decode() == count  # idempotent: already packed
     assert torch.equal(_logits(packed), _logits(later))
+
+
+needs_packing = pytest.mark.skipif(
+    not Linear.packs(torch.bfloat16, torch.device("cpu")), reason="no oneDNN bfloat16 packing on this CPU"
+)
+
+
+@needs_packing
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_packed_weights_are_mapped_from_the_cache(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsocr_torch.onednn import mapped_packing
+    from dsocr_torch.prepared import PreparedCache
+
+    if mapped_packing() is None:
+        pytest.skip("this torch build cannot map packed weights")
+    reference = _load(model_dir, "bfloat16", prepared_cache=False)
+    reference.pack_for_cpu_decode()
+    expected = _logits(reference)
+    first = _load(model_dir, "bfloat16", pack=True)  # packs, writes the cache, then maps it
+    monkeypatch.setattr(PreparedCache, "create", lambda *a: pytest.fail("a valid cache was written again"))
+    second = _load(model_dir, "bfloat16", pack=True)
+    cache = str(model_dir / CACHE / "bfloat16.bin")
+    for model in (first, second):
+        linears = model.decode_linears().values()
+        assert linears and all(linear.weight.is_meta for linear in linears)
+        assert {_mapped_file(torch.ops.mkldnn.data_ptr(linear.packed)) for linear in linears} == {cache}
+        assert torch.equal(_logits(model), expected)
+
+
+@needs_packing
+def test_packed_weights_from_another_machine_are_packed_again(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsocr_torch import loader
+    from dsocr_torch.onednn import MappedPacking, mapped_packing
+
+    if mapped_packing() is None:
+        pytest.skip("this torch build cannot map packed weights")
+    expected = _logits(_load(model_dir, "bfloat16", pack=True, prepared_cache=False))
+    _load(model_dir, "bfloat16", pack=True)
+    cache = model_dir / CACHE / "bfloat16.bin"
+
+    def rewritten(patch: tuple[object, str, object] | None = None) -> bool:
+        before = cache.stat().st_ino
+        with monkeypatch.context() as patched:
+            if patch is not None:
+                patched.setattr(*patch)
+            assert torch.equal(_logits(_load(model_dir, "bfloat16", pack=True)), expected)
+        return cache.stat().st_ino != before
+
+    assert not rewritten()
+    # another CPU, torch or oneDNN (the cache's key), or packing that gives other bytes (the check at load)
+    assert rewritten((loader, "packing_fingerprint", lambda: "another machine"))
+    assert rewritten((MappedPacking, "matches", lambda *args: False))
+
+
+@needs_packing
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_without_mapped_packing_weights_are_packed_on_every_load(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsocr_torch import loader
+
+    expected = _logits(_load(model_dir, "bfloat16", pack=True, prepared_cache=False))
+    monkeypatch.setattr(loader, "mapped_packing", lambda: None)
+    for _ in range(2):  # writes the cache, then reads it
+        model = _load(model_dir, "bfloat16", pack=True)
+        linears = model.decode_linears().values()
+        assert all(_mapped_file(torch.ops.mkldnn.data_ptr(linear.packed)) is None for linear in linears)
+        assert torch.equal(_logits(model), expected)
+    assert (model_dir / CACHE / "bfloat16.bin").is_file()
 
 
 def test_progress_counts_the_bytes_of_work(model_dir: Path) -> None:
