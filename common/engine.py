@@ -21,6 +21,7 @@ from common.families import family_named
 from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
 from common.loop import GenerationLoop
+from common.memory import collector_paused
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
@@ -51,6 +52,7 @@ class Engine:
         self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
+        self.load_timings: dict[str, float] = {}  # seconds: tokenizer_s, weights_s (set by Engine.load)
         self.loop = (
             GenerationLoop(backend, tokenizer, max_batch=max_batch, constraints=self.constraint_for)
             if backend is not None
@@ -81,20 +83,27 @@ class Engine:
         `kv_cache_gib`, `max_context` and `cuda_graphs` go to the backend (see `common.backend.load_backend`).
         """
         model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
-        config = load_config(model_dir)
-        tokenizer = Tokenizer.from_dir(model_dir)
-        loaded: Backend | None = None
-        if weights:
-            name, dev = select_backend(backend, device)
-            log.info("loading %s on %s/%s (dtype %s)", model_dir, name, dev, dtype)
+        timings: dict[str, float] = {}
+        with collector_paused():
+            config = load_config(model_dir)
             t0 = time.perf_counter()
-            loaded = load_backend(
-                name, model_dir, dev, dtype, progress,
-                max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs,
-            )
-            log.info("model loaded in %.1f s (%d lanes of %d positions)", time.perf_counter() - t0,
-                     loaded.lanes, loaded.lane_capacity)
-        return cls(model_dir, tokenizer, config, loaded, max_batch=max_batch)
+            tokenizer = Tokenizer.from_dir(model_dir)
+            timings["tokenizer_s"] = time.perf_counter() - t0
+            loaded: Backend | None = None
+            if weights:
+                name, dev = select_backend(backend, device)
+                log.info("loading %s on %s/%s (dtype %s)", model_dir, name, dev, dtype)
+                t0 = time.perf_counter()
+                loaded = load_backend(
+                    name, model_dir, dev, dtype, progress, max_batch=max_batch, kv_cache_gib=kv_cache_gib,
+                    max_context=max_context, cuda_graphs=cuda_graphs,
+                )
+                timings["weights_s"] = time.perf_counter() - t0
+                log.info("model loaded in %.1f s (%d lanes of %d positions)", timings["weights_s"],
+                         loaded.lanes, loaded.lane_capacity)
+        engine = cls(model_dir, tokenizer, config, loaded, max_batch=max_batch)
+        engine.load_timings = timings
+        return engine
 
     def prepare(self, prompt: str, images: list[Image.Image], mode: Mode) -> PreparedInputs:
         if mode.family != self.family.name:

@@ -89,9 +89,9 @@ class MoEFeedForward(nn.Module):
         `gate_up` (a gate_up_by_input) and `down` (a down_by_input)."""
         gate_up, down, inter = gate_up.transpose(1, 2), down.transpose(1, 2), self.intermediate
         views = {}
-        for i in range(self.num_experts):
-            views |= {f"{i}.gate_proj": gate_up[i, :inter], f"{i}.up_proj": gate_up[i, inter:]}
-            views[f"{i}.down_proj"] = down[i]
+        parts = (gate_up[:, :inter].unbind(0), gate_up[:, inter:].unbind(0), down.unbind(0))
+        for i, (gate, up, down_i) in enumerate(zip(*parts, strict=True)):
+            views[f"{i}.gate_proj"], views[f"{i}.up_proj"], views[f"{i}.down_proj"] = gate, up, down_i
         return views
 
     def bind_stacked_experts(
@@ -114,7 +114,8 @@ class MoEFeedForward(nn.Module):
         self.down_stacked = self.down_by_input.transpose(1, 2)
         for name, view in self.expert_weight_views(*storage).items():
             index, proj = name.split(".")
-            getattr(self.experts[int(index)], proj).weight = nn.Parameter(view, requires_grad=False)
+            # Straight into _parameters: Module.__setattr__ costs more than the view, thousands of times a load.
+            getattr(self.experts[int(index)], proj)._parameters["weight"] = nn.Parameter(view, requires_grad=False)
         self._use_grouped_mm = None
         self._bag_ranges = {}
 
