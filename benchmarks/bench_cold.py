@@ -292,8 +292,10 @@ def measure(args: argparse.Namespace, base: str, before_root: Path) -> dict[str,
         log(f"after {dtype}: first load, writing the prepared-layout cache ...")
         prepare[dtype] = run_worker(args, ROOT, dtype, {"DSOCR_PREPARED_CACHE": "1"}, load_only=True)["load_s"]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {d: {s: [] for s in sides} for d in dtypes}
-    for repeat in range(args.repeat):
-        for dtype in dtypes:
+    # One dtype's runs together: float32 runs between bfloat16 ones would push the bfloat16 files out of the
+    # page cache and churn the machine's memory, which the next run's first page would pay for.
+    for dtype in dtypes:
+        for repeat in range(args.repeat):
             for side, (root, env) in sides.items():
                 needed = 1.2 * info["weight_bytes"] / GiB * (2 if dtype == "float32" else 1)
                 if available_gib() < needed:

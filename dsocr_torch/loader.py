@@ -342,7 +342,12 @@ def _load_on_cpu(
             _set_tensor(model, name, prepared.tensors[slot])
     for name, (memory, metadata) in prepared.packed.items():
         assert mapping is not None
-        packed[name].use_packed(mapping.wrap(memory, tuple(meta[name].shape), dtype, metadata), owner=memory)
+        try:
+            packed[name].use_packed(mapping.wrap(memory, tuple(meta[name].shape), dtype, metadata), owner=memory)
+        except RuntimeError as exc:  # a cache written by other code: pack this one from the checkpoint
+            log.warning("packed weight %s not usable from the cache (%s); packing it", name, exc)
+            packed[name].use_packed(pack_linear_weight(files.view(entries[name]).to(dtype)))
+            files.release(entries[name])
     for name, entry in direct.items():
         _set_tensor(model, name, files.view(entry))
 

@@ -108,12 +108,23 @@ class MappedPacking:
 
 @functools.cache
 def mapped_packing() -> MappedPacking | None:
-    """The shim binding, or None where this torch build lacks a piece of it."""
+    """The shim binding, tried once on a small weight; None where this torch build lacks a piece of it or
+    the rebuilt tensor does not compute what the packed one does."""
     if not sys.platform.startswith("linux"):
         return None  # packing is an x86/Linux oneDNN path; elsewhere weights are not packed at all
     try:
-        return MappedPacking()
-    except (AttributeError, OSError, RuntimeError) as exc:
+        binding = MappedPacking()
+        weight = (torch.arange(48 * 40, dtype=torch.float32).reshape(48, 40) % 7 - 3).to(torch.bfloat16)
+        packed = pack_linear_weight(weight)
+        memory = packed_memory(packed).clone()
+        rebuilt = binding.wrap(memory, (48, 40), torch.bfloat16, packed_metadata(packed))
+        x = torch.linspace(-1, 1, 40).to(torch.bfloat16)[None]
+        expected = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, rebuilt, None, "none", [], ""), expected):
+            raise RuntimeError("a rebuilt packed weight computes something else")
+        del rebuilt  # before `memory`, which it does not own
+        return binding
+    except Exception as exc:  # any missing or changed piece of a private torch API means: pack on every load
         log.info("packed weights cannot be mapped from the cache (%s); they are packed on every load", exc)
         return None
 

@@ -223,6 +223,17 @@ def test_without_mapped_packing_weights_are_packed_on_every_load(
     assert (model_dir / CACHE / "bfloat16.bin").is_file()
 
 
+def test_loads_where_the_kernel_cannot_fill_page_tables(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsocr_torch import checkpoint
+
+    reference = _logits(_load(model_dir, "bfloat16", prepared_cache=False))
+    _load(model_dir, "bfloat16")  # writes the cache
+    calls: list[int] = []
+    monkeypatch.setattr(checkpoint, "_madvise", lambda: lambda start, length, advice: calls.append(advice) or -1)
+    assert torch.equal(_logits(_load(model_dir, "bfloat16")), reference)  # maps pages in a read per page instead
+    assert calls and set(calls) == {checkpoint._MADV_POPULATE_READ}
+
+
 def test_progress_counts_the_bytes_of_work(model_dir: Path) -> None:
     calls: list[tuple[str, int, int]] = []
     _load(model_dir, prepared_cache=False, progress=lambda what, done, total: calls.append((what, done, total)))
