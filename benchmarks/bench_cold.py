@@ -241,6 +241,7 @@ def main() -> None:
                         help="also run 'after' with DSOCR_PREPARED_CACHE=0")
     parser.add_argument("--keep-cache", action="store_true", help="keep the prepared-layout files (GBs) afterwards")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--table", type=Path, help="print the tables of results written by --json, run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -249,6 +250,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.table:
+        print_table(json.loads(args.table.read_text()))
         return
 
     from benchmarks.bench_torch import write_random_checkpoint
@@ -350,7 +354,10 @@ def dtype_table(dtype: str, sides: dict[str, list[dict[str, Any]]], info: dict[s
         table.add_row(label, *[fmt.format(med(side, key)) if has(side, key) else "-" for side in sides], target)
 
     weights_ratio = med("after", "load_weights_s") / read_s
-    ttft_ratio = med("after", "ttft1_s") / med("after", "ttft2_s")
+    def ttft_ratios(side: str) -> list[float]:  # each process's own first / second page: same machine state
+        return sorted(r["ttft1_s"] / r["ttft2_s"] for r in sides[side])
+
+    ttft_ratio = ttft_ratios("after")[len(sides["after"]) // 2]
     rss_margin = med("after", "peak_rss_gib") - weights_gib
     row("imports (s)", "imports_s")
     row("load (s)", "load_s")
@@ -362,8 +369,8 @@ def dtype_table(dtype: str, sides: dict[str, list[dict[str, Any]]], info: dict[s
     table.add_row("  weights / page-cache read", *weights_read, "")
     row("first page TTFT (s)", "ttft1_s")
     row("second page TTFT (s)", "ttft2_s")
-    table.add_row("  first / second TTFT", *[f"{med(s, 'ttft1_s') / med(s, 'ttft2_s'):.2f}×" for s in sides],
-                  f"≤ 1.15×: {ttft_ratio:.2f}× {_ok(ttft_ratio <= 1.15)}")
+    table.add_row("  first / second TTFT, per process", *[" ".join(f"{x:.2f}" for x in ttft_ratios(s)) for s in sides],
+                  f"≤ 1.15× (median): {ttft_ratio:.2f}× {_ok(ttft_ratio <= 1.15)}")
     row(f"first page total, {med('after', 'tokens1'):.0f} tokens (s)", "total1_s")
     row("decode, first page (tok/s)", "decode1_tok_s", "{:.1f}")
     row("whole process, launch to last token (s)", "whole_s")
