@@ -291,14 +291,13 @@ def measure(args: argparse.Namespace, base: str, before_root: Path) -> dict[str,
     info["read_fresh_s"] = read_into_fresh_memory_s(checkpoint_files(args.model_dir))
     log(f"checkpoint read from the page cache: {info['read_s']} s (threads: seconds); load average {load_average()}")
     prepare: dict[str, float] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {d: {s: [] for s in sides} for d in dtypes}
+    # One dtype at a time, its cache written just before its runs: float32's 13 GB between bfloat16 runs would
+    # push the bfloat16 files out of the page cache and churn the machine's memory, which the next run would pay.
     for dtype in dtypes:
         (args.model_dir / ".dsocr-prepared" / f"{dtype}.bin").unlink(missing_ok=True)
         log(f"after {dtype}: first load, writing the prepared-layout cache ...")
         prepare[dtype] = run_worker(args, ROOT, dtype, {"DSOCR_PREPARED_CACHE": "1"}, load_only=True)["load_s"]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {d: {s: [] for s in sides} for d in dtypes}
-    # One dtype's runs together: float32 runs between bfloat16 ones would push the bfloat16 files out of the
-    # page cache and churn the machine's memory, which the next run's first page would pay for.
-    for dtype in dtypes:
         for repeat in range(args.repeat):
             for side, (root, env) in sides.items():
                 needed = 1.2 * info["weight_bytes"] / GiB * (2 if dtype == "float32" else 1)
