@@ -209,6 +209,9 @@ def run_worker(args: argparse.Namespace, root: Path, dtype: str, env: dict[str, 
     if not (cached and dtype == "float32"):
         files += checkpoint_files(args.model_dir)
     read_files(files, 1)
+    # A settled machine: the previous worker's gigabytes were just freed, and handing them back keeps the kernel
+    # busy for a few seconds (on a VM that returns free memory to its host, longer).
+    time.sleep(args.settle)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", str(root), "--dtype", dtype,
                "--model-dir", str(args.model_dir), "--tokens", str(args.tokens), "--threads", str(args.threads),
                "--images", *map(str, args.images)]
@@ -240,6 +243,7 @@ def main() -> None:
     parser.add_argument("--no-cache-side", action=argparse.BooleanOptionalAction, default=True,
                         help="also run 'after' with DSOCR_PREPARED_CACHE=0")
     parser.add_argument("--keep-cache", action="store_true", help="keep the prepared-layout files (GBs) afterwards")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds of quiet before each run (default 5)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--table", type=Path, help="print the tables of results written by --json, run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
