@@ -222,12 +222,14 @@ def load_model(
     cfg = load_config(model_dir)
     checkpoint = Checkpoint.open(model_dir)
     model = build_meta_model(cfg)
-    check_checkpoint(expected_tensors(model), checkpoint.entries, model_dir)
+    meta = model.state_dict(keep_vars=True)
+    check_checkpoint({name: tuple(t.shape) for name, t in meta.items()}, checkpoint.entries, model_dir)
     files = MappedFiles()
     with torch.no_grad():
         if torch_device.type == "cpu":
             _load_on_cpu(
-                model, model_dir, checkpoint, files, torch_dtype, pack=pack, cache=prepared_cache, progress=progress
+                model, meta, model_dir, checkpoint, files, torch_dtype, pack=pack, cache=prepared_cache,
+                progress=progress,
             )
         else:
             _load_on_device(model, checkpoint, files, torch_device, torch_dtype, progress)
@@ -242,6 +244,7 @@ _LOOKUP_TABLES = frozenset({"model.embed_tokens.weight"})
 
 def _load_on_cpu(
     model: DeepseekOCRForCausalLM,
+    meta: dict[str, torch.Tensor],
     model_dir: Path,
     checkpoint: Checkpoint,
     files: MappedFiles,
@@ -251,8 +254,9 @@ def _load_on_cpu(
     cache: bool | None,
     progress: ProgressCallback | None,
 ) -> None:
+    """`meta`: the model's state dict, still on the meta device."""
     entries = checkpoint.entries
-    meta = model.state_dict(keep_vars=True)
+    moe_layers = model.moe_layers()
     packed: dict[str, Linear] = {}
     if pack and Linear.packs(dtype, torch.device("cpu")):
         packed = {f"{name}.weight": linear for name, linear in model.decode_linears().items()}
@@ -261,7 +265,7 @@ def _load_on_cpu(
     # (where they can be mapped back) the packed weights.
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     sources: dict[str, str] = {}  # checkpoint name -> the prepared slot it goes into ("" for an expert)
-    for name, moe in model.moe_layers():
+    for name, moe in moe_layers:
         shapes = moe.stack_shapes()
         specs += [(f"{name}.gate_up_by_input", dtype, shapes[0]), (f"{name}.down_by_input", dtype, shapes[1])]
         metas = (torch.empty(shapes[0], device="meta"), torch.empty(shapes[1], device="meta"))
@@ -310,7 +314,7 @@ def _load_on_cpu(
             layouts = {name: _packed_layout(packed[name].packed) for name, _, _ in packed_specs}
             writer = prepared_cache.create(layouts)
         computed = writer.tensors if writer is not None else slot_views(torch.empty(size, dtype=torch.uint8), slots)
-        for name, moe in model.moe_layers():
+        for name, moe in moe_layers:
             stacks = computed[f"{name}.gate_up_by_input"], computed[f"{name}.down_by_input"]
             for key, view in moe.expert_weight_views(*stacks).items():
                 jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view)
@@ -334,7 +338,7 @@ def _load_on_cpu(
     jobs.map_in(touched)
     jobs.run()
     jobs.progress.finish()
-    for name, moe in model.moe_layers():
+    for name, moe in moe_layers:
         stacks = prepared.tensors[f"{name}.gate_up_by_input"], prepared.tensors[f"{name}.down_by_input"]
         moe.bind_stacked_experts("cpu", dtype, stacks)
     for name, slot in sources.items():

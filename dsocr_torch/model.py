@@ -9,6 +9,7 @@ checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`, `model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -298,6 +299,15 @@ class DeepseekOCR2Model(DeepseekOCRModel):
         return {"sam_out": sam_out, "qwen2_full_out": full, "qwen2_out": queries, "projector_out": projected}
 
 
+def _dense_linears(module: nn.Module, prefix: str) -> Iterator[tuple[str, Linear]]:
+    """(name, Linear) under `module` in module order, leaving out routed experts."""
+    for name, child in module.named_children():
+        if isinstance(child, Linear):
+            yield f"{prefix}.{name}", child
+        elif not (isinstance(module, MoEFeedForward) and child is module.experts):
+            yield from _dense_linears(child, f"{prefix}.{name}")
+
+
 # Each family's `model.*` class; the decoder and everything after `embed` are shared.
 MODEL_CLASSES: dict[str, type[DeepseekOCRModel]] = {
     DEEPSEEK_OCR.name: DeepseekOCRModel,
@@ -333,16 +343,12 @@ class DeepseekOCRForCausalLM(nn.Module):
 
     def decode_linears(self) -> dict[str, Linear]:
         """The Linear layers `pack_for_cpu_decode` packs, by module name: the decoder's, without routed experts."""
-        experts = {id(linear) for _, moe in self.moe_layers() for linear in moe.experts.modules()}
-        found = {
-            f"model.layers.{name}": module
-            for name, module in self.model.layers.named_modules()
-            if isinstance(module, Linear) and id(module) not in experts
-        }
-        return found | {"lm_head": self.lm_head}
+        return dict(_dense_linears(self.model.layers, "model.layers")) | {"lm_head": self.lm_head}
 
     def moe_layers(self) -> list[tuple[str, MoEFeedForward]]:
-        return [(name, module) for name, module in self.named_modules() if isinstance(module, MoEFeedForward)]
+        # Only a decoder layer's `mlp` is ever one: no walk over the thousands of expert modules.
+        layers = enumerate(self.model.layers)
+        return [(f"model.layers.{i}.mlp", layer.mlp) for i, layer in layers if isinstance(layer.mlp, MoEFeedForward)]
 
     def new_cache(self, capacity: int, lanes: int = 1) -> KVCache:
         return KVCache.allocate(self.config.language, lanes, capacity, self.device, self.cache_dtype)
