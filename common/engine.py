@@ -21,7 +21,7 @@ from common.families import family_named
 from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
 from common.loop import GenerationLoop
-from common.memory import collector_paused
+from common.memory import collector_paused, keep_freed_heap
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
@@ -84,6 +84,8 @@ class Engine:
         """
         model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
         timings: dict[str, float] = {}
+        if weights:
+            keep_freed_heap()
         with collector_paused():
             config = load_config(model_dir)
             t0 = time.perf_counter()
