@@ -295,11 +295,11 @@ def _load_on_cpu(
         files.prefetch(entry)
     if prepared is not None:  # what was computed is in the cache: map it in (and pack what it cannot hold)
         unpacked = [name for name in packed if name not in prepared.packed]
-        work = size + sum(m.nbytes for m, _ in prepared.packed.values()) + sum(t.nbytes for t in touched)
+        work = sum(t.nbytes for t in (*prepared.buffers(), *touched))
         jobs = _Jobs(_Progress(progress, work + sum(entries[name].nbytes for name in unpacked)))
         for name in unpacked:
             jobs.pack(files, entries[name], packed[name], dtype)
-        jobs.map_in([*prepared.tensors.values(), *(memory for memory, _ in prepared.packed.values())])
+        jobs.map_in(prepared.buffers())
     else:
         writing = prepared_cache is not None
         work = sum(entries[n].nbytes for n in (*packed, *sources)) + sum(t.nbytes for t in touched)
@@ -332,7 +332,7 @@ def _load_on_cpu(
             raise
         prepared = writer.commit() if writer is not None else None
         if prepared is not None:  # the same values, now read from the finished file
-            jobs.map_in([*prepared.tensors.values(), *(memory for memory, _ in prepared.packed.values())])
+            jobs.map_in(prepared.buffers())
         else:
             prepared = PreparedTensors(computed, {})
     jobs.map_in(touched)
@@ -350,10 +350,14 @@ def _load_on_cpu(
             packed[name].use_packed(mapping.wrap(memory, tuple(meta[name].shape), dtype, metadata), owner=memory)
         except RuntimeError as exc:  # a cache written by other code: pack this one from the checkpoint
             log.warning("packed weight %s not usable from the cache (%s); packing it", name, exc)
-            packed[name].use_packed(pack_linear_weight(files.view(entries[name]).to(dtype)))
-            files.release(entries[name])
+            _pack_from_checkpoint(files, entries[name], packed[name], dtype)
     for name, entry in direct.items():
         _set_tensor(model, name, files.view(entry))
+
+
+def _pack_from_checkpoint(files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:
+    linear.use_packed(pack_linear_weight(files.view(entry).to(dtype)))
+    files.release(entry)  # only the packed copy is used from now on
 
 
 def _packed_layout(packed: torch.Tensor | None) -> tuple[int, bytes]:
@@ -444,10 +448,7 @@ class _Jobs:
         self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))
 
     def pack(self, files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:
-        def run() -> None:
-            linear.use_packed(pack_linear_weight(files.view(entry).to(dtype)))
-            files.release(entry)
-
+        run = functools.partial(_pack_from_checkpoint, files, entry, linear, dtype)
         self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))
 
     def copy_packed(self, linear: Linear, target: torch.Tensor, nbytes: int) -> None:

@@ -89,6 +89,10 @@ class PreparedTensors:
     tensors: dict[str, torch.Tensor]  # name -> tensor in its final layout
     packed: dict[str, tuple[torch.Tensor, bytes]]  # name -> (its packed bytes, oneDNN's layout description)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor and packed weight's bytes: what a load maps in."""
+        return [*self.tensors.values(), *(memory for memory, _ in self.packed.values())]
+
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
@@ -118,8 +122,10 @@ def slot_views(buffer: torch.Tensor, slots: list[Slot], base: int = 0) -> dict[s
     }
 
 
-def _packed_views(buffer: torch.Tensor, slots: list[PackedSlot], base: int) -> dict[str, tuple[torch.Tensor, bytes]]:
-    return {s.name: (buffer[base + s.offset : base + s.offset + s.nbytes], s.metadata) for s in slots}
+def _prepared_views(buffer: torch.Tensor, slots: list[Slot], packed: list[PackedSlot], base: int) -> PreparedTensors:
+    """The slots' tensors and the packed weights' bytes, viewing the uint8 `buffer` from `base` on."""
+    packed_views = {s.name: (buffer[base + s.offset : base + s.offset + s.nbytes], s.metadata) for s in packed}
+    return PreparedTensors(slot_views(buffer, slots, base), packed_views)
 
 
 def _header(key: str, slots: list[Slot], packed: list[PackedSlot], data_size: int) -> bytes:
@@ -194,8 +200,7 @@ class PreparedCache:
         except (OSError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             log.info("prepared-layout cache %s is unreadable (%s); rebuilding it", self.path, exc)
             return None
-        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-        return PreparedTensors(slot_views(buffer, self.slots, data_start), _packed_views(buffer, packed, data_start))
+        return _prepared_views(torch.frombuffer(mapped, dtype=torch.uint8), self.slots, packed, data_start)
 
     def create(self, packed_layouts: dict[str, tuple[int, bytes]] | None = None) -> CacheWriter | None:
         """A writer whose tensors are the new file's pages, or None where the folder cannot take the file.
@@ -230,9 +235,7 @@ class PreparedCache:
             log.info("not writing the prepared-layout cache in %s (%s)", folder, exc)
             return None
         log.info("writing the prepared-layout cache %s (%.1f GB, once)", self.path, size / 1e9)
-        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-        views = slot_views(buffer, self.slots, len(header))
-        written = PreparedTensors(views, _packed_views(buffer, packed, len(header)))
+        written = _prepared_views(torch.frombuffer(mapped, dtype=torch.uint8), self.slots, packed, len(header))
         return CacheWriter(self, temporary, written)
 
 
