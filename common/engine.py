@@ -21,7 +21,7 @@ from common.families import family_named
 from common.generation import Generation, GenerationResult, Listener, crop_grid_of
 from common.hub import resolve_model
 from common.loop import GenerationLoop
-from common.memory import collector_paused, keep_freed_heap
+from common.memory import collector_paused, keep_freed_heap, trim_heap
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
@@ -101,6 +101,7 @@ class Engine:
                     max_context=max_context, cuda_graphs=cuda_graphs,
                 )
                 timings["weights_s"] = time.perf_counter() - t0
+                trim_heap()  # what the load freed (a first load's conversions) goes back; pages reuse the rest
                 log.info("model loaded in %.1f s (%d lanes of %d positions)", timings["weights_s"],
                          loaded.lanes, loaded.lane_capacity)
         engine = cls(model_dir, tokenizer, config, loaded, max_batch=max_batch)

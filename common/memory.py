@@ -38,25 +38,23 @@ def trim_heap() -> bool:
     return bool(libc.malloc_trim(0))
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_MMAP_THRESHOLD_MAX = 32 << 20  # the largest mapping threshold glibc accepts on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 
 
 def keep_freed_heap(trim_threshold: int = 1 << 30) -> bool:
     """Lets glibc reuse freed memory for the next request instead of handing it back at every free.
 
-    By default a block from 128 KiB up is mapped fresh and unmapped when freed (the threshold rises only after
-    such frees), and a heap top past a few MiB is trimmed, so every page takes page faults on new memory for its
-    activation buffers (hundreds of MiB per page in the vision tower), the first page most. With the largest
-    mapping threshold and a high trim threshold those buffers come from the heap and are reused; `trim_heap`
-    still returns memory on purpose (the server does after large requests). True where it took effect.
+    By default a block from 128 KiB up is mapped fresh and unmapped when freed, and a heap top past a few MiB
+    is trimmed, so every page takes page faults on new memory for its activation buffers (hundreds of MiB per
+    page in the vision tower, over a GiB in float32), the first page most. Here blocks come from the heap
+    (none is mapped on its own, but one too large for a thread's arena) and the heap top is trimmed only past
+    `trim_threshold`, so those buffers are reused. `trim_heap` still returns free heap memory on purpose (after
+    a load, and the server after large requests). True where it took effect.
     """
     libc = _libc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    )
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def rss_bytes() -> int:

@@ -13,9 +13,10 @@ from common.memory import collector_paused
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_freed_heap_is_reused_instead_of_faulting_in_new_memory() -> None:
-    # A fresh process each: the allocator's state is per process. Default glibc unmaps a freed 24 MiB block,
-    # so the second one faults in new pages; after keep_freed_heap the heap hands the same pages back.
+@pytest.mark.parametrize("mib", [24, 96])  # below and above the largest threshold glibc's mappings can be given
+def test_freed_heap_is_reused_instead_of_faulting_in_new_memory(mib: int) -> None:
+    # A fresh process each: the allocator's state is per process. Default glibc unmaps a freed block this
+    # large, so the second one faults in new pages; after keep_freed_heap the heap hands the same pages back.
     script = (
         "import resource, sys, numpy as np\n"
         "from common.memory import keep_freed_heap\n"
@@ -23,19 +24,19 @@ def test_freed_heap_is_reused_instead_of_faulting_in_new_memory() -> None:
         "counts = []\n"
         "for _ in range(3):\n"
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "    block = np.ones(24 << 20, dtype=np.uint8)\n"
+        "    block = np.ones(int(sys.argv[2]) << 20, dtype=np.uint8)\n"
         "    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "    del block\n"
         "print(counts[1], counts[2])\n"
     )
 
     def later_faults(mode: str) -> list[int]:
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
-                              cwd=str(Path(__file__).resolve().parent.parent))
+        done = subprocess.run([sys.executable, "-c", script, mode, str(mib)], capture_output=True, text=True,
+                              check=True, cwd=str(Path(__file__).resolve().parent.parent))
         return [int(x) for x in done.stdout.split()]
 
     assert max(later_faults("keep")) <= 16
-    assert later_faults("default")[0] > 100  # the same allocation faults without it
+    assert later_faults("default")[0] > mib * 4  # the same allocation faults without it
 
 
 def test_the_collector_is_paused_inside_and_restored_after() -> None:
