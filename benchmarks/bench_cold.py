@@ -7,11 +7,10 @@ its time from launch and its peak RSS are taken here), then a second, different 
 time to first token is the warm reference).
 
 Both sides run in the same session, interleaved: "before" is a `git worktree` of --base (default: e0f4db4, main
-before the cold-start work), "after" is this checkout, with its prepared-layout cache and the record of the heap
-its first page needs (both written by an untimed first run, whose load time is reported) and, for comparison,
-without the cache. The page cache holds the checkpoint (and the prepared file) before every run, and the time to read
-the checkpoint's bytes from the page cache is measured here too: the load target is relative to it, for the
-weights (the tokenizer, a 10 MB JSON parse, is shown apart).
+before the cold-start work), "after" is this checkout, with its prepared-layout cache (written by an untimed first load,
+whose time is reported) and, for comparison, without it. The page cache holds the checkpoint (and the prepared
+file) before every run, and the time to read the checkpoint's bytes from the page cache is measured here too:
+the load target is relative to it, for the weights (the tokenizer, a 10 MB JSON parse, is shown apart).
 
     python benchmarks/bench_cold.py                              # bfloat16 and float32, one run each
     python benchmarks/bench_cold.py --dtypes bfloat16 --repeat 2
@@ -70,6 +69,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     for key, seconds in getattr(engine, "load_timings", {}).items():  # the before side may not have them
         result[f"load_{key}"] = seconds
     result["rss_after_load_gib"] = peak_rss()
+    if args.load_only:
+        return result
     mode = resolve_mode("base")
     prompt = task_prompt("markdown")
     for page, (image, tokens) in enumerate(((args.images[0], args.tokens), (args.images[1], 16)), 1):
@@ -198,7 +199,8 @@ def git(*command: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_worker(args: argparse.Namespace, root: Path, dtype: str, env: dict[str, str]) -> dict[str, Any]:
+def run_worker(args: argparse.Namespace, root: Path, dtype: str, env: dict[str, str], load_only: bool = False,
+               ) -> dict[str, Any]:
     # Every run starts with the bytes it reads in the page cache: the checkpoint, or with the prepared-layout
     # cache that file and what the checkpoint still gives (nothing but an int64 buffer for float32).
     prepared = args.model_dir / ".dsocr-prepared" / f"{dtype}.bin"
@@ -213,6 +215,8 @@ def run_worker(args: argparse.Namespace, root: Path, dtype: str, env: dict[str, 
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", str(root), "--dtype", dtype,
                "--model-dir", str(args.model_dir), "--tokens", str(args.tokens), "--threads", str(args.threads),
                "--images", *map(str, args.images)]
+    if load_only:
+        command.append("--load-only")
     env = {**os.environ, **env, LAUNCH_ENV: repr(time.monotonic())}
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -246,6 +250,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--images", nargs="*", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -294,10 +299,9 @@ def measure(args: argparse.Namespace, base: str, before_root: Path) -> dict[str,
     # One dtype at a time, its cache written just before its runs: float32's 13 GB between bfloat16 runs would
     # push the bfloat16 files out of the page cache and churn the machine's memory, which the next run would pay.
     for dtype in dtypes:
-        for name in (f"{dtype}.bin", f"heap-{dtype}.json"):
-            (args.model_dir / ".dsocr-prepared" / name).unlink(missing_ok=True)
-        log(f"after {dtype}: first run, writing the prepared-layout cache and the first page's heap record ...")
-        prepare[dtype] = run_worker(args, ROOT, dtype, {"DSOCR_PREPARED_CACHE": "1"})["load_s"]
+        (args.model_dir / ".dsocr-prepared" / f"{dtype}.bin").unlink(missing_ok=True)
+        log(f"after {dtype}: first load, writing the prepared-layout cache ...")
+        prepare[dtype] = run_worker(args, ROOT, dtype, {"DSOCR_PREPARED_CACHE": "1"}, load_only=True)["load_s"]
         for repeat in range(args.repeat):
             for side, (root, env) in sides.items():
                 needed = 1.2 * info["weight_bytes"] / GiB * (2 if dtype == "float32" else 1)

@@ -16,7 +16,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from common.errors import BackendUnavailableError, InputError
-from common.memory import HeapWarmup
 
 
 @dataclass
@@ -176,14 +175,12 @@ def load_backend(
     kv_cache_gib: float | None = None,
     max_context: int | None = None,
     cuda_graphs: bool | None = None,
-    heap: HeapWarmup | None = None,
 ) -> Backend:
     """Imports the named backend lazily (so `common` stays framework-free) and loads the model.
 
     `max_batch` bounds the lanes (sequences decoded together), `kv_cache_gib` the KV cache's memory (each
     backend has a per-device default), `max_context` the positions per lane (prompt + output; default and
-    most: the model's `max_position_embeddings`), `cuda_graphs` turns decode-step capture on or off (CUDA),
-    `heap` is the heap being faulted in for a backend that computes in this process's heap (torch on CPU).
+    most: the model's `max_position_embeddings`), `cuda_graphs` turns decode-step capture on or off (CUDA).
     """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -206,5 +203,4 @@ def load_backend(
         kv_cache_gib=kv_cache_gib,
         max_context=max_context,
         cuda_graphs=cuda_graphs,
-        **({"heap": heap} if heap is not None else {}),
     )

@@ -19,9 +19,9 @@ from common.device import select_backend
 from common.errors import InputError
 from common.families import family_named
 from common.generation import Generation, GenerationResult, Listener, crop_grid_of
-from common.hub import PREPARED_DIR, resolve_model
+from common.hub import resolve_model
 from common.loop import GenerationLoop
-from common.memory import HeapWarmup, collector_paused, keep_freed_heap
+from common.memory import collector_paused, keep_freed_heap, trim_heap
 from common.modes import Mode
 from common.prompt import prepare_inputs
 from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
@@ -84,14 +84,8 @@ class Engine:
         """
         model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
         timings: dict[str, float] = {}
-        name, dev = select_backend(backend, device) if weights else ("", "")
-        heap = None
         if weights:
             keep_freed_heap()
-            # torch on CPU computes in this process's heap: what a first page needed last time with this dtype
-            # (recorded beside the prepared weights; tiny models have none) is faulted in on a spare core now.
-            if name == "torch" and dev == "cpu" and (model_dir / PREPARED_DIR).is_dir():
-                heap = HeapWarmup(model_dir / PREPARED_DIR / f"heap-{dtype}.json")
         with collector_paused():
             config = load_config(model_dir)
             t0 = time.perf_counter()
@@ -99,13 +93,15 @@ class Engine:
             timings["tokenizer_s"] = time.perf_counter() - t0
             loaded: Backend | None = None
             if weights:
+                name, dev = select_backend(backend, device)
                 log.info("loading %s on %s/%s (dtype %s)", model_dir, name, dev, dtype)
                 t0 = time.perf_counter()
                 loaded = load_backend(
                     name, model_dir, dev, dtype, progress, max_batch=max_batch, kv_cache_gib=kv_cache_gib,
-                    max_context=max_context, cuda_graphs=cuda_graphs, heap=heap,
+                    max_context=max_context, cuda_graphs=cuda_graphs,
                 )
                 timings["weights_s"] = time.perf_counter() - t0
+                trim_heap()  # what the load freed goes back (a first load: weights packed before the cache held them)
                 log.info("model loaded in %.1f s (%d lanes of %d positions)", timings["weights_s"],
                          loaded.lanes, loaded.lane_capacity)
         engine = cls(model_dir, tokenizer, config, loaded, max_batch=max_batch)

@@ -15,8 +15,6 @@ DEFAULT_REPO = "deepseek-ai/DeepSeek-OCR"
 DEFAULT_REVISION = "main"
 # Only what dsocr reads: config, tokenizer, weights. The remote-code .py files and assets are skipped.
 ALLOW_PATTERNS = ["*.json", "*.safetensors"]
-# Inside a model folder: what dsocr computes once per model and keeps beside it (prepared weights, heap record).
-PREPARED_DIR = ".dsocr-prepared"
 
 
 def weight_files(model_dir: Path) -> list[Path]:

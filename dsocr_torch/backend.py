@@ -11,7 +11,6 @@ import torch
 
 from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls, lane_capacity
 from common.errors import InputError
-from common.memory import HeapWarmup
 from dsocr_torch.language import KVCache
 from dsocr_torch.loader import load_model
 from dsocr_torch.model import DeepseekOCRForCausalLM, ImageTensors
@@ -76,9 +75,7 @@ class TorchBackend:
         kv_cache_gib: float | None = None,
         max_context: int | None = None,
         cuda_graphs: bool | None = None,
-        heap: HeapWarmup | None = None,
     ) -> None:
-        """`heap`: on CPU, the heap being faulted in for the pages (waited for before one, told after each)."""
         self.model: DeepseekOCRForCausalLM | None = model
         device = model.device
         lm = model.config.language
@@ -108,7 +105,6 @@ class TorchBackend:
             from dsocr_torch.graphs import DecodeGraphs
 
             self.cuda_graphs = DecodeGraphs(model, self.cache, lanes)
-        self.heap = heap if device.type == "cpu" else None
 
     # ---- Backend protocol ------------------------------------------------------------------------------------
 
@@ -172,8 +168,6 @@ class TorchBackend:
     def _prefill_units(self, lane: int, inputs: PreparedInputs) -> Iterator[torch.Tensor | None]:
         """Yields None after each unit of work and the last position's logits [1, V] after the last one."""
         model = self._model()
-        if self.heap is not None:
-            self.heap.ready()
         if inputs.inputs_embeds is not None:
             embeds = torch.from_numpy(np.asarray(inputs.inputs_embeds, dtype=np.float32)).to(model.device, model.dtype)
             images: list[ImageInput] = []
@@ -211,8 +205,6 @@ class TorchBackend:
             with torch.inference_mode():
                 hidden = model.model.decode(embeds[:, start:end], self.cache, start, lane=lane)
                 logits = model.logits(hidden[:, -1]) if end == length else None
-            if logits is not None and self.heap is not None:
-                self.heap.note()
             yield logits
 
     def _model(self) -> DeepseekOCRForCausalLM:
@@ -231,10 +223,8 @@ def load(
     kv_cache_gib: float | None = None,
     max_context: int | None = None,
     cuda_graphs: bool | None = None,
-    heap: HeapWarmup | None = None,
 ) -> TorchBackend:
     model = load_model(model_dir, device=device, dtype=dtype, progress=progress, pack=True)
     return TorchBackend(
-        model, max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs,
-        heap=heap,
+        model, max_batch=max_batch, kv_cache_gib=kv_cache_gib, max_context=max_context, cuda_graphs=cuda_graphs
     )

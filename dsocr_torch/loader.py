@@ -31,7 +31,6 @@ from torch import nn
 
 from common.config import ModelConfig, load_config
 from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoundError
-from common.memory import trim_heap
 from dsocr_torch.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -294,7 +293,6 @@ def _load_on_cpu(
     touched = [files.view(entry) for name, entry in direct.items() if name not in _LOOKUP_TABLES]
     for entry in direct.values():
         files.prefetch(entry)
-    wrote_cache = False
     if prepared is not None:  # what was computed is in the cache: map it in (and pack what it cannot hold)
         unpacked = [name for name in packed if name not in prepared.packed]
         work = sum(t.nbytes for t in (*prepared.buffers(), *touched))
@@ -334,7 +332,6 @@ def _load_on_cpu(
             raise
         prepared = writer.commit() if writer is not None else None
         if prepared is not None:  # the same values, now read from the finished file
-            wrote_cache = True
             jobs.map_in(prepared.buffers())
         else:
             prepared = PreparedTensors(computed, {})
@@ -356,8 +353,6 @@ def _load_on_cpu(
             _pack_from_checkpoint(files, entries[name], packed[name], dtype)
     for name, entry in direct.items():
         _set_tensor(model, name, files.view(entry))
-    if wrote_cache:
-        trim_heap()  # the weights packed in memory are read from the cache file now: their memory goes back
 
 
 def _pack_from_checkpoint(files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:

@@ -31,13 +31,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from common.hub import PREPARED_DIR
 from dsocr_torch.checkpoint import Checkpoint, file_fingerprint
 
 log = logging.getLogger(__name__)
 
 ENV = "DSOCR_PREPARED_CACHE"
-CACHE_DIR = PREPARED_DIR
+CACHE_DIR = ".dsocr-prepared"
 MAGIC = b"DSOCR-PREPARED-2"
 _ALIGN = 4096  # each tensor starts on a page: views are aligned and unrelated tensors share no page
 _SPARE_BYTES = 1 << 30  # free disk left after writing the cache, at least

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,74 +51,3 @@ def test_the_collector_is_paused_inside_and_restored_after() -> None:
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
-
-
-def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
-                          cwd=str(Path(__file__).resolve().parent.parent))
-    return done.stdout
-
-
-_FAULTS = "import resource\ndef faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_a_prefaulted_heap_serves_the_next_allocation_without_faults() -> None:
-    script = _FAULTS + (
-        "import sys, numpy as np\n"
-        "from common.memory import keep_freed_heap, prefault_heap\n"
-        "assert keep_freed_heap()\n"
-        "if sys.argv[1] == 'prefault':\n"
-        "    thread = prefault_heap(64 << 20)\n"
-        "    thread.join()\n"
-        "before = faults()\n"
-        "block = np.ones(48 << 20, dtype=np.uint8)\n"
-        "print(faults() - before)\n"
-    )
-    assert int(_run(script, "prefault")) <= 64
-    assert int(_run(script, "none")) > 48 * 4  # the block is new memory without it (a fault maps 4 KiB or more)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_the_first_page_heap_is_recorded_and_faulted_in_by_the_next_process(tmp_path: Path) -> None:
-    # A "page" allocates and frees 64 MiB; the first process records it, the next one finds it faulted in.
-    record = tmp_path / "heap.json"
-    script = _FAULTS + (
-        "import sys, numpy as np\n"
-        "from pathlib import Path\n"
-        "from common.memory import HeapWarmup, keep_freed_heap\n"
-        "assert keep_freed_heap()\n"
-        "warmup = HeapWarmup(Path(sys.argv[1]))\n"
-        "warmup.ready()\n"
-        "before = faults()\n"
-        "block = np.ones(64 << 20, dtype=np.uint8)\n"
-        "print(faults() - before)\n"
-        "del block\n"
-        "warmup.note()\n"
-    )
-    first = int(_run(script, str(record)))
-    recorded = json.loads(record.read_text())["page_heap_bytes"]
-    assert first > 64 * 4 and recorded >= 64 << 20
-    assert int(_run(script, str(record))) <= 64
-    assert json.loads(record.read_text())["page_heap_bytes"] == recorded  # a need already recorded: no rewrite
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_a_corrupt_or_unwritable_record_loses_nothing(tmp_path: Path) -> None:
-    record = tmp_path / "heap.json"
-    record.write_text("{not json")
-    script = (
-        "import sys, numpy as np\n"
-        "from pathlib import Path\n"
-        "from common.memory import HeapWarmup, keep_freed_heap\n"
-        "assert keep_freed_heap()\n"
-        "for path in sys.argv[1:]:\n"
-        "    warmup = HeapWarmup(Path(path))\n"
-        "    warmup.ready()\n"
-        "    block = np.ones(32 << 20, dtype=np.uint8)\n"
-        "    del block\n"
-        "    warmup.note()\n"
-    )
-    _run(script, str(record), str(tmp_path / "missing" / "heap.json"))  # exits 0: nothing raised
-    assert json.loads(record.read_text())["page_heap_bytes"] >= 32 << 20  # recorded over the corrupt file
-    assert [p.name for p in tmp_path.iterdir()] == ["heap.json"]  # no folder made, no temporary left behind

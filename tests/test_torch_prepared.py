@@ -284,35 +284,3 @@ def test_temporary_files_of_dead_writers_are_removed(model_dir: Path) -> None:
     _load(model_dir)
     assert not dead.exists()
     assert alive.exists()
-
-
-def test_pages_on_cpu_are_bracketed_by_the_heap_warmup_beside_the_cache(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Engine.load hands the torch CPU backend a HeapWarmup only where the model has a prepared folder (no record
-    # is ever written into a model folder without one); the backend waits for it before a page, tells it after.
-    from PIL import Image
-
-    from common.engine import Engine
-    from common.memory import HeapWarmup
-    from common.modes import resolve_mode
-    from common.prompt import task_prompt
-    from common.sampling import SamplingParams
-    from dsocr_torch import prepared
-
-    monkeypatch.setenv(prepared.ENV, "0")  # no cache written: the folder exists only where the test makes it
-    calls: list[str] = []
-    monkeypatch.setattr(HeapWarmup, "ready", lambda self: calls.append("ready"))
-    monkeypatch.setattr(HeapWarmup, "note", lambda self: calls.append("note"))
-    bare = Engine.load(str(model_dir), backend="torch", device="cpu", dtype="float32")
-    assert bare.backend.heap is None and not (model_dir / CACHE).exists()
-    bare.close()
-    (model_dir / CACHE).mkdir()
-    engine = Engine.load(str(model_dir), backend="torch", device="cpu", dtype="float32")
-    assert engine.backend.heap is not None and engine.backend.heap.record == model_dir / CACHE / "heap-float32.json"
-    image = Image.new("RGB", (64, 48), "white")
-    for _ in range(2):
-        prepared = engine.prepare(task_prompt("ocr"), [image], resolve_mode("tiny"))
-        engine.generate(prepared, SamplingParams(max_new_tokens=2)).run()
-    engine.close()
-    assert calls == ["ready", "note", "ready", "note"]
