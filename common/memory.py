@@ -18,7 +18,9 @@ from collections.abc import Iterator
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (Linux), for calls Python does not wrap; None elsewhere. Its calls
+    release the GIL."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")
@@ -32,7 +34,7 @@ def _libc() -> ctypes.CDLL | None:
 
 def trim_heap() -> bool:
     """Returns free heap memory to the system where the allocator allows; True if it did."""
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     return bool(libc.malloc_trim(0))
@@ -51,7 +53,7 @@ def keep_freed_heap(trim_threshold: int = 1 << 30) -> bool:
     `trim_threshold`, so those buffers are reused. `trim_heap` still returns free heap memory on purpose (after
     a load, and the server after large requests). True where it took effect.
     """
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))

@@ -16,7 +16,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.errors import CheckpointError, ModelNotFoundError
+from common.memory import glibc
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -205,12 +205,10 @@ _MADV_POPULATE_READ = 22  # Linux 5.14+: fill the page tables of a range from th
 
 @functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
+    libc = glibc()  # by address, and without holding the GIL (mmap.madvise holds it and takes a map object)
+    if libc is None:
         return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise  # a ctypes call releases the GIL
-    except (OSError, AttributeError):
-        return None
+    function = libc.madvise
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return function
