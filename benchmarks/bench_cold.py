@@ -353,23 +353,23 @@ def dtype_table(dtype: str, sides: dict[str, list[dict[str, Any]]], info: dict[s
     def has(side: str, key: str) -> bool:
         return all(key in r for r in sides[side])
 
-    def row(label: str, key: str, fmt: str = "{:.2f}", target: str = "") -> None:
-        table.add_row(label, *[fmt.format(med(side, key)) if has(side, key) else "-" for side in sides], target)
+    def row(label: str, key: str, fmt: str = "{:.2f}", target: str = "", per: float = 1.0) -> None:
+        """Each side's median of `key` (divided by `per`), or "-" where a side does not report it."""
+        table.add_row(label, *[fmt.format(med(side, key) / per) if has(side, key) else "-" for side in sides], target)
 
-    weights_ratio = med("after", "load_weights_s") / read_s
     def ttft_ratios(side: str) -> list[float]:  # each process's own first / second page: same machine state
         return sorted(r["ttft1_s"] / r["ttft2_s"] for r in sides[side])
 
+    weights_ratio = med("after", "load_weights_s") / read_s
     ttft_ratio = ttft_ratios("after")[len(sides["after"]) // 2]
     rss_margin = med("after", "peak_rss_gib") - weights_gib
     row("imports (s)", "imports_s")
     row("load (s)", "load_s")
-    table.add_row("  load / page-cache read", *[f"{med(s, 'load_s') / read_s:.2f}×" for s in sides], "")
+    row("  load / page-cache read", "load_s", "{:.2f}×", per=read_s)
     row("  of which tokenizer (s)", "load_tokenizer_s")
     row("  of which weights (s)", "load_weights_s",
         target=f"≤ 1.5 × read {read_s:.2f} s: {weights_ratio:.2f}× {_ok(weights_ratio <= 1.5)}")
-    weights_read = [f"{med(s, 'load_weights_s') / read_s:.2f}×" if has(s, "load_weights_s") else "-" for s in sides]
-    table.add_row("  weights / page-cache read", *weights_read, "")
+    row("  weights / page-cache read", "load_weights_s", "{:.2f}×", per=read_s)
     row("first page TTFT (s)", "ttft1_s")
     row("second page TTFT (s)", "ttft2_s")
     table.add_row("  first / second TTFT, per process", *[" ".join(f"{x:.2f}" for x in ttft_ratios(s)) for s in sides],
