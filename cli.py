@@ -7,7 +7,7 @@
 
 `main(argv)` is the console script `dsocr`; it returns the exit code: 0 ok, 1 some item failed (or an internal
 error), 2 a usage error (bad flag, missing file, no model ...), 130 interrupted with Ctrl-C.
-The work itself (inputs, preparation, generation, outputs) is `common.batch`; this file parses the command
+The work itself (inputs, preparation, generation, outputs) is `common.documents.batch`; this file parses the command
 line and shows progress.
 """
 
@@ -24,16 +24,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from common.argtypes import finite_float, int_in_range, non_negative_int, positive_int
-from common.batch import BatchOptions, Outcome, describe_error, emit_json, run_batch
-from common.cluster import add_ray_arguments, check_ray_args
+from common.documents.batch import BatchOptions, Outcome, describe_error, emit_json, run_batch
+from common.documents.cluster import check_ray_args
+from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_stream
+from common.engine.engine import ModelOptions
+from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND, SamplingOptions
 from common.errors import DsocrError
-from common.loading import ModelOptions, add_model_arguments
 from common.logs import setup_logging
-from common.options import MAX_NEW_TOKENS_BOUND, ModeOptions, SamplingOptions, choices, read_prompt_file
-from common.prompt import IMAGE_TOKEN, extract_fields, task_prompt
-from common.sampling import DEFAULT_MAX_NEW_TOKENS
-from common.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_stream
+from common.model.families import ModeOptions
+from common.model.prompt import IMAGE_TOKEN, extract_fields, task_prompt
+from common.options.argtypes import finite_float, int_in_range, non_negative_int, positive_int
+from common.options.choices import choices, read_prompt_file
+from common.options.flags import add_model_arguments, add_ray_arguments
 
 PROG = "dsocr"
 
@@ -150,12 +152,12 @@ def resolve_json_spec(args: argparse.Namespace) -> Any:
     if args.json_schema is not None and args.json_object:
         raise UsageError("--json-schema and --json-object cannot be used together; pick one")
     if args.json_object:
-        from common.structured import json_object_spec
+        from common.engine.structured import json_object_spec
 
         return json_object_spec()
     if args.json_schema is None:
         return None
-    from common.structured import json_schema_file_spec
+    from common.engine.structured import json_schema_file_spec
 
     try:
         return json_schema_file_spec(args.json_schema)
@@ -525,8 +527,8 @@ def _conclude(outcomes: list[Outcome], args: argparse.Namespace, live: bool, ela
 
 
 def _run_on_ray(args: argparse.Namespace, items: list[WorkItem], opts: BatchOptions, live: bool) -> int:
-    """The batch as a Ray Data job (common.cluster); the driver needs only the tokenizer and config."""
-    from common.cluster import RayOptions, run_on_ray
+    """The batch as a Ray Data job (common.documents.cluster); the driver needs only the tokenizer and config."""
+    from common.documents.cluster import RayOptions, run_on_ray
 
     engine = load_engine(args, weights=False, reporter=None)
     _check_context(engine, args)

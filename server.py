@@ -3,8 +3,8 @@
     python server.py --model deepseek-ai/DeepSeek-OCR --port 8000
     # Open WebUI / openai client: base URL http://localhost:8000/v1, model "deepseek-ocr"
 
-Handlers check the body, fold the chat (`common.chat`), resolve options (`common.options`), fetch remote media on
-their own executor with a hard deadline, then prepare the inputs on a small bounded executor (`common.media`:
+Handlers check the body, fold the chat (`common.serve.chat`), resolve options, fetch remote media on
+their own executor with a hard deadline, then prepare the inputs on a small bounded executor (`common.serve.media`:
 limits first, decoding last) and hand the job to the `Scheduler`, whose one worker thread owns the engine.
 """
 
@@ -36,18 +36,37 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.response import Stream
 
-from common import openai_stream as sse
-from common.api_errors import APIError, api_error_for, error_type
-from common.argtypes import boolean, finite_float, int_in_range, port_number, positive_int
-from common.chat import FoldedChat, fold_chat, turn_of, widen_placeholders
-from common.families import DEEPSEEK_OCR, ModelFamily
-from common.limits import RequestLimits, check_prompt_chars, fit_max_tokens
-from common.loading import ModelOptions, add_model_arguments, env_default
+from common.engine.engine import ModelOptions
+from common.engine.queue import QueueFullError
+from common.engine.sampling import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_BOUND,
+    SamplingOptions,
+    SamplingParams,
+    fit_max_tokens,
+)
+from common.engine.structured import JsonSpec, spec_from_response_format, spec_from_text_param
 from common.logs import setup_logging
-from common.media import FetchPolicy, is_remote, load_media, media_bytes
-from common.metrics import Metrics, MetricsMiddleware
-from common.modes import Mode
-from common.openai_schema import (
+from common.model.families import DEEPSEEK_OCR, ModelFamily, ModeOptions
+from common.model.modes import Mode
+from common.options.argtypes import boolean, finite_float, int_in_range, port_number, positive_int
+from common.options.choices import choices
+from common.options.flags import add_model_arguments, env_default
+from common.serve import stream as sse
+from common.serve.admission import (
+    EngineLike,
+    EngineLoader,
+    InferenceRequest,
+    ProgressCallback,
+    Scheduler,
+    ShuttingDownError,
+)
+from common.serve.chat import FoldedChat, fold_chat, turn_of, widen_placeholders
+from common.serve.errors import APIError, api_error_for, error_type
+from common.serve.limits import RequestLimits, check_prompt_chars
+from common.serve.media import FetchPolicy, is_remote, load_media, media_bytes
+from common.serve.metrics import Metrics, MetricsMiddleware
+from common.serve.schema import (
     MODEL_ID,
     ChatCompletionRequest,
     ModelCard,
@@ -58,11 +77,6 @@ from common.openai_schema import (
     json_body_problem,
     now,
 )
-from common.options import MAX_NEW_TOKENS_BOUND, ModeOptions, SamplingOptions, choices
-from common.request_queue import QueueFullError
-from common.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from common.scheduler import EngineLike, EngineLoader, InferenceRequest, ProgressCallback, Scheduler, ShuttingDownError
-from common.structured import JsonSpec, spec_from_response_format, spec_from_text_param
 
 log = logging.getLogger("dsocr.server")
 

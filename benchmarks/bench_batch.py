@@ -3,7 +3,8 @@
     python benchmarks/bench_batch.py                       # tiny fixture model, torch on CPU, float32
     python benchmarks/bench_batch.py --backend mlx --pages 20 --max-new-tokens 32
 
-The model is loaded once; each configuration runs the same pages through `common.batch.run_batch` (the code path of
+The model is loaded once; each configuration runs the same pages through
+`common.documents.batch.run_batch` (the code path of
 `dsocr report.pdf -o out/`), writing outputs to a temporary folder. With prefetch, a background thread renders
 and tiles page n+1 while page n generates, so the difference is the preparation time the overlap hides.
 """
@@ -23,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.batch import BatchOptions, Outcome, run_batch  # noqa: E402
-from common.engine import Engine  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.prompt import task_prompt  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from common.workitems import DEFAULT_DPI, WorkItem, expand_inputs, prepared_stream  # noqa: E402
+from common.documents.batch import BatchOptions, Outcome, run_batch  # noqa: E402
+from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, prepared_stream  # noqa: E402
+from common.engine.engine import Engine  # noqa: E402
+from common.engine.sampling import SamplingParams  # noqa: E402
+from common.model.families import resolve_mode
+from common.model.prompt import task_prompt  # noqa: E402
 
 MODEL_DIR = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"
 

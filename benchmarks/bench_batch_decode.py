@@ -37,7 +37,7 @@ TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"
 
 
 def greedy_controls(batch: int) -> Any:
-    from common.backend import StepControls
+    from common.engine.backend import StepControls
 
     return StepControls(
         temperature=np.zeros(batch, np.float32),
@@ -78,7 +78,7 @@ def expected_distinct(experts: int, chosen_per_token: int, tokens: int) -> float
 def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from common.backend import PreparedInputs
+    from common.model.inputs import PreparedInputs
     from dsocr_torch.backend import load
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -141,10 +141,10 @@ def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_host_overhead(batches: list[int], steps: int) -> list[dict[str, Any]]:
     """The loop's per-step host work with a backend that does no tensor work (tests.fakes.ScriptedBackend)."""
-    from common.backend import PreparedInputs
-    from common.loop import GenerationLoop
-    from common.sampling import SamplingParams
-    from common.tokenizer import Tokenizer
+    from common.engine.loop import GenerationLoop
+    from common.engine.sampling import SamplingParams
+    from common.model.inputs import PreparedInputs
+    from common.model.tokenizer import Tokenizer
     from tests.fakes import ScriptedBackend
 
     tokenizer = Tokenizer.from_dir(TOKENIZER_DIR)

@@ -53,10 +53,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from common.engine import Engine
-    from common.modes import resolve_mode
-    from common.prompt import task_prompt
-    from common.sampling import SamplingParams
+    from common.engine.engine import Engine
+    from common.engine.sampling import SamplingParams
+    from common.model.families import resolve_mode
+    from common.model.prompt import task_prompt
 
     def peak_rss() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB

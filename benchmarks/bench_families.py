@@ -42,12 +42,12 @@ PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from common.images import load_image
-    from common.loop import GenerationLoop
-    from common.modes import resolve_mode
-    from common.prompt import prepare_inputs
-    from common.sampling import SamplingParams
-    from common.tokenizer import Tokenizer
+    from common.documents.images import load_image
+    from common.engine.loop import GenerationLoop
+    from common.engine.sampling import SamplingParams
+    from common.model.families import resolve_mode
+    from common.model.prompt import prepare_inputs
+    from common.model.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.loader import load_model
 

@@ -51,7 +51,7 @@ def write_random_checkpoint(folder: Path) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from common.config import load_config
+    from common.model.config import load_config
     from dsocr_mlx.convert import SIDE_FILES, save_weights
     from dsocr_mlx.model import DeepseekOCRForCausalLM
 
@@ -143,10 +143,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
     import numpy as np
 
-    from common.backend import ImageInput, PreparedInputs
-    from common.loop import GenerationLoop
-    from common.sampling import SamplingParams
-    from common.tokenizer import Tokenizer
+    from common.engine.loop import GenerationLoop
+    from common.engine.sampling import SamplingParams
+    from common.model.inputs import ImageInput, PreparedInputs
+    from common.model.tokenizer import Tokenizer
     from dsocr_mlx.backend import MlxBackend
     from dsocr_mlx.cache import LanePool
     from dsocr_mlx.loader import DTYPES, load_model

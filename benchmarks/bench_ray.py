@@ -4,7 +4,8 @@
     python benchmarks/bench_ray.py --pages 48 --actors 1,2,4 --cpus 8 --actor-cpus 2
 
 A local Ray cluster (`--cpus` logical CPUs) starts once; each configuration runs the same PDF through
-`common.cluster.run_on_ray` (the code path of `--ray`) into a fresh folder, with a fresh actor pool. `wall` counts
+`common.documents.cluster.run_on_ray` (the code path of `--ray`) into a fresh folder, with a fresh actor pool.
+`wall` counts
 from the job's start (actors loading the model included) to its last page; `steady` counts from the first page
 to the last, which is what a long job sees. Ratios are against the first configuration, measured in this run.
 """
@@ -24,14 +25,16 @@ if str(ROOT) not in sys.path:
 
 from bench_batch import MODEL_DIR, make_pdf  # noqa: E402
 
-from common.batch import BatchOptions  # noqa: E402
-from common.cluster import RayOptions, run_on_ray  # noqa: E402
-from common.engine import Engine  # noqa: E402
-from common.loading import ModelOptions  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.prompt import task_prompt  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from common.workitems import WorkItem, expand_inputs  # noqa: E402
+from common.documents.batch import BatchOptions  # noqa: E402
+from common.documents.cluster import RayOptions, run_on_ray  # noqa: E402
+from common.documents.workitems import WorkItem, expand_inputs  # noqa: E402
+from common.engine.engine import (
+    Engine,  # noqa: E402
+    ModelOptions,
+)
+from common.engine.sampling import SamplingParams  # noqa: E402
+from common.model.families import resolve_mode
+from common.model.prompt import task_prompt  # noqa: E402
 
 
 class Clock:

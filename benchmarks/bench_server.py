@@ -180,10 +180,10 @@ def wait_ready(base: str, process: subprocess.Popen, timeout_s: float) -> None:
 def engine_baseline(args: argparse.Namespace, seconds: float) -> tuple[float, float]:
     """The same request through the Engine in this process, back to back: (requests/s, output tokens/s)."""
     sys.path.insert(0, str(ROOT))
-    from common.engine import Engine
-    from common.images import load_image
-    from common.modes import resolve_mode
-    from common.sampling import SamplingParams
+    from common.documents.images import load_image
+    from common.engine.engine import Engine
+    from common.engine.sampling import SamplingParams
+    from common.model.families import resolve_mode
 
     engine = Engine.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
     image = load_image(args.image)

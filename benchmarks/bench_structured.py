@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.structured import GrammarCompiler, GrammarMatcher, JsonSpec, allowed_ids, json_schema_spec  # noqa: E402
-from common.tokenizer import Tokenizer  # noqa: E402
+from common.engine.structured import GrammarCompiler, GrammarMatcher, JsonSpec, allowed_ids, json_schema_spec  # noqa: E402
+from common.model.tokenizer import Tokenizer  # noqa: E402
 
 MODEL_DIR = ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"
 
@@ -256,9 +256,9 @@ def decode_run(backend: Any, tokenizer: Tokenizer, compiler: GrammarCompiler, ba
                threaded: bool, steps: int) -> tuple[list[float], list[float], int]:
     """Seconds of each decode step holding all `batch` sequences, the grammar's seconds (mask fills and token
     consumes) in each, and the JSON documents completed."""
-    from common.backend import PreparedInputs
-    from common.loop import GenerationLoop
-    from common.sampling import SamplingParams
+    from common.engine.loop import GenerationLoop
+    from common.engine.sampling import SamplingParams
+    from common.model.inputs import PreparedInputs
 
     counters = {"fill_s": 0.0, "consume_s": 0.0, "documents": 0.0}
     loop = GenerationLoop(backend, tokenizer, max_batch=batch, mask_thread=threaded,
@@ -291,7 +291,7 @@ def masking_cost(backend: Any, compiler: GrammarCompiler, batch: int, spec: Json
     `repeat` tries each way: on a shared machine the minimum is the least disturbed)."""
     import torch
 
-    from common.backend import StepControls
+    from common.engine.backend import StepControls
 
     matchers = [compiler.matcher(spec) for _ in range(batch)]
     masks = compiler.allocate_masks(batch)

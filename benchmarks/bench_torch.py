@@ -172,9 +172,9 @@ def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from common.backend import ImageInput, PreparedInputs
-    from common.loop import GenerationLoop
-    from common.tokenizer import Tokenizer
+    from common.engine.loop import GenerationLoop
+    from common.model.inputs import ImageInput, PreparedInputs
+    from common.model.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.loader import load_model
     from dsocr_torch.model import ImageTensors
@@ -226,7 +226,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         prefill()
         result["prefill_s"], _ = timed(prefill, args.repeat)
 
-    from common.sampling import SamplingParams
+    from common.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
     # The same Base page through the generation loop (vision + prefill + decode), as a request would run.

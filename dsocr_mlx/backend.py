@@ -1,4 +1,4 @@
-"""The MLX backend behind common.backend.Backend: a laned KV cache, prompt jobs, pipelined batched decode.
+"""The MLX backend behind common.engine.backend.Backend: a laned KV cache, prompt jobs, pipelined batched decode.
 
 MLX streams are thread-local, so the thread that loads the model must be the one that drives the generation
 loop (the CLI's main thread, the server's worker thread); this backend starts no thread of its own. Forward
@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls, lane_capacity
+from common.engine.backend import ProgressCallback, StepControls, lane_capacity
 from common.errors import BackendUnavailableError, InputError
+from common.model.inputs import ImageInput, PreparedInputs
 from dsocr_mlx.cache import LanePool
 from dsocr_mlx.loader import load_model
 from dsocr_mlx.model import DeepseekOCRForCausalLM, scatter_image_embeds

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from common.config import LanguageConfig
+from common.model.config import LanguageConfig
 
 GROW_POSITIONS = 256  # capacity grows in steps of this many positions (mlx-lm's KVCache step)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from common.config import ClipConfig
+from common.model.config import ClipConfig
 from dsocr_mlx.sam import resize_bicubic_antialias, sanitize_conv_weights
 
 LAYER_NORM_EPS = 1e-5

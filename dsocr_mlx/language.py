@@ -19,7 +19,7 @@ from mlx_lm.models import deepseek as mlx_lm_deepseek
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.models.switch_layers import SwitchLinear as _MlxLmSwitchLinear
 
-from common.config import LanguageConfig
+from common.model.config import LanguageConfig
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

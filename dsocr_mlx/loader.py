@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from common.backend import ProgressCallback
-from common.config import ModelConfig, load_config
+from common.engine.backend import ProgressCallback
 from common.errors import CheckpointError, ConfigError, ModelNotFoundError
+from common.model.config import ModelConfig, load_config
 from dsocr_mlx.model import DeepseekOCRForCausalLM
 
 DTYPES: dict[str, mx.Dtype] = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}

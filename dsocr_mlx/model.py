@@ -3,7 +3,7 @@ MoE decoder.
 
 Mirrors dsocr_torch/model.py: DeepSeek-OCR encodes views with SAM -> CLIP, DeepSeek-OCR 2 with SAM -> a Qwen2
 encoder with learned queries; `MODEL_CLASSES` registers each family's `model.*` class and the token layout
-comes from the family's description (common.families). MLX convolutions are channels-last, so pixels go in
+comes from the family's description (common.model.families). MLX convolutions are channels-last, so pixels go in
 as NHWC and SAM's output stays [B, g, g, C]; everything after the projector is layout-independent.
 """
 
@@ -17,9 +17,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_causal_mask
 
-from common.backend import ImageInput
-from common.config import ModelConfig
-from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
+from common.model.config import ModelConfig
+from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
+from common.model.inputs import ImageInput
 from dsocr_mlx import clip as clip_module
 from dsocr_mlx import sam as sam_module
 from dsocr_mlx.cache import LanePool
@@ -158,7 +158,7 @@ class DeepseekOCRForCausalLM(nn.Module):
     def layout_image_tokens(
         self, global_features: mx.array, local_features: mx.array | None, crop_grid: tuple[int, int]
     ) -> mx.array:
-        """Projected views -> the image's token embeddings in the family's order (common.families.TokenLayout).
+        """Projected views -> the image's token embeddings in the family's order (common.model.families.TokenLayout).
 
         `global_features` [g*g, H]; `local_features` [tiles, t*t, H] (row-major tiles of a crop grid of
         (width tiles, height tiles)) or None. Order: [local tiles, global view, view separator]; the tiles

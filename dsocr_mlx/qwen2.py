@@ -14,8 +14,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2 as mlx_lm_qwen2
 
-from common.config import Qwen2EncoderConfig
-from common.families import view_token_side
+from common.model.config import Qwen2EncoderConfig
+from common.model.families import view_token_side
 
 EncoderTrace = dict[str, mx.array]  # "input", "attn_mask_allowed", "layer<i>" (before the final norm)
 

@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.config import SamConfig
 from common.errors import CheckpointError
+from common.model.config import SamConfig
 
 # Conv weights of this module (PyTorch OIHW in the official checkpoint, OHWI in MLX).
 CONV_WEIGHTS = ("patch_embed.proj.weight", "neck.0.weight", "neck.2.weight", "net_2.weight", "net_3.weight")

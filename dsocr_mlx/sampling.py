@@ -1,6 +1,6 @@
 """Token choice for a decode batch on MLX: bans, allowed-token masks, greedy or sampling.
 
-The arithmetic is `common.sampling.reference_sample`'s (as dsocr_torch.sampling); each row samples with its own
+The arithmetic is `common.engine.sampling.reference_sample`'s (as dsocr_torch.sampling); each row samples with its own
 uniform draw made on the host, so a seeded sequence picks the same tokens whatever else is in the batch.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from common.backend import StepControls
+from common.engine.backend import StepControls
 
 NEG_INF = float("-inf")
 

@@ -1,4 +1,4 @@
-"""The torch backend behind common.backend.Backend: a KV cache in lanes, prompt jobs, batched decode steps."""
+"""The torch backend behind common.engine.backend.Backend: a KV cache in lanes, prompt jobs, batched decode steps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.backend import ImageInput, PreparedInputs, ProgressCallback, StepControls, lane_capacity
+from common.engine.backend import ProgressCallback, StepControls, lane_capacity
 from common.errors import InputError
+from common.model.inputs import ImageInput, PreparedInputs
 from dsocr_torch.language import KVCache
 from dsocr_torch.loader import load_model
 from dsocr_torch.model import DeepseekOCRForCausalLM, ImageTensors

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config import ClipConfig
+from common.model.config import ClipConfig
 
 _LAYER_NORM_EPS = 1e-5
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import LanguageConfig
+from common.model.config import LanguageConfig
 from dsocr_torch.onednn import pack_linear_weight
 
 

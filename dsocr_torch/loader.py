@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.config import ModelConfig, load_config
 from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoundError
+from common.model.config import ModelConfig, load_config
 from dsocr_torch.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,

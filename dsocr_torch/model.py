@@ -2,7 +2,7 @@
 
 DeepSeek-OCR encodes each view with SAM ViT-B + CLIP-L, DeepSeek-OCR 2 with SAM ViT-B + a Qwen2 encoder
 with learned queries; the decoder is the same. `MODEL_CLASSES` registers each family's `model.*` class; the
-token layout of both comes from the family's description (common.families). Attribute paths equal the
+token layout of both comes from the family's description (common.model.families). Attribute paths equal the
 checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`, `model.sam_model.neck.0.weight`,
 `model.qwen2_model.query_768.weight`, `lm_head.weight`, ...).
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common.config import LanguageConfig, ModelConfig
-from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
+from common.model.config import LanguageConfig, ModelConfig
+from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from dsocr_torch.clip import VitModel
 from dsocr_torch.language import MLP, Attention, CacheWrite, KVCache, Linear, RMSNorm, Trace, rope_tables
 from dsocr_torch.moe import MoEFeedForward
@@ -140,7 +140,7 @@ class DeepseekOCRModel(nn.Module):
         self, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None, crop_grid: tuple[int, int]
     ) -> torch.Tensor:
         """global [g*g, hidden], local [n_tiles, t*t, hidden] -> the image's tokens in the family's layout:
-        local tiles, global view, separator (common.families.TokenLayout)."""
+        local tiles, global view, separator (common.model.families.TokenLayout)."""
         layout = self.config.family.layout
         side = _square_side(global_tokens.shape[0])
         parts = []

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import LanguageConfig
+from common.model.config import LanguageConfig
 from dsocr_torch.language import MLP, Trace
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config import Qwen2EncoderConfig
-from common.families import view_token_side
+from common.model.config import Qwen2EncoderConfig
+from common.model.families import view_token_side
 from dsocr_torch.language import MLP, Linear, RMSNorm, apply_rope, rope_tables
 
 EncoderTrace = dict[str, Tensor]  # "input", "attn_mask_allowed", "layer<i>" (before the final norm)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config import SamConfig
+from common.model.config import SamConfig
 
 # Upper bound on the relative-position bias materialised for one SDPA call. The bias for a global
 # block at 64x64 is heads * 4096 * 4096 values (805 MB in float32); building and reading it in

@@ -1,6 +1,6 @@
 """Token choice for a decode batch on the model's device: bans, allowed-token masks, greedy or sampling.
 
-The arithmetic is `common.sampling.reference_sample`'s, row by row; each row samples with its own uniform draw
+The arithmetic is `common.engine.sampling.reference_sample`'s, row by row; each row samples with its own uniform draw
 (made on the host by the sequence's own generator), so no device random state is shared between sequences.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.backend import StepControls
+from common.engine.backend import StepControls
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import PreparedInputs, StepControls
+from common.engine.backend import StepControls
+from common.model.inputs import PreparedInputs
 
 Script = Sequence[int] | Callable[[PreparedInputs], Sequence[int]]
 

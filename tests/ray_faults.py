@@ -11,8 +11,8 @@ import signal
 import threading
 from typing import Any
 
-from common.cluster import PageGenerator
-from common.workitems import Prepared
+from common.documents.cluster import PageGenerator
+from common.documents.workitems import Prepared
 
 KILL_MID_PAGE = "doc_page002"  # SIGKILL at this page's first token (once per output folder)
 KILL_AFTER_WRITE = "doc_page003"  # SIGKILL once this page's outputs are written, before its result is returned

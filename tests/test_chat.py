@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.chat import DEFAULT_IMAGE_INSTRUCTION, MediaRef, Turn, fold_chat, instruction_text, widen_placeholders
 from common.errors import InputError
+from common.serve.chat import DEFAULT_IMAGE_INSTRUCTION, MediaRef, Turn, fold_chat, instruction_text, widen_placeholders
 
 A, B, C = MediaRef("data:a"), MediaRef("data:b"), MediaRef("data:c")
 MANIFEST = ('<attached_files>\n<file type="file" id="4f0c" content_type="image/png" name="scan.png"/>\n'

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 import cli
-from common.config import load_config
-from common.engine import Engine
-from common.postprocess import strip_grounding
-from common.tokenizer import Tokenizer
-from common.workitems import parse_page_ranges, select_pages
+from common.documents.postprocess import strip_grounding
+from common.documents.workitems import parse_page_ranges, select_pages
+from common.engine.engine import Engine
+from common.model.config import load_config
+from common.model.tokenizer import Tokenizer
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import cli
-from common.engine import Engine
+from common.engine.engine import Engine
 from tests.conftest import FIXTURES_V2, MODEL_DIR, MODEL_DIR_V2, V2_MODE_NAMES, case_by_id_v2, case_tensors_v2
 
 
@@ -133,8 +133,8 @@ def test_hub_repo_id_of_ocr2_downloads_like_v1(capsys, monkeypatch) -> None:
     the downloaded folder is then an OCR 2 model. The Hub is faked: no network."""
     import huggingface_hub
 
-    from common.families import DEEPSEEK_OCR_2
-    from common.hub import ALLOW_PATTERNS
+    from common.model.families import DEEPSEEK_OCR_2
+    from common.model.hub import ALLOW_PATTERNS
 
     calls: list[tuple[str, dict[str, Any]]] = []
 

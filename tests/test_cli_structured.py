@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import cli
-from common.engine import Engine
-from common.modes import resolve_mode
-from common.prompt import extract_fields, task_prompt
+from common.engine.engine import Engine
+from common.model.families import resolve_mode
+from common.model.prompt import extract_fields, task_prompt
 from tests.conftest import FIXTURES, MODEL_DIR
 from tests.structured_cases import SCHEMAS, parses, validated
 from tests.test_cli import json_lines, one_error_line, page_image, run

@@ -22,10 +22,10 @@ import ray
 from PIL import Image
 
 import cli
-from common import cluster
-from common.engine import Engine
-from common.modes import resolve_mode
-from common.workitems import Prepared, WorkItem
+from common.documents import cluster
+from common.documents.workitems import Prepared, WorkItem
+from common.engine.engine import Engine
+from common.model.families import resolve_mode
 from tests import ray_faults
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT
 from tests.test_cli import FAST, json_lines, make_pdf, one_error_line, page_image

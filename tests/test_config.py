@@ -1,4 +1,4 @@
-"""common.config: the official schema, defaults for the six extra keys, clear errors."""
+"""common.model.config: the official schema, defaults for the six extra keys, clear errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config, parse_config
 from common.errors import ConfigError
+from common.model.config import load_config, parse_config
 from tests.conftest import FIXTURES, MODEL_DIR
 
 

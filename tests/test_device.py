@@ -1,10 +1,10 @@
-"""common.device: autodetection order and clear errors for impossible combinations."""
+"""common.model.device: autodetection order and clear errors for impossible combinations."""
 
 from __future__ import annotations
 
 import pytest
 
-import common.device as device
+import common.model.device as device
 from common.errors import BackendUnavailableError
 
 

@@ -1,4 +1,4 @@
-"""common.documents: pdfium is entered by one thread at a time, whatever the documents."""
+"""common.documents.document: pdfium is entered by one thread at a time, whatever the documents."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pypdfium2
 import pytest
 
-from common.documents import open_document
+from common.documents.document import open_document
 from tests.hostile import pdf_bytes
 
 

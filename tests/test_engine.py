@@ -1,15 +1,15 @@
-"""common.engine: stop strings, finish_reason, cancellation and usage, on a scripted fake backend."""
+"""common.engine.engine: stop strings, finish_reason, cancellation and usage, on a scripted fake backend."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common.backend import PreparedInputs
-from common.config import load_config
-from common.engine import Engine, Generation
-from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.engine.engine import Engine, Generation
+from common.engine.sampling import SamplingParams
+from common.model.config import load_config
+from common.model.inputs import PreparedInputs
+from common.model.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR
 from tests.fakes import ScriptedBackend
 

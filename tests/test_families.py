@@ -11,19 +11,20 @@ from typing import Any
 
 import pytest
 
-from common.config import load_config, parse_config
-from common.engine import Engine
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
 from common.errors import ConfigError, InputError
-from common.families import (
+from common.model.config import load_config, parse_config
+from common.model.families import (
     DEEPSEEK_OCR,
     DEEPSEEK_OCR_2,
     FAMILIES,
     all_mode_names,
     family_of_model_dir,
+    resolve_mode,
 )
-from common.modes import MODES, Mode, resolve_mode
-from common.prompt import task_prompt
-from common.sampling import SamplingParams
+from common.model.modes import Mode
+from common.model.prompt import task_prompt
 from tests.conftest import (
     FIXTURES,
     FIXTURES_V2,
@@ -90,7 +91,6 @@ def test_v2_projector_width_must_match_the_encoder() -> None:
 
 
 def test_presets_per_family() -> None:
-    assert MODES is DEEPSEEK_OCR.modes  # the pre-family name still means DeepSeek-OCR's presets
     assert resolve_mode() == Mode("gundam", 1024, 640, True, 2, 9)
     official = cases_manifest_v2()["modes"]
     assert {V2_MODE_NAMES[name] for name in official} == set(DEEPSEEK_OCR_2.modes)

@@ -1,4 +1,4 @@
-"""common.generation: continuous batching and everything per sequence, on a scripted backend.
+"""common.engine.generation: continuous batching and everything per sequence, on a scripted backend.
 
 Each request's script is derived from its prompt, so a sequence that received another lane's tokens (a lane
 mix-up when sequences join, leave or move) produces the wrong text and fails the comparison.
@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.backend import ImageInput, PreparedInputs
+from common.engine.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, StopMatcher
+from common.engine.loop import GenerationLoop
+from common.engine.sampling import SamplingParams
 from common.errors import InputError
-from common.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, StopMatcher
-from common.loop import GenerationLoop
-from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.model.inputs import ImageInput, PreparedInputs
+from common.model.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR
 from tests.fakes import ScriptedBackend
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.config import load_config
-from common.engine import Engine
-from common.media import FetchPolicy
+from common.engine.engine import Engine
 from common.memory import rss_bytes
-from common.tokenizer import Tokenizer
+from common.model.config import load_config
+from common.model.tokenizer import Tokenizer
+from common.serve.media import FetchPolicy
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR, ROOT
 from tests.hostile import data_url, file_chat, image_chat, pdf_bytes, png_bomb, png_bytes, text_chat
@@ -276,7 +276,7 @@ def test_15_16_option_bounds_and_messages(tmp_path, capsys, monkeypatch) -> None
 def test_17_no_pillow_bomb_warning_and_capped_prompt_file(tmp_path) -> None:
     bomb = tmp_path / "big.png"
     bomb.write_bytes(png_bomb(11_000, 10_800))  # 118.8 Mpx: accepted by dsocr's limit, above Pillow's warning
-    code = ("import sys; from common.images import image_frame_sizes; from pathlib import Path; "
+    code = ("import sys; from common.documents.images import image_frame_sizes; from pathlib import Path; "
             f"print(image_frame_sizes(Path({str(bomb)!r}), [0]))")
     proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)

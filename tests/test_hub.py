@@ -1,4 +1,4 @@
-"""common.hub: local directories (single or sharded), clear errors, offline without cache. No network."""
+"""common.model.hub: local directories (single or sharded), clear errors, offline without cache. No network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ModelNotFoundError
-from common.hub import check_model_dir, resolve_model, weight_files
+from common.model.hub import check_model_dir, resolve_model, weight_files
 from tests.conftest import MODEL_DIR
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from common.documents.images import DEFAULT_MAX_PIXELS, image_frame_count, load_image
 from common.errors import ImageError
-from common.images import DEFAULT_MAX_PIXELS, image_frame_count, load_image
 from tests.conftest import FIXTURES, cases_manifest
 
 

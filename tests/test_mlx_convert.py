@@ -19,12 +19,12 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from common.backend import PreparedInputs  # noqa: E402
-from common.config import parse_config  # noqa: E402
+from common.documents.images import load_image  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.images import load_image  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.tiling import tile_image, to_image_input  # noqa: E402
+from common.model.config import parse_config  # noqa: E402
+from common.model.families import resolve_mode
+from common.model.inputs import PreparedInputs
+from common.model.tiling import tile_image, to_image_input  # noqa: E402
 from dsocr_mlx.cache import LanePool  # noqa: E402
 from dsocr_mlx.convert import SIDE_FILES, convert, main  # noqa: E402
 from dsocr_mlx.loader import load_model  # noqa: E402

@@ -19,13 +19,15 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from common.backend import PreparedInputs  # noqa: E402
-from common.config import load_config, parse_config  # noqa: E402
-from common.families import DEEPSEEK_OCR_2  # noqa: E402
-from common.images import load_image  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.prompt import prepare_inputs  # noqa: E402
-from common.tokenizer import Tokenizer  # noqa: E402
+from common.documents.images import load_image  # noqa: E402
+from common.model.config import load_config, parse_config  # noqa: E402
+from common.model.families import (
+    DEEPSEEK_OCR_2,  # noqa: E402
+    resolve_mode,
+)
+from common.model.inputs import PreparedInputs
+from common.model.prompt import prepare_inputs  # noqa: E402
+from common.model.tokenizer import Tokenizer  # noqa: E402
 from dsocr_mlx.convert import SIDE_FILES, convert  # noqa: E402
 from dsocr_mlx.loader import load_model  # noqa: E402
 from dsocr_mlx.model import DeepseekOCR2Model, DeepseekOCRForCausalLM  # noqa: E402

@@ -14,15 +14,15 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from common.backend import PreparedInputs  # noqa: E402
+from common.documents.images import load_image  # noqa: E402
+from common.engine.generation import FINISH_CANCELLED  # noqa: E402
+from common.engine.loop import GenerationLoop  # noqa: E402
+from common.engine.sampling import SamplingParams  # noqa: E402
 from common.errors import BackendUnavailableError, ConfigError  # noqa: E402
-from common.generation import FINISH_CANCELLED  # noqa: E402
-from common.images import load_image  # noqa: E402
-from common.loop import GenerationLoop  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from common.tiling import tile_image, to_image_input  # noqa: E402
-from common.tokenizer import Tokenizer  # noqa: E402
+from common.model.families import resolve_mode
+from common.model.inputs import PreparedInputs
+from common.model.tiling import tile_image, to_image_input  # noqa: E402
+from common.model.tokenizer import Tokenizer  # noqa: E402
 from dsocr_mlx import backend as mlx_backend  # noqa: E402
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_tensors, model_case_ids, model_cases  # noqa: E402
 

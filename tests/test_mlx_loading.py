@@ -34,7 +34,7 @@ def _wide_expert_model(folder: Path) -> Path:
     torch = pytest.importorskip("torch")  # the checkpoint's names and shapes come from the torch model
     from safetensors.torch import save_file
 
-    from common.config import load_config
+    from common.model.config import load_config
     from dsocr_torch.loader import build_meta_model, expected_tensors
 
     config = json.loads((MODEL_DIR / "config.json").read_text())

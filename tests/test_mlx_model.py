@@ -15,11 +15,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from common.config import load_config, parse_config  # noqa: E402
+from common.documents.images import load_image  # noqa: E402
 from common.errors import CheckpointError  # noqa: E402
-from common.images import load_image  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.tiling import tile_image, to_image_input  # noqa: E402
+from common.model.config import load_config, parse_config  # noqa: E402
+from common.model.families import resolve_mode
+from common.model.tiling import tile_image, to_image_input  # noqa: E402
 from dsocr_mlx.convert import save_weights  # noqa: E402
 from dsocr_mlx.loader import check_weights, load_model, read_weights  # noqa: E402
 from dsocr_mlx.model import DeepseekOCRForCausalLM, scatter_image_embeds  # noqa: E402

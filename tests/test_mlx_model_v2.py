@@ -15,15 +15,17 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from common.backend import PreparedInputs  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.families import DEEPSEEK_OCR_2  # noqa: E402
-from common.images import load_image  # noqa: E402
-from common.loop import GenerationLoop  # noqa: E402
-from common.modes import resolve_mode  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
-from common.tiling import tile_image, to_image_input  # noqa: E402
-from common.tokenizer import Tokenizer  # noqa: E402
+from common.documents.images import load_image  # noqa: E402
+from common.engine.loop import GenerationLoop  # noqa: E402
+from common.engine.sampling import SamplingParams  # noqa: E402
+from common.model.config import load_config  # noqa: E402
+from common.model.families import (
+    DEEPSEEK_OCR_2,  # noqa: E402
+    resolve_mode,
+)
+from common.model.inputs import PreparedInputs
+from common.model.tiling import tile_image, to_image_input  # noqa: E402
+from common.model.tokenizer import Tokenizer  # noqa: E402
 from dsocr_mlx import backend as mlx_backend  # noqa: E402
 from dsocr_mlx.loader import check_weights, load_model, read_weights  # noqa: E402
 from dsocr_mlx.model import DeepseekOCR2Model, DeepseekOCRForCausalLM, scatter_image_embeds  # noqa: E402

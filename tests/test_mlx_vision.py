@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from common.config import ModelConfig, load_config
+from common.documents.images import load_image
 from common.errors import CheckpointError
-from common.images import load_image
-from common.modes import resolve_mode
-from common.tiling import tile_image, to_image_input
+from common.model.config import ModelConfig, load_config
+from common.model.families import resolve_mode
+from common.model.tiling import tile_image, to_image_input
 from dsocr_mlx import clip, sam
 from tests.conftest import FIXTURES, MODEL_DIR, case_tensors, cases_manifest, rel_err
 

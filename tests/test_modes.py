@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from common.errors import InputError
-from common.modes import MODES, Mode, resolve_mode
+from common.model.families import DEEPSEEK_OCR, resolve_mode
+from common.model.modes import Mode
 from tests.conftest import cases_manifest
 
 
 def test_presets_match_official() -> None:
     official = cases_manifest()["modes"]
-    assert set(MODES) == set(official)
+    assert set(DEEPSEEK_OCR.modes) == set(official)
     for name, preset in official.items():
         mode = resolve_mode(name)
         assert (mode.base_size, mode.image_size, mode.crop_mode) == (
@@ -21,8 +22,8 @@ def test_presets_match_official() -> None:
         )
         assert (mode.min_crops, mode.max_crops) == (2, 9)
         assert mode.name == name
-    assert resolve_mode() == MODES["gundam"] == Mode("gundam", 1024, 640, True, 2, 9)
-    assert resolve_mode(" Base ") == MODES["base"]
+    assert resolve_mode() == DEEPSEEK_OCR.modes["gundam"] == Mode("gundam", 1024, 640, True, 2, 9)
+    assert resolve_mode(" Base ") == DEEPSEEK_OCR.modes["base"]
 
 
 def test_custom_overrides() -> None:
@@ -35,7 +36,7 @@ def test_custom_overrides() -> None:
         6,
     )
     assert mode.name == "gundam-custom"
-    assert resolve_mode("gundam", max_crops=9) == MODES["gundam"]  # unchanged values stay the preset
+    assert resolve_mode("gundam", max_crops=9) == DEEPSEEK_OCR.modes["gundam"]  # unchanged values stay the preset
     assert resolve_mode("gundam", base_size=1280, image_size=768).image_size == 768
     # Without crops the only size is image_size: whichever side the caller set wins.
     assert resolve_mode("base", base_size=768) == Mode("base-custom", 768, 768, False)

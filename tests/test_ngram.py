@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from common.ngram import NGramGuard, banned_ngram_tokens
-from common.sampling import ngram_whitelist_ids
-from common.tokenizer import Tokenizer
+from common.engine.ngram import NGramGuard, banned_ngram_tokens
+from common.engine.sampling import ngram_whitelist_ids
+from common.model.tokenizer import Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, model_cases
 
 VLLM_NGRAM_WHITELIST = ngram_whitelist_ids(Tokenizer.from_dir(MODEL_DIR))  # <td>, </td> by token text

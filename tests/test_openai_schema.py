@@ -7,7 +7,8 @@ import json
 import msgspec
 import pytest
 
-from common.openai_schema import (
+from common.engine.sampling import stop_strings
+from common.serve.schema import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
@@ -18,7 +19,6 @@ from common.openai_schema import (
     error_body,
     new_id,
 )
-from common.options import stop_strings
 
 
 def decode_chat(payload: dict) -> ChatCompletionRequest:
@@ -118,7 +118,7 @@ def test_chunk_and_error_encoding() -> None:
 
 
 def test_response_object_output_text() -> None:
-    from common.openai_schema import OutputMessage, OutputText
+    from common.serve.schema import OutputMessage, OutputText
 
     response = ResponseObject("resp_1", 0, "deepseek-ocr", [OutputMessage("msg_1", [OutputText("a"), OutputText("b")])])
     assert response.output_text == "ab"

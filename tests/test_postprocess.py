@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.postprocess import (
+from common.documents.postprocess import (
     EOS_TEXT,
     GroundingBox,
     MarkdownResult,
@@ -254,7 +254,7 @@ def test_draw_boxes_accepts_other_modes_and_labels() -> None:
 
 
 def test_grounding_stripper_streams_like_one_shot() -> None:
-    from common.postprocess import GroundingStripper, strip_grounding
+    from common.documents.postprocess import GroundingStripper, strip_grounding
 
     for case in golden_cases():
         text = case["model_text"]
@@ -267,7 +267,7 @@ def test_grounding_stripper_streams_like_one_shot() -> None:
 
 
 def test_grounding_stripper_passes_malformed_output() -> None:
-    from common.postprocess import GroundingStripper
+    from common.documents.postprocess import GroundingStripper
 
     text = "a <|ref|>never closed " + "x" * 600 + " end <|re"
     stripper = GroundingStripper(max_group=100)

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from common.families import DEEPSEEK_OCR_2
-from common.images import load_image
-from common.modes import Mode, resolve_mode
-from common.prompt import prepare_inputs
-from common.tiling import TiledImage, bfloat16_bits, image_token_count, normalize, tile_image, to_image_input
-from common.tokenizer import Tokenizer
+from common.documents.images import load_image
+from common.model.families import DEEPSEEK_OCR_2, resolve_mode
+from common.model.modes import Mode
+from common.model.prompt import prepare_inputs
+from common.model.tiling import TiledImage, bfloat16_bits, image_token_count, normalize, tile_image, to_image_input
+from common.model.tokenizer import Tokenizer
 from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, case_tensors_v2, cases_manifest_v2
 
 

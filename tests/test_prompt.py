@@ -11,16 +11,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from common.documents.images import load_image
 from common.errors import InputError
-from common.images import load_image
-from common.modes import MODES, resolve_mode
-from common.prompt import (
+from common.model.families import DEEPSEEK_OCR, resolve_mode
+from common.model.prompt import (
     TASKS,
     extract_fields,
     prepare_inputs,
     task_prompt,
 )
-from common.tokenizer import Tokenizer
+from common.model.tokenizer import Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, cases_manifest, model_cases
 
 PROMPT_KEYS = ("input_ids", "images_seq_mask", "images_spatial_crop")
@@ -83,7 +83,7 @@ def test_model_case(case: dict[str, Any]) -> None:
     if "image" in case:
         prompt, images, mode = case["prompt"], [fixture_image(case["image"])], resolve_mode(case["mode"])
     else:  # text only: [BOS] + encode(text)
-        prompt, images, mode = case["text"], [], MODES["base"]
+        prompt, images, mode = case["text"], [], DEEPSEEK_OCR.modes["base"]
     prepared = prepare_inputs(tokenizer(), prompt, images, mode)
     # The text-only case stores no mask (no image position): all False.
     mask = tensors.get("images_seq_mask", np.zeros(tensors["input_ids"].shape, dtype=np.bool_))
@@ -96,7 +96,7 @@ def test_model_case(case: dict[str, Any]) -> None:
 def test_prompt_without_placeholder_gets_one_per_image() -> None:
     tok = tokenizer()
     image = fixture_image("images/small.png")
-    mode = MODES["tiny"]
+    mode = DEEPSEEK_OCR.modes["tiny"]
     implicit = prepare_inputs(tok, "  Free OCR. ", [image, image], mode)
     explicit = prepare_inputs(tok, "<image>\n<image>\nFree OCR.", [image, image], mode)
     assert np.array_equal(implicit.input_ids, explicit.input_ids)
@@ -107,9 +107,9 @@ def test_placeholder_count_must_match_images() -> None:
     tok = tokenizer()
     image = fixture_image("images/small.png")
     with pytest.raises(InputError, match="2 <image>"):
-        prepare_inputs(tok, "<image><image>Free OCR.", [image], MODES["tiny"])
+        prepare_inputs(tok, "<image><image>Free OCR.", [image], DEEPSEEK_OCR.modes["tiny"])
     with pytest.raises(InputError, match="1 <image>"):
-        prepare_inputs(tok, "<image>\nFree OCR.", [], MODES["tiny"])
+        prepare_inputs(tok, "<image>\nFree OCR.", [], DEEPSEEK_OCR.modes["tiny"])
 
 
 def test_extract_fields_name_what_the_schema_asks_for() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.request_queue import QueueFullError, RequestQueue
+from common.engine.queue import QueueFullError, RequestQueue
 
 
 class Clock:

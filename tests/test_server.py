@@ -26,15 +26,15 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from common.backend import PreparedInputs
-from common.config import load_config
-from common.engine import Engine
+from common.documents.images import load_image
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
 from common.errors import ImageError
-from common.images import load_image
-from common.modes import resolve_mode
-from common.remote import RemoteFetchError, fetch_url
-from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.model.config import load_config
+from common.model.families import resolve_mode
+from common.model.inputs import PreparedInputs
+from common.model.tokenizer import Tokenizer
+from common.serve.fetch import RemoteFetchError, fetch_url
 from server import ServerSettings, create_app
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR
@@ -524,7 +524,7 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
 def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
     import json as _json
 
-    from common.postprocess import strip_grounding
+    from common.documents.postprocess import strip_grounding
     from tests.conftest import FIXTURES
 
     golden = _json.loads((FIXTURES / "postprocess_goldens.json").read_text())["cases"][0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import server
-from common.loading import ModelOptions
+from common.engine.engine import ModelOptions
 
 
 @pytest.fixture(autouse=True)

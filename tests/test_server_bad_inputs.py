@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from common.config import load_config
-from common.engine import Engine
-from common.tokenizer import Tokenizer
+from common.engine.engine import Engine
+from common.model.config import load_config
+from common.model.tokenizer import Tokenizer
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR
 from tests.hostile import corpus, file_chat, pdf_bytes, text_chat

@@ -10,14 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
-from common.backend import PreparedInputs
-from common.chat import DEFAULT_IMAGE_INSTRUCTION
-from common.config import load_config
-from common.engine import Engine
-from common.images import load_image
-from common.modes import resolve_mode
-from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.documents.images import load_image
+from common.engine.engine import Engine
+from common.engine.sampling import SamplingParams
+from common.model.config import load_config
+from common.model.families import resolve_mode
+from common.model.inputs import PreparedInputs
+from common.model.tokenizer import Tokenizer
+from common.serve.chat import DEFAULT_IMAGE_INSTRUCTION
 from server import ServerSettings, create_app
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR

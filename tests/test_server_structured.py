@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, Field
 
-from common.engine import Engine
+from common.engine.engine import Engine
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR
 from tests.structured_cases import SCHEMAS, UNBOUNDED, parses, validated

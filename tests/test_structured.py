@@ -15,9 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from common.config import load_config
-from common.errors import ConfigError, ModelNotFoundError
-from common.structured import (
+from common.engine.structured import (
     GrammarCompiler,
     GrammarMatcher,
     JsonSpec,
@@ -28,7 +26,9 @@ from common.structured import (
     json_schema_spec,
     mask_width,
 )
-from common.tokenizer import Tokenizer
+from common.errors import ConfigError, ModelNotFoundError
+from common.model.config import load_config
+from common.model.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR
 
 SCHEMAS: dict[str, dict[str, Any]] = {

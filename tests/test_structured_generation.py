@@ -17,19 +17,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.backend import PreparedInputs, StepControls
-from common.config import load_config
-from common.constraints import StructuredOutputError
-from common.engine import Engine
+from common.engine.backend import StepControls
+from common.engine.constraints import StructuredOutputError
+from common.engine.engine import Engine
+from common.engine.generation import FINISH_LENGTH, FINISH_STOP
+from common.engine.loop import GenerationLoop
+from common.engine.ngram import NGramGuard
+from common.engine.sampling import SamplingParams
+from common.engine.structured import allowed_ids, bitmask_to_bool, json_object_spec, json_schema_spec
 from common.errors import InputError
-from common.generation import FINISH_LENGTH, FINISH_STOP
-from common.loop import GenerationLoop
-from common.modes import resolve_mode
-from common.ngram import NGramGuard
-from common.prompt import extract_fields, task_prompt
-from common.sampling import SamplingParams
-from common.structured import allowed_ids, bitmask_to_bool, json_object_spec, json_schema_spec
-from common.tokenizer import Tokenizer
+from common.model.config import load_config
+from common.model.families import resolve_mode
+from common.model.inputs import PreparedInputs
+from common.model.prompt import extract_fields, task_prompt
+from common.model.tokenizer import Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, one_torch_thread
 from tests.fakes import ScriptedBackend
 from tests.structured_cases import OPEN_ENDED_INTEGER, SCHEMAS, UNBOUNDED, is_valid, parses, validated
@@ -376,7 +377,7 @@ class FixedConstraint:
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["inline", "helper-thread"])
 def test_step_masks_follow_the_final_lane_order(threaded: bool) -> None:
-    from common.constraints import StepMasks
+    from common.engine.constraints import StepMasks
 
     vocab = 1000
     masks = StepMasks(vocab, threaded=threaded)

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from common.errors import InputError
-from common.structured import (
+from common.engine.structured import (
     MAX_SCHEMA_CHARS,
     json_object_spec,
     json_schema_spec,
     spec_from_response_format,
     spec_from_text_format,
 )
+from common.errors import InputError
 from tests.test_structured import SCHEMAS
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import load_image
-from common.modes import MODES, Mode, resolve_mode
-from common.tiling import (
+from common.documents.images import load_image
+from common.model.families import DEEPSEEK_OCR, resolve_mode
+from common.model.modes import Mode
+from common.model.tiling import (
     TiledImage,
     bfloat16_bits,
     choose_crop_grid,
@@ -196,9 +197,9 @@ def test_crop_grid_choice_and_tie_rule() -> None:
 
 def test_small_image_in_crop_mode_has_no_tiles() -> None:
     image = Image.new("RGB", (640, 640), (1, 2, 3))
-    result = tile_image(image, MODES["gundam"])
+    result = tile_image(image, DEEPSEEK_OCR.modes["gundam"])
     assert result.tiles == [] and result.crop_grid == (1, 1) and result.global_view.size == (1024, 1024)
-    wide = tile_image(Image.new("RGB", (641, 200)), MODES["gundam"])
+    wide = tile_image(Image.new("RGB", (641, 200)), DEEPSEEK_OCR.modes["gundam"])
     assert wide.crop_grid == (3, 1) and len(wide.tiles) == 3
     assert all(tile.size == (640, 640) for tile in wide.tiles)
 
@@ -216,7 +217,7 @@ def test_tiles_are_row_major_cuts_of_the_resized_image() -> None:
 
 
 def test_image_token_count_formula() -> None:
-    assert image_token_count(MODES["tiny"], (1, 1), False) == 8 * 9 + 1
-    assert image_token_count(MODES["large"], (1, 1), False) == 20 * 21 + 1
-    assert image_token_count(MODES["gundam"], (1, 1), False) == 16 * 17 + 1
-    assert image_token_count(MODES["gundam"], (2, 3), True) == 16 * 17 + 1 + (10 * 3) * (10 * 2 + 1)
+    assert image_token_count(DEEPSEEK_OCR.modes["tiny"], (1, 1), False) == 8 * 9 + 1
+    assert image_token_count(DEEPSEEK_OCR.modes["large"], (1, 1), False) == 20 * 21 + 1
+    assert image_token_count(DEEPSEEK_OCR.modes["gundam"], (1, 1), False) == 16 * 17 + 1
+    assert image_token_count(DEEPSEEK_OCR.modes["gundam"], (2, 3), True) == 16 * 17 + 1 + (10 * 3) * (10 * 2 + 1)

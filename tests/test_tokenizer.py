@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from common.tokenizer import StreamingDetokenizer, Tokenizer
+from common.model.tokenizer import StreamingDetokenizer, Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, cases_manifest, model_cases
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.backend import PreparedInputs
-from common.generation import FINISH_CANCELLED
-from common.loop import GenerationLoop
-from common.sampling import SamplingParams
+from common.engine.generation import FINISH_CANCELLED
+from common.engine.loop import GenerationLoop
+from common.engine.sampling import SamplingParams
+from common.model.inputs import PreparedInputs
 from tests.conftest import MODEL_DIR, model_case_ids, one_torch_thread, rel_err
 from tests.test_torch_model import DEVICES, TOLERANCE, case_data, prepared_inputs
 
@@ -34,7 +34,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from common.tokenizer import Tokenizer
+    from common.model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR)
 

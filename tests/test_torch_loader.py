@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import load_config
 from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoundError
+from common.model.config import load_config
 from tests.conftest import FIXTURES, MODEL_DIR
 
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

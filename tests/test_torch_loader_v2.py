@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import load_config
 from common.errors import CheckpointError
+from common.model.config import load_config
 from tests.conftest import FIXTURES_V2, MODEL_DIR, MODEL_DIR_V2
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.sampling import SamplingParams
+from common.engine.sampling import SamplingParams
 from tests.conftest import FIXTURES, MODEL_DIR, model_case_ids, model_cases, one_torch_thread, rel_err
 
 TOLERANCE = 1e-4  # max|diff| <= 1e-4 x max|ref| per tensor
@@ -84,16 +84,16 @@ def test_image_token_layout_matches_reference(model: Any, case_id: str) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from common.tokenizer import Tokenizer
+    from common.model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR)
 
 
 def prepared_inputs(tokenizer: Any, case_id: str) -> Any:
     """PreparedInputs built from the fixture image and prompt by common's preprocessing."""
-    from common.images import load_image
-    from common.modes import resolve_mode
-    from common.prompt import prepare_inputs
+    from common.documents.images import load_image
+    from common.model.families import resolve_mode
+    from common.model.prompt import prepare_inputs
 
     case = case_info(case_id)
     if case.get("kind") == "lm_only":
@@ -189,9 +189,9 @@ def test_chunked_prefill_equals_full_prefill(model: Any) -> None:
 
 def test_moe_fallback_dispatch_matches_grouped_mm(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-expert fallback (used where grouped_mm is unavailable, e.g. float32 on CUDA) gives the same result."""
-    from common.backend import PreparedInputs
-    from common.loop import GenerationLoop
-    from common.tokenizer import Tokenizer
+    from common.engine.loop import GenerationLoop
+    from common.model.inputs import PreparedInputs
+    from common.model.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.moe import MoEFeedForward
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.backend import PreparedInputs
-from common.families import DEEPSEEK_OCR_2
-from common.loop import GenerationLoop
-from common.sampling import SamplingParams
+from common.engine.loop import GenerationLoop
+from common.engine.sampling import SamplingParams
+from common.model.families import DEEPSEEK_OCR_2
+from common.model.inputs import PreparedInputs
 from tests.conftest import FIXTURES_V2, MODEL_DIR_V2, V2_MODE_NAMES, model_cases_v2, one_torch_thread, rel_err
 
 # max|diff| <= TOLERANCE x max|ref| per tensor. The fixture README measures float32 reordering noise at
@@ -55,7 +55,7 @@ def model(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from common.tokenizer import Tokenizer
+    from common.model.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(MODEL_DIR_V2)
 
@@ -81,9 +81,9 @@ def within(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
 
 
 def prepared_inputs(tokenizer: Any, case_id: str) -> Any:
-    from common.images import load_image
-    from common.modes import resolve_mode
-    from common.prompt import prepare_inputs
+    from common.documents.images import load_image
+    from common.model.families import resolve_mode
+    from common.model.prompt import prepare_inputs
 
     case = case_info(case_id)
     if case.get("kind") == "lm_only":

@@ -263,7 +263,7 @@ def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_named(tmp_path: Path) -> N
 
 
 def test_expert_stacks_of_the_wrong_shape_are_refused() -> None:
-    from common.config import load_config
+    from common.model.config import load_config
     from dsocr_torch.moe import MoEFeedForward
 
     moe = MoEFeedForward(load_config(MODEL_DIR).language)

@@ -1,4 +1,4 @@
-"""dsocr_torch.sampling against common.sampling.reference_sample: bans, masks, greedy, top-k, top-p, draws."""
+"""dsocr_torch.sampling against common.engine.sampling.reference_sample: bans, masks, greedy, top-k, top-p, draws."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.backend import StepControls
-from common.sampling import allowed_from_bitmask, reference_sample
+from common.engine.backend import StepControls
+from common.engine.sampling import allowed_from_bitmask, reference_sample
 from dsocr_torch.sampling import allowed_mask, choose_tokens
 
 VOCAB = 1000

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import ModelConfig, load_config
-from common.images import load_image
-from common.modes import resolve_mode
-from common.tiling import tile_image, to_image_input
+from common.documents.images import load_image
+from common.model.config import ModelConfig, load_config
+from common.model.families import resolve_mode
+from common.model.tiling import tile_image, to_image_input
 from dsocr_torch import sam
 from dsocr_torch.clip import VitModel
 from dsocr_torch.sam import ImageEncoderViT

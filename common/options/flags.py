@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
-from common.argtypes import boolean, finite_float, int_in_range
-from common.families import ModelFamily, family_of_model_dir
-from common.options import choices
-
-ProgressCallback = Callable[[str, int, int], None]
+from common.options.argtypes import boolean, finite_float, int_in_range, positive_int
+from common.options.choices import choices
 
 
 def env_default(name: str, default: Any) -> Any:
@@ -67,53 +61,13 @@ def add_model_arguments(group: Any, env_prefix: str | None = None) -> None:
     )
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    model: str | None = None
-    revision: str | None = None
-    offline: bool = False
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch: int | None = None
-    kv_cache_gib: float | None = None
-    max_context: int | None = None
-    cuda_graphs: bool | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        # argparse runs a flag's type on a string default too, so DSOCR_* values arrive parsed and checked.
-        return cls(
-            args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
-            args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs,
-        )
-
-    def resolved(self, show_download_progress: bool = True) -> tuple[ModelOptions, ModelFamily]:
-        """These options with `model` as a local directory (downloading it on first use, as loading would) and
-        the model's family, read from its config.json: what decides the valid modes before the weights load."""
-        from common.hub import resolve_model
-
-        model_dir = resolve_model(self.model, revision=self.revision, offline=self.offline,
-                                  show_progress=show_download_progress)
-        return replace(self, model=str(model_dir)), family_of_model_dir(model_dir)
-
-    def load(self, *, weights: bool = True, progress: ProgressCallback | None = None,
-             show_download_progress: bool = True) -> Any:
-        """The Engine (tokenizer and config; the weights on the chosen backend unless `weights=False`)."""
-        from common.engine import Engine
-
-        return Engine.load(
-            self.model,
-            backend=self.backend,
-            device=self.device,
-            dtype=self.dtype,
-            revision=self.revision,
-            offline=self.offline,
-            weights=weights,
-            progress=progress,
-            show_download_progress=show_download_progress,
-            max_batch=self.max_batch,
-            kv_cache_gib=self.kv_cache_gib,
-            max_context=self.max_context,
-            cuda_graphs=self.cuda_graphs,
-        )
+def add_ray_arguments(group: Any) -> None:
+    """--ray, --ray-actors, --ray-actor-cpus (the CLI's; `common.documents.cluster.check_ray_args` checks them)."""
+    group.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                       help="run the batch on a Ray cluster (Ray Data), writing to -o DIR (a folder every node can "
+                       "reach); ADDRESS: the cluster's host:port, default auto = the running cluster "
+                       "(RAY_ADDRESS, `ray start` here), else a local one for this job")
+    group.add_argument("--ray-actors", metavar="N", type=positive_int, default=None,
+                       help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
+    group.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
+                       help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")

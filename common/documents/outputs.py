@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from common.workitems import Prepared, WorkItem
+from common.documents.workitems import Prepared, WorkItem
 
 PAGE_SEPARATOR = "\n\n<!-- page {page} -->\n\n"  # between pages in the combined PDFNAME.md
 
@@ -85,7 +85,7 @@ def result_record(
     item: WorkItem, prepared: Prepared, result: Any, mode_name: str, *, json_output: bool = False
 ) -> dict[str, Any]:
     """The JSON object of one item (--json line and NAME.json); `json_output` adds `data`, the parsed text."""
-    from common.postprocess import to_markdown
+    from common.documents.postprocess import to_markdown
 
     timings = dict(result.timings)
     timings["prepare_s"] = prepared.prepare_s
@@ -118,7 +118,7 @@ def write_outputs(out_dir: Path, item: WorkItem, prepared: Prepared, record: dic
 
     Returns the record with `text` = the Markdown of NAME.md (figure links into NAME_images/).
     """
-    from common.postprocess import crop_figures, draw_boxes, to_markdown
+    from common.documents.postprocess import crop_figures, draw_boxes, to_markdown
 
     paths = output_paths(out_dir, item)
     if "data" in record:  # JSON output: `text` stays the JSON; NAME.md shows it as a code block

@@ -96,7 +96,7 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None  # one choice only
     user: str | None = None
-    # {"type": "text" | "json_object" | "json_schema", ...}: checked by common.structured (errors name the field)
+    # {"type": "text" | "json_object" | "json_schema", ...}: checked by common.engine.structured (errors name the field)
     response_format: Any = None
 
 
@@ -120,7 +120,7 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None
-    text: Any = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: common.structured
+    text: Any = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: common.engine.structured
 
 
 # ---------------------------------------------------------------------------------------------------- responses

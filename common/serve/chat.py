@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.errors import InputError
-from common.openai_schema import ContentPart
-from common.prompt import IMAGE_TOKEN, TASKS
+from common.model.prompt import IMAGE_TOKEN, TASKS
+from common.serve.schema import ContentPart
 
 # When a request has images but no instruction, OCR the page to Markdown (the authors' document prompt).
 DEFAULT_IMAGE_INSTRUCTION = TASKS["markdown"].replace(f"{IMAGE_TOKEN}\n", "")

@@ -3,7 +3,7 @@
 A family is chosen by config.json's `architectures` (both say `model_type` `deepseek_vl_v2`). Its description
 holds everything that is not a tensor shape: the resolution presets and their crop defaults, the sizes its
 vision encoder accepts, how a no-crop view is made, how many `<image>` tokens a view gives and in which order
-they sit in the prompt, the task prompts and the n-gram recipe. Token counts (common.tiling) and the token
+they sit in the prompt, the task prompts and the n-gram recipe. Token counts (common.model.tiling) and the token
 layout (each backend's model) both read `layout`, so they cannot disagree.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from common.errors import ConfigError
-from common.modes import Mode
+from common.errors import ConfigError, InputError
+from common.model.modes import MAX_SIDE, MAX_TILES, SIZE_MULTIPLE, Mode
 
 PATCH_SIZE = 16  # SAM's patch size
 DOWNSAMPLE_RATIO = 4  # net_2 and net_3 halve SAM's grid twice: a view of S px gives (S/64)^2 vision tokens
@@ -32,7 +32,8 @@ TASK_PROMPTS: Mapping[str, str] = MappingProxyType(
         "describe": "<image>\nDescribe this image in detail.",
         "locate": "<image>\nLocate <|ref|>TEXT<|/ref|> in the image.",
         "grounding": "<image>\n<|grounding|>OCR this image.",
-        # Structured output (JSON by a schema): FIELDS names what the schema asks for (common.prompt.extract_fields).
+        # Structured output (JSON by a schema): FIELDS names what the schema asks for
+        # (common.model.prompt.extract_fields).
         "extract": "<image>\nExtract FIELDS from the document as JSON.",
     }
 )
@@ -190,3 +191,118 @@ def family_of_model_dir(model_dir: str | Path) -> ModelFamily:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return family_for_config(data, path)
+
+
+# ---- resolving a mode: a family's preset, optionally overridden field by field ----------------------------------
+
+
+def _check_size(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
+    if value <= 0 or value % SIZE_MULTIPLE or value > MAX_SIDE:
+        raise InputError(
+            f"{what} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {value}", param=what
+        )
+
+
+def _check_family_size(what: str, value: int, allowed: tuple[int, ...], family: ModelFamily, role: str) -> None:
+    if allowed and value not in allowed:
+        sizes = " or ".join(str(s) for s in allowed)
+        raise InputError(
+            f"{family.title} {role} must be {sizes} px (what its encoder takes), got {what} {value}", param=what
+        )
+
+
+def _check_count(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{what} must be an integer, got {value!r}", param=what)
+    if value < 1 or value > MAX_TILES:
+        raise InputError(f"{what} must be between 1 and {MAX_TILES}, got {value}", param=what)
+
+
+def resolve_mode(
+    name: str | None = None,
+    *,
+    family: ModelFamily | None = None,
+    base_size: int | None = None,
+    image_size: int | None = None,
+    crop_mode: bool | None = None,
+    min_crops: int | None = None,
+    max_crops: int | None = None,
+) -> Mode:
+    """A preset of `family` (default DeepSeek-OCR; no name: its default preset), optionally overridden field by
+    field; InputError names the bad value."""
+    family = family or DEEPSEEK_OCR
+    key = (family.default_mode if name is None else name).strip().lower()
+    if key not in family.modes:
+        raise InputError(
+            f"unknown mode {name!r} for {family.title}; choose one of {', '.join(family.modes)}", param="mode"
+        )
+    preset = family.modes[key]
+    # The values the caller gave are checked first, so an error names the option actually set.
+    for what, given in (("base_size", base_size), ("image_size", image_size)):
+        if given is not None:
+            _check_size(what, given)
+    for what, given in (("min_crops", min_crops), ("max_crops", max_crops)):
+        if given is not None:
+            _check_count(what, given)
+    overridden = any(v is not None for v in (base_size, image_size, crop_mode, min_crops, max_crops))
+    crop = preset.crop_mode if crop_mode is None else bool(crop_mode)
+    base = preset.base_size if base_size is None else base_size
+    tile = preset.image_size if image_size is None else image_size
+    if not crop:
+        # Without crops only one size exists; take whichever the caller set.
+        if base_size is not None and image_size is None:
+            tile = base
+        elif image_size is not None and base_size is None:
+            base = tile
+        elif base != tile:
+            if base_size is not None and image_size is not None:
+                raise InputError(
+                    f"without crop mode the global view is image_size x image_size; base_size {base}"
+                    f" must equal image_size {tile} (or enable crop mode)",
+                    param="base_size",
+                )
+            base = tile = base if base_size is not None else tile
+    lo = preset.min_crops if min_crops is None else min_crops
+    hi = preset.max_crops if max_crops is None else max_crops
+    _check_size("base_size", base)
+    _check_size("image_size", tile)
+    if crop:
+        _check_family_size("base_size", base, family.view_sizes, family, "global views")
+        _check_family_size("image_size", tile, family.tile_sizes, family, "tiles")
+    else:
+        _check_family_size("image_size", tile, family.view_sizes, family, "views")
+    _check_count("min_crops", lo)
+    _check_count("max_crops", hi)
+    if lo > hi:
+        raise InputError(f"min_crops ({lo}) must not exceed max_crops ({hi})", param="min_crops")
+    mode = Mode(key, base, tile, crop, lo, hi, family.name)
+    if overridden and mode != preset:
+        mode = Mode(f"{key}-custom", base, tile, crop, lo, hi, family.name)
+    return mode
+
+
+@dataclass(frozen=True)
+class ModeOptions:
+    """A mode preset and the per-field overrides a user may give (None = the model family's default preset /
+    the preset's value)."""
+
+    mode: str | None = None
+    base_size: int | None = None
+    image_size: int | None = None
+    crop_mode: bool | None = None
+    min_crops: int | None = None
+    max_crops: int | None = None
+
+    def resolve(self, family: ModelFamily | None = None) -> Mode:
+        """The Mode for `family` (the loaded model's; None: DeepSeek-OCR), whose presets and limits apply."""
+        return resolve_mode(
+            self.mode,
+            family=family,
+            base_size=self.base_size,
+            image_size=self.image_size,
+            crop_mode=self.crop_mode,
+            min_crops=self.min_crops,
+            max_crops=self.max_crops,
+        )

@@ -14,7 +14,7 @@ worker runs) does, per iteration:
    so a long prompt stalls running sequences by one unit at most (interleaved chunked prefill); a prompt
    that finishes joins the batch at lane B;
 4. token choice for every lane, with each sequence's own parameters, bans, allowed-token mask (a sequence
-   constrained to JSON, `common.constraints`) and uniform draw.
+   constrained to JSON, `common.engine.constraints`) and uniform draw.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import Backend, PrefillJob, PreparedInputs, StepControls
-from common.constraints import Constraint, StepMasks, StructuredOutputError, bans_within
-from common.errors import InputError
-from common.generation import (
+from common.documents.postprocess import clean_output, to_markdown
+from common.engine.backend import Backend, PrefillJob, StepControls
+from common.engine.constraints import Constraint, StepMasks, StructuredOutputError, bans_within
+from common.engine.generation import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -43,10 +43,11 @@ from common.generation import (
     StopMatcher,
     crop_grid_of,
 )
-from common.ngram import NGramGuard
-from common.postprocess import clean_output, to_markdown
-from common.sampling import SamplingParams
-from common.tokenizer import StreamingDetokenizer, Tokenizer
+from common.engine.ngram import NGramGuard
+from common.engine.sampling import SamplingParams
+from common.errors import InputError
+from common.model.inputs import PreparedInputs
+from common.model.tokenizer import StreamingDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

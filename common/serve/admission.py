@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from common.api_errors import APIError, api_error_for
+from common.documents.postprocess import GroundingStripper
+from common.engine.queue import QueueFullError, RequestQueue
+from common.engine.sampling import SamplingParams
 from common.memory import trim_heap
-from common.metrics import Metrics
-from common.openai_schema import new_id
-from common.postprocess import GroundingStripper
-from common.request_queue import QueueFullError, RequestQueue
-from common.sampling import SamplingParams
+from common.serve.errors import APIError, api_error_for
+from common.serve.metrics import Metrics
+from common.serve.schema import new_id
 
 log = logging.getLogger("dsocr.server")
 
@@ -42,11 +42,11 @@ class GenerationLike(Protocol):
 
 
 class EngineLike(Protocol):
-    """What the server needs from `common.engine.Engine` (tests may pass a stand-in)."""
+    """What the server needs from `common.engine.engine.Engine` (tests may pass a stand-in)."""
 
     def prepare(self, prompt: str, images: list[Any], mode: Any) -> Any: ...
 
-    loop: Any  # common.loop.GenerationLoop
+    loop: Any  # common.engine.loop.GenerationLoop
 
     def generate(self, prepared: Any, params: SamplingParams, **kwargs: Any) -> GenerationLike: ...
 

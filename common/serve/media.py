@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from common.chat import MediaRef
-from common.documents import DEFAULT_DPI, decode_data_url, kind_of_bytes, mode_pixel_budget, open_document
+from common.documents.document import DEFAULT_DPI, decode_data_url, kind_of_bytes, mode_pixel_budget, open_document
 from common.errors import InputError
-from common.limits import RequestLimits
-from common.modes import Mode
-from common.remote import DEFAULT_MAX_BYTES, fetch_url
+from common.model.modes import Mode
+from common.serve.chat import MediaRef
+from common.serve.fetch import DEFAULT_MAX_BYTES, fetch_url
+from common.serve.limits import RequestLimits
 
 
 @dataclass(frozen=True)

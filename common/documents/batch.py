@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from common.documents.outputs import result_record, stored_record, write_combined, write_outputs
+from common.documents.postprocess import GroundingStripper
+from common.documents.workitems import DEFAULT_DPI, Prefetcher, Prepared, WorkItem, prepared_stream
+from common.engine.sampling import SamplingParams, fit_max_tokens
 from common.errors import DsocrError
-from common.limits import fit_max_tokens
-from common.modes import Mode
-from common.outputs import result_record, stored_record, write_combined, write_outputs
-from common.postprocess import GroundingStripper
-from common.sampling import SamplingParams
-from common.workitems import DEFAULT_DPI, Prefetcher, Prepared, WorkItem, prepared_stream
+from common.model.modes import Mode
 
 log = logging.getLogger("dsocr")
 

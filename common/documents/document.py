@@ -20,9 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.documents.images import DEFAULT_MAX_PIXELS, image_frame_count, image_frame_sizes, load_image
 from common.errors import ImageError
-from common.images import DEFAULT_MAX_PIXELS, image_frame_count, image_frame_sizes, load_image
-from common.modes import Mode
+from common.model.modes import Mode
 
 # One lock for the whole process: pdfium keeps global state shared by all documents.
 PDFIUM_LOCK = threading.RLock()

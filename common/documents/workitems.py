@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from PIL import Image
 
-from common.documents import (
+from common.documents.document import (
     DEFAULT_DPI,
     IMAGE_EXTENSIONS,
     PDF_EXTENSION,
@@ -31,7 +31,7 @@ from common.documents import (
     path_kind,
 )
 from common.errors import DsocrError, InputError
-from common.modes import Mode
+from common.model.modes import Mode
 
 log = logging.getLogger("dsocr")
 
@@ -217,7 +217,7 @@ def load_item_image(item: WorkItem, dpi: int, mode: Mode) -> Image.Image | None:
 class Prepared:
     item: WorkItem
     image: Image.Image | None = None
-    inputs: Any = None  # common.backend.PreparedInputs
+    inputs: Any = None  # common.engine.backend.PreparedInputs
     prepare_s: float = 0.0
     error: BaseException | None = None
 

@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import ImageInput, PreparedInputs
-from common.batch import (
+from common.documents.batch import (
     BatchOptions,
     DocumentGroups,
     Outcome,
@@ -50,12 +49,12 @@ from common.batch import (
     report_outcome,
     split_done,
 )
-from common.engine import Engine
+from common.documents.outputs import atomic_write, output_paths, stored_record
+from common.documents.workitems import Prepared, WorkItem, prepare_item
+from common.engine.engine import Engine, ModelOptions
 from common.errors import DsocrError
-from common.loading import ModelOptions
-from common.outputs import atomic_write, output_paths, stored_record
-from common.tiling import BF16_LUT
-from common.workitems import Prepared, WorkItem, prepare_item
+from common.model.inputs import ImageInput, PreparedInputs
+from common.model.tiling import BF16_LUT
 
 log = logging.getLogger("dsocr")
 
@@ -77,20 +76,6 @@ class RayOptions:
     actors: int | None = None  # generation actors (default: one per GPU, or 1 without GPUs)
     actor_cpus: float = 1.0  # CPUs each actor reserves (on CPU nodes: its torch threads)
     show_progress: bool = True  # Ray Data's progress bars
-
-
-def add_ray_arguments(group: Any) -> None:
-    """--ray, --ray-actors, --ray-actor-cpus (the CLI's; `check_ray_args` checks them)."""
-    from common.argtypes import finite_float, positive_int
-
-    group.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                       help="run the batch on a Ray cluster (Ray Data), writing to -o DIR (a folder every node can "
-                       "reach); ADDRESS: the cluster's host:port, default auto = the running cluster "
-                       "(RAY_ADDRESS, `ray start` here), else a local one for this job")
-    group.add_argument("--ray-actors", metavar="N", type=positive_int, default=None,
-                       help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
-    group.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
-                       help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")
 
 
 def check_ray_args(args: Any) -> None:

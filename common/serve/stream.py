@@ -1,7 +1,7 @@
 """OpenAI reply bodies from a request's events: chat completions and Responses API objects, streamed as
 Server-Sent Events or collected whole. Framework-free: the ASGI `receive` callable is the only link to HTTP.
 
-Events come from `common.scheduler.InferenceRequest`: ("delta", text), then ("done", result) or ("error", exc).
+Events come from `common.serve.admission.InferenceRequest`: ("delta", text), then ("done", result) or ("error", exc).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from common.api_errors import APIError
-from common.openai_schema import (
+from common.serve.admission import InferenceRequest
+from common.serve.errors import APIError
+from common.serve.schema import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -30,7 +31,6 @@ from common.openai_schema import (
     now,
     response_usage,
 )
-from common.scheduler import InferenceRequest
 
 KEEPALIVE = b": keep-alive\n\n"
 Event = tuple[str, Any]

@@ -3,7 +3,7 @@
 The Hugging Face code reads the top-level language-model keys (`language_config` is a duplicate that
 vLLM reads); vision sizes live under `vision_config.width`. Keys the official schema lacks (the authors
 hard-code them) are read when present and otherwise default to the real model's values. `architectures`
-selects the model family (common.families), which decides the vision encoder: CLIP-L for DeepSeek-OCR,
+selects the model family (common.model.families), which decides the vision encoder: CLIP-L for DeepSeek-OCR,
 a Qwen2 decoder used as an encoder for DeepSeek-OCR 2.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2, ModelFamily, family_for_config
+from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2, ModelFamily, family_for_config
 
 _MISSING = object()
 

@@ -31,7 +31,7 @@ import llguidance.numpy as llg_numpy
 import numpy as np
 
 from common.errors import ConfigError, InputError, ModelNotFoundError
-from common.limits import read_capped_text
+from common.files import read_capped_text
 
 # A schema is a request field; past this size it is refused before compiling.
 MAX_SCHEMA_CHARS = 100_000
@@ -382,8 +382,8 @@ class GrammarCompiler:
         cls, model_dir: str | Path, *, eos_id: int | None = None, vocab_size: int | None = None, **kwargs: Any
     ) -> GrammarCompiler:
         """From a model directory; `eos_id` / `vocab_size` default to its tokenizer files and config.json."""
-        from common.config import load_config
-        from common.tokenizer import Tokenizer
+        from common.model.config import load_config
+        from common.model.tokenizer import Tokenizer
 
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"

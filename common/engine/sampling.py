@@ -10,7 +10,7 @@ import numpy as np
 from common.errors import InputError
 
 if TYPE_CHECKING:
-    from common.structured import JsonSpec
+    from common.engine.structured import JsonSpec
 
 # The authors' vLLM recipe always lets table cells repeat; their ids come from the tokenizer.
 NGRAM_WHITELIST_TOKENS: tuple[str, ...] = ("<td>", "</td>")
@@ -25,7 +25,7 @@ class SamplingParams:
     temperature 0 means greedy. `no_repeat_ngram_size` 0 disables the n-gram guard; `ngram_window` 0
     looks at the whole sequence including the prompt (the official Hugging Face `infer()`), a positive
     window looks at the last `ngram_window` tokens only (the authors' vLLM recipe). `json_spec` constrains
-    the output to JSON (a schema or any object; see common.structured), None = free text.
+    the output to JSON (a schema or any object; see common.engine.structured), None = free text.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -135,3 +135,96 @@ def with_ngram_whitelist(params: SamplingParams, whitelist: tuple[int, ...]) -> 
     if params.ngram_window > 0 and params.no_repeat_ngram_size > 0 and not params.ngram_whitelist:
         return replace(params, ngram_whitelist=whitelist)
     return params
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+MAX_STOP_CHARS = 1024  # all stop strings together
+
+MAX_SEED = 2**63 - 1  # a signed 64-bit seed, what every backend's generator accepts
+
+
+def fit_max_tokens(prompt_tokens: int, requested: int | None, default: int, context: int) -> int:
+    """The completion budget for a prompt: `requested` must fit the context; the default shrinks to fit.
+
+    InputError when the prompt alone fills the context, or when an explicit request does not fit.
+    """
+    room = context - prompt_tokens
+    if room < 1:
+        raise InputError(
+            f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens "
+            "(shorten the text, or use fewer images or a smaller mode)",
+            param="messages",
+        )
+    if requested is not None and requested > room:
+        raise InputError(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the model's context of "
+            f"{context} tokens; ask for at most {room}",
+            param="max_tokens",
+        )
+    return min(requested if requested is not None else default, room)
+
+
+def check_stop_strings(stop: tuple[str, ...]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InputError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(stop)}", param="stop")
+    total = sum(len(s) for s in stop)
+    if total > MAX_STOP_CHARS:
+        raise InputError(
+            f"the stop strings are {total} characters together; at most {MAX_STOP_CHARS} are accepted", param="stop"
+        )
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
+
+
+# A bound far above any model context, so an absurd value is refused before anything is allocated.
+MAX_NEW_TOKENS_BOUND = 1 << 20
+
+
+def stop_strings(stop: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Stop strings as given, empty ones left out (an empty string would stop at once), within the limits."""
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else tuple(stop)
+    kept = tuple(s for s in items if s)
+    check_stop_strings(kept)
+    return kept
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Generation options as users give them; None = the default (greedy, as the official code)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | tuple[str, ...] | None = None
+    no_repeat_ngram_size: int | None = None
+    ngram_window: int | None = None
+    json_spec: JsonSpec | None = None  # JSON output (common.engine.structured); None = free text
+
+    def resolve(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
+        """SamplingParams; InputError naming the option for a bad value. max_tokens is capped by the default."""
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_NEW_TOKENS_BOUND:
+            raise InputError(
+                f"max_tokens must be between 1 and {MAX_NEW_TOKENS_BOUND}, got {self.max_tokens}", param="max_tokens"
+            )
+        extra: dict[str, int] = {}
+        if self.no_repeat_ngram_size is not None:
+            extra["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.ngram_window is not None:
+            extra["ngram_window"] = self.ngram_window
+        return SamplingParams(
+            max_new_tokens=min(self.max_tokens or default_max_tokens, default_max_tokens),
+            temperature=0.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=stop_strings(self.stop),
+            json_spec=self.json_spec,
+            **extra,
+        )

@@ -1,7 +1,7 @@
 """The small interface every backend implements, and the inputs it receives.
 
 The CLI and the server never import torch or mlx: they call `load_backend(...)` and hand the backend to
-`common.loop.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.prompt.prepare_inputs`)
+`common.engine.loop.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.model.prompt.prepare_inputs`)
 and drives batched decode steps.
 """
 
@@ -9,52 +9,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from common.errors import BackendUnavailableError, InputError
-
-
-@dataclass
-class ImageInput:
-    """One image, preprocessed as the official `infer()` does.
-
-    Pixel arrays are float32 CHW, normalised to [-1, 1] and rounded to bfloat16 values (infer() casts the
-    pixels to bfloat16 before the vision tower; the values are exactly representable in float32).
-    """
-
-    global_view: np.ndarray  # [3, base_size, base_size]
-    local_views: np.ndarray | None  # [n_tiles, 3, image_size, image_size], None without crops
-    crop_grid: tuple[int, int]  # (width tiles, height tiles); (1, 1) without crops, as images_spatial_crop
-
-    @property
-    def has_crops(self) -> bool:
-        return self.local_views is not None and len(self.local_views) > 0
-
-
-@dataclass
-class PreparedInputs:
-    """Everything a backend needs for one request: prompt ids with expanded `<image>` runs and the views."""
-
-    input_ids: np.ndarray  # int64 [L]; BOS first, every <image> expanded to its exact token count
-    images_seq_mask: np.ndarray  # bool [L]; True where an image embedding goes
-    images: list[ImageInput]
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height) per image
-    # Precomputed prompt embeddings, float32 [L, hidden]: the backend skips embedding and vision. Parity tests
-    # feed the reference model's embeddings this way; None for every real request.
-    inputs_embeds: np.ndarray | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def image_tokens(self) -> int:
-        return int(self.images_seq_mask.sum())
-
+from common.model.inputs import PreparedInputs
 
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total), e.g. ("weights", 3, 12)
 
@@ -63,9 +25,9 @@ ProgressCallback = Callable[[str, int, int], None]  # (what, done, total), e.g. 
 class StepControls:
     """How to pick the next token of every lane in a decode batch; host arrays, one row per lane [0, B).
 
-    Built by the generation loop (common.generation) from each sequence's parameters and guards, applied by
+    Built by the generation loop (common.engine.generation) from each sequence's parameters and guards, applied by
     the backend on its device: bans and the allowed-token mask first (-inf logits), then greedy argmax for
-    rows with temperature 0 or sampling (`common.sampling.reference_sample` defines the arithmetic) with the
+    rows with temperature 0 or sampling (`common.engine.sampling.reference_sample` defines the arithmetic) with the
     row's own uniform draw, so a seeded sequence picks the same tokens whatever else is in the batch.
     """
 
@@ -108,7 +70,7 @@ class PrefillJob(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model on one device, driven step by step by `common.loop.GenerationLoop`.
+    """A loaded model on one device, driven step by step by `common.engine.loop.GenerationLoop`.
 
     The backend owns tensors only: a KV cache of `lanes` lanes, each holding up to `lane_capacity` positions.
     A decode step runs the lanes [0, B) together. Device values (`Logits`, `Tokens`) are opaque handles; only

@@ -5,30 +5,33 @@ The CLI and the server both drive an `Engine`; neither knows which backend runs 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from common.backend import Backend, PreparedInputs, ProgressCallback, load_backend
-from common.config import ModelConfig, load_config
-from common.device import select_backend
+from common.engine.backend import Backend, ProgressCallback, load_backend
+from common.engine.generation import Generation, GenerationResult, Listener, crop_grid_of
+from common.engine.loop import GenerationLoop
+from common.engine.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
 from common.errors import InputError
-from common.families import family_named
-from common.generation import Generation, GenerationResult, Listener, crop_grid_of
-from common.hub import resolve_model
-from common.loop import GenerationLoop
 from common.memory import collector_paused, keep_freed_heap, trim_heap
-from common.modes import Mode
-from common.prompt import prepare_inputs
-from common.sampling import SamplingParams, ngram_whitelist_ids, with_ngram_whitelist
-from common.tokenizer import Tokenizer
+from common.model.config import ModelConfig, load_config
+from common.model.device import select_backend
+from common.model.families import ModelFamily, family_named, family_of_model_dir
+from common.model.hub import resolve_model
+from common.model.inputs import PreparedInputs
+from common.model.modes import Mode
+from common.model.prompt import prepare_inputs
+from common.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from common.structured import GrammarCompiler, GrammarMatcher, JsonSpec
+    from common.engine.structured import GrammarCompiler, GrammarMatcher, JsonSpec
 
 __all__ = ["Engine", "Generation", "GenerationResult", "crop_grid_of"]
 
@@ -48,7 +51,7 @@ class Engine:
         max_batch: int | None = None,
     ) -> None:
         self.model_dir, self.tokenizer, self.config, self.backend = model_dir, tokenizer, config, backend
-        self.family = config.family  # which model this is (common.families): modes and token counts follow it
+        self.family = config.family  # which model this is (common.model.families): modes and token counts follow it
         self.ngram_whitelist = ngram_whitelist_ids(tokenizer)
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
@@ -80,7 +83,7 @@ class Engine:
         """Resolves the model (downloading on first use) and, unless `weights=False`, loads it on a backend.
 
         `max_batch` is the most sequences decoded together (default: the backend's per-device default);
-        `kv_cache_gib`, `max_context` and `cuda_graphs` go to the backend (see `common.backend.load_backend`).
+        `kv_cache_gib`, `max_context` and `cuda_graphs` go to the backend (see `common.engine.backend.load_backend`).
         """
         model_dir = resolve_model(model, revision=revision, offline=offline, show_progress=show_download_progress)
         timings: dict[str, float] = {}
@@ -135,7 +138,7 @@ class Engine:
         """The model's grammar compiler, built on first use (it indexes the whole vocabulary: seconds)."""
         with self._grammar_lock:
             if self._grammar is None:
-                from common.structured import GrammarCompiler
+                from common.engine.structured import GrammarCompiler
 
                 t0 = time.perf_counter()
                 self._grammar = GrammarCompiler.from_model_dir(
@@ -166,3 +169,56 @@ class Engine:
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
+
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = None
+    revision: str | None = None
+    offline: bool = False
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int | None = None
+    kv_cache_gib: float | None = None
+    max_context: int | None = None
+    cuda_graphs: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
+        # argparse runs a flag's type on a string default too, so DSOCR_* values arrive parsed and checked.
+        return cls(
+            args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
+            args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs,
+        )
+
+    def resolved(self, show_download_progress: bool = True) -> tuple[ModelOptions, ModelFamily]:
+        """These options with `model` as a local directory (downloading it on first use, as loading would) and
+        the model's family, read from its config.json: what decides the valid modes before the weights load."""
+        from common.model.hub import resolve_model
+
+        model_dir = resolve_model(self.model, revision=self.revision, offline=self.offline,
+                                  show_progress=show_download_progress)
+        return replace(self, model=str(model_dir)), family_of_model_dir(model_dir)
+
+    def load(self, *, weights: bool = True, progress: ProgressCallback | None = None,
+             show_download_progress: bool = True) -> Any:
+        """The Engine (tokenizer and config; the weights on the chosen backend unless `weights=False`)."""
+        from common.engine.engine import Engine
+
+        return Engine.load(
+            self.model,
+            backend=self.backend,
+            device=self.device,
+            dtype=self.dtype,
+            revision=self.revision,
+            offline=self.offline,
+            weights=weights,
+            progress=progress,
+            show_download_progress=show_download_progress,
+            max_batch=self.max_batch,
+            kv_cache_gib=self.kv_cache_gib,
+            max_context=self.max_context,
+            cuda_graphs=self.cuda_graphs,
+        )

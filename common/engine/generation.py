@@ -1,4 +1,4 @@
-"""A generation's handle and result, and the per-sequence stop-string matcher, for `common.loop`.
+"""A generation's handle and result, and the per-sequence stop-string matcher, for `common.engine.loop`.
 
 `GenerationLoop` (common/loop.py) runs sequences with continuous batching; what a caller holds for one of them is
 a `Generation`: iterate it for text deltas (or give a listener), cancel it from any thread, read its
@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from common.backend import PreparedInputs
-from common.sampling import SamplingParams
+from common.engine.sampling import SamplingParams
+from common.model.inputs import PreparedInputs
 
 if TYPE_CHECKING:
-    from common.loop import GenerationLoop
+    from common.engine.loop import GenerationLoop
 
 log = logging.getLogger(__name__)
 

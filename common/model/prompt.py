@@ -1,4 +1,4 @@
-"""Prompts: task presets and the official `plain` template with `<image>` expansion (chat folding: common.chat).
+"""Prompts: task presets and the official `plain` template with `<image>` expansion (chat folding: common.serve.chat).
 
 infer() formats the conversation with the `plain` template, which reduces to `prompt.strip()`, splits it on
 `<image>`, encodes every text piece without special tokens, replaces each `<image>` by its run of image tokens
@@ -13,19 +13,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common.backend import ImageInput, PreparedInputs
 from common.errors import InputError
-from common.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily
-from common.modes import Mode
-from common.tiling import image_token_count, tile_image, to_image_input
-from common.tokenizer import Tokenizer
+from common.model.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily
+from common.model.inputs import ImageInput, PreparedInputs
+from common.model.modes import Mode
+from common.model.tiling import image_token_count, tile_image, to_image_input
+from common.model.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
 _REF_PLACEHOLDER = "<|ref|>TEXT<|/ref|>"
 _FIELDS_PLACEHOLDER = "FIELDS"
 
 # The authors' prompts and dsocr's `extract` (the same for both families; each family carries its own in
-# common.families).
+# common.model.families).
 TASKS = TASK_PROMPTS
 _ANY_FIELDS = "the content"  # a schema without named properties (or any JSON object)
 

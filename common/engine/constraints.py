@@ -1,6 +1,6 @@
 """Per-sequence output constraints inside the batched decode loop: the allowed-token masks of one step.
 
-A constrained sequence (JSON by a schema, `common.structured`) carries a `Constraint`: it consumes every
+A constrained sequence (JSON by a schema, `common.engine.structured`) carries a `Constraint`: it consumes every
 accepted token and writes the bitmask of the ids allowed next. `StepMasks` turns the constraints of a decode
 batch into `StepControls.allowed` ([B, W] int32 rows, unconstrained lanes all ones) and, on request, computes
 them on a helper thread while the forward pass runs: the mask work runs outside the GIL, so it overlaps a
@@ -15,11 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from common.structured import ban_within_grammar, mask_width
+from common.engine.structured import ban_within_grammar, mask_width
 
 
 class Constraint(Protocol):
-    """What the loop needs of a sequence's grammar state (`common.structured.GrammarMatcher` is one)."""
+    """What the loop needs of a sequence's grammar state (`common.engine.structured.GrammarMatcher` is one)."""
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Writes the bitmask of the ids allowed next into `row` (int32 [W])."""

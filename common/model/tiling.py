@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.backend import ImageInput
-from common.families import family_named
-from common.modes import Mode
+from common.model.families import DEEPSEEK_OCR, family_named
+from common.model.inputs import ImageInput
+from common.model.modes import Mode
 
 # Normalize(mean=0.5): the official pad colour is tuple(int(x * 255) for x in mean).
 PAD_COLOR = (127, 127, 127)
@@ -153,3 +153,30 @@ def to_image_input(tiled: TiledImage) -> ImageInput:
     global_view = normalize_bfloat16(tiled.global_view)
     local_views = np.stack([normalize_bfloat16(tile) for tile in tiled.tiles]) if tiled.tiles else None
     return ImageInput(global_view=global_view, local_views=local_views, crop_grid=tiled.crop_grid)
+
+
+def image_tokens_for(mode: Mode, size: tuple[int, int]) -> int:
+    """<image> tokens one page of `size` pixels takes in `mode`, as `common.model.tiling.tile_image` would tile it.
+
+    EXIF rotation may swap width and height after this is read, so both orientations are considered.
+    """
+    counts = []
+    for width, height in (size, size[::-1]):
+        grid, crops = (1, 1), False
+        if mode.crop_mode and not (width <= mode.image_size and height <= mode.image_size):
+            grid = choose_crop_grid(width, height, mode.min_crops, mode.max_crops, mode.image_size)
+            crops = grid != (1, 1)
+        counts.append(image_token_count(mode, grid, crops))
+    return max(counts)
+
+
+def most_image_tokens(mode: Mode) -> int:
+    """The largest count one image can take in `mode` (its worst tile grid)."""
+    grids = candidate_grids(mode.min_crops, mode.max_crops) if mode.crop_mode else [(1, 1)]
+    return max(image_token_count(mode, grid, grid != (1, 1)) for grid in grids)
+
+
+def default_max_image_tokens() -> int:
+    """What a Gundam page with 9 tiles needs, plus a quarter of headroom, in whole blocks of 256."""
+    needed = most_image_tokens(DEEPSEEK_OCR.modes["gundam"]) * 5 // 4
+    return -(-needed // 256) * 256
