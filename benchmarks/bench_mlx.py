@@ -143,72 +143,91 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
     import numpy as np
 
-    from common.engine.loop import GenerationLoop
+    from benchmarks.bench_torch import synthetic_prompt
+    from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
-    from common.model.inputs import ImageInput, PreparedInputs
+    from common.model.families import resolve_mode
+    from common.model.inputs import ImageInput
+    from common.model.tiling import image_token_count
     from common.model.tokenizer import Tokenizer
     from dsocr_mlx.backend import MlxBackend
-    from dsocr_mlx.cache import LanePool
     from dsocr_mlx.loader import DTYPES, load_model
 
-    mx.set_default_device(mx.gpu if args.device == "metal" else mx.cpu)
     kind, metal_dtype, cpu_dtype = CONFIGS[args.config]
     dtype = metal_dtype if args.device == "metal" else cpu_dtype
     result: dict[str, Any] = {"config": f"{args.device}:{args.config}", "compute": dtype,
                               "vision_size": args.vision_size}
-    start = time.perf_counter()
-    model, _ = load_model(args.checkpoint, dtype)
-    result["load_s"] = time.perf_counter() - start
+    loaded: dict[str, Any] = {}
+
+    def load() -> MlxBackend:  # on the engine core's thread, which owns every MLX array from here on
+        mx.set_default_device(mx.gpu if args.device == "metal" else mx.cpu)
+        start = time.perf_counter()
+        model, quantization = load_model(args.checkpoint, dtype)
+        loaded.update(model=model, load_s=time.perf_counter() - start)
+        return MlxBackend(model, args.device, dtype, quantization, max_batch=1)
+
+    core = EngineCore(load, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model")).start()
+    core.wait_ready()
+    model = loaded["model"]
+    result["load_s"] = loaded["load_s"]
     result["rss_after_load_gib"] = peak_rss_gib()
-    lm = model.config.language
-    rng = np.random.default_rng(0)
 
-    def views(count: int, size: int) -> np.ndarray:
-        return (rng.random((count, 3, size, size), dtype=np.float32) * 2 - 1).astype(np.float32)
+    def measure(backend: Any) -> Any:
+        """Vision and prefill timings, on the core's thread; returns the Base prompt."""
+        rng = np.random.default_rng(0)
 
-    base = ImageInput(views(1, args.vision_size)[0], None, (1, 1))
-    gundam = ImageInput(views(1, 1024)[0], views(6, 640), (2, 3))
+        def views(count: int, size: int) -> np.ndarray:
+            return (rng.random((count, 3, size, size), dtype=np.float32) * 2 - 1).astype(np.float32)
 
-    def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-        best, out = float("inf"), None
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            out = fn()
-            mx.eval(out)
-            best = min(best, time.perf_counter() - t0)
-        return best, out
+        base = ImageInput(views(1, args.vision_size)[0], None, (1, 1))
+        gundam = ImageInput(views(1, 1024)[0], views(6, 640), (2, 3))
 
-    result["vision_base_s"], base_tokens = timed(lambda: model.image_embeddings(base), args.repeat)
-    if args.gundam:
-        result["vision_gundam_s"], gundam_tokens = timed(lambda: model.image_embeddings(gundam), args.repeat)
-        result["gundam_image_tokens"] = int(gundam_tokens.shape[0])
-    n_text = 10
-    ids = rng.integers(3, 128000, size=base_tokens.shape[0] + n_text + 1).astype(np.int64)
-    ids[0] = lm.bos_token_id
-    mask = np.zeros(ids.shape[0], dtype=bool)
-    mask[1 : 1 + base_tokens.shape[0]] = True
-    result["prompt_tokens"] = int(ids.shape[0])
-    embeds = model.embed_inputs(ids, mask, [base])
-    mx.eval(embeds)
-    pool = LanePool(lm, 1, ids.shape[0] + 8, model.dtype)
-    result["prefill_s"], _ = timed(lambda: model.prefill_lane(embeds, pool, 0, 0), args.repeat)
+        def timed(fn: Any, repeat: int) -> tuple[float, Any]:
+            best, out = float("inf"), None
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                out = fn()
+                mx.eval(out)
+                best = min(best, time.perf_counter() - t0)
+            return best, out
 
-    # The same page through the generation loop (vision + prefill + decode), as a request would run.
-    backend = MlxBackend(model, args.device, dtype, None, max_batch=1)
-    loop = GenerationLoop(backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
+        def encode(image: ImageInput) -> list[Any]:
+            """Every view of the image, one unit of work each (evaluated), as a PrefillJob runs them."""
+            tiles = list(image.local_views) if image.has_crops else []
+            return [backend.encode_view(view) for view in [image.global_view, *tiles]]
+
+        result["vision_base_s"], base_views = timed(lambda: encode(base), args.repeat)
+        family = model.config.family
+        if args.gundam:
+            result["vision_gundam_s"], _ = timed(lambda: encode(gundam), args.repeat)
+            gundam_mode = resolve_mode("gundam", family=family)
+            result["gundam_image_tokens"] = image_token_count(gundam_mode, gundam.crop_grid, True)
+        mode = resolve_mode("base", family=family, base_size=args.vision_size)
+        prepared = synthetic_prompt(base, mode, model.config.language.bos_token_id)
+        result["prompt_tokens"] = prepared.prompt_tokens
+        embeds = backend.embed_prompt(prepared, base_views)
+        mx.eval(embeds)
+        length = prepared.prompt_tokens
+        result["prefill_s"], _ = timed(lambda: backend.prefill(0, embeds, 0, length), args.repeat)
+        return prepared
+
+    prepared = core.call(measure)
+    length = prepared.prompt_tokens
+    # The same page through the engine core (vision + prefill + decode), as a request would run.
     params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
-    done = loop.submit(PreparedInputs(ids, mask, [base]), params).run()
+    done = core.submit(prepared, params).run()
     result["ttft_s"] = done.timings["ttft_s"]
     result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
     result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
     result["peak_mlx_gib"] = mx.get_peak_memory() / GiB
-    context = ids.shape[0] + args.decode_tokens // 2
+    context = length + args.decode_tokens // 2
     kv_bytes = {mx.float32: 4, mx.bfloat16: 2, mx.float16: 2}[DTYPES[dtype]]
     result["bytes_per_token"] = decode_bytes_per_token(model, context, kv_bytes)
     result["disk_gib"] = sum(p.stat().st_size for p in Path(args.checkpoint).glob("*.safetensors")) / GiB
     result["bandwidth_Bps"] = measure_bandwidth()
     result["matmul_flops"] = measure_matmul_rate(DTYPES[dtype])
+    core.close()
     return result
 
 

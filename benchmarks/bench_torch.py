@@ -40,7 +40,7 @@ def write_random_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    from dsocr_torch.loader import INDEX_FILE
+    from dsocr_torch.weights.loader import INDEX_FILE
 
     if (folder / INDEX_FILE).is_file():
         return
@@ -132,7 +132,7 @@ def sync(device: Any) -> None:
 
 def decode_bytes_per_token(model: Any, context: int) -> float:
     """Weight + KV-cache bytes one decode step must read (k routed + shared experts per MoE layer)."""
-    from dsocr_torch.language import KVCache
+    from dsocr_torch.cache import KVCache
 
     lm = model.config.language
     elem = model.dtype.itemsize
@@ -157,7 +157,7 @@ def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dsocr_torch.loader import build_meta_model
+    from dsocr_torch.weights.loader import build_meta_model
 
     meta = build_meta_model(model.config)
     total = 0.0
@@ -169,15 +169,35 @@ def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
     return total
 
 
+def synthetic_prompt(image: Any, mode: Any, bos: int, n_text: int = 10) -> Any:
+    """A prompt of BOS, one image's tokens (in `mode`) and `n_text` random text ids, laid out as
+    common.model.prompt lays out a request's."""
+    import numpy as np
+
+    from common.model.families import family_named
+    from common.model.inputs import PreparedInputs
+    from common.model.prompt import embedding_rows
+    from common.model.tiling import image_token_count
+
+    count = image_token_count(mode, image.crop_grid, image.has_crops)
+    ids = np.random.default_rng(0).integers(3, 128000, size=1 + count + n_text).astype(np.int64)
+    ids[0] = bos
+    mask = np.zeros(ids.shape[0], dtype=bool)
+    mask[1 : 1 + count] = True
+    rows = embedding_rows(ids.shape[0], [image], [1], family_named(mode.family))
+    return PreparedInputs(ids, mask, [image], embedding_rows=rows)
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
     import torch
 
-    from common.engine.loop import GenerationLoop
-    from common.model.inputs import ImageInput, PreparedInputs
+    from common.model.families import resolve_mode
+    from common.model.inputs import ImageInput
+    from common.model.tiling import image_token_count
     from common.model.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
-    from dsocr_torch.loader import load_model
-    from dsocr_torch.model import ImageTensors
+    from dsocr_torch.weights.loader import load_model
 
     torch.manual_seed(0)
     result: dict[str, Any] = {"config": f"{args.device}:{args.dtype}", "threads": torch.get_num_threads()}
@@ -186,14 +206,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
     result["load_s"] = time.perf_counter() - start
     result["rss_after_load_gib"] = peak_rss_gib()
-    device, dtype = model.device, model.dtype
-    lm = model.config.language
+    device = model.device
+    rng = np.random.default_rng(0)
 
-    def views(count: int, size: int) -> torch.Tensor:
-        return (torch.rand(count, 3, size, size, device=device) * 2 - 1).to(dtype)
+    def views(count: int, size: int) -> np.ndarray:
+        return (rng.random((count, 3, size, size), dtype=np.float32) * 2 - 1).astype(np.float32)
 
-    base = ImageTensors(views(1, 1024), None, (1, 1))
-    gundam = ImageTensors(views(1, 1024), views(6, 640), (2, 3))
+    base = ImageInput(views(1, 1024)[0], None, (1, 1))
+    gundam = ImageInput(views(1, 1024)[0], views(6, 640), (2, 3))
 
     def timed(fn: Any, repeat: int = 1) -> tuple[float, Any]:
         best, out = float("inf"), None
@@ -205,45 +225,47 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             best = min(best, time.perf_counter() - t0)
         return best, out
 
-    with torch.inference_mode():
-        timed(lambda: model.model.image_embeddings(base))  # warm-up (allocator, kernels, position tables)
-        result["vision_base_s"], base_tokens = timed(lambda: model.model.image_embeddings(base), args.repeat)
-        result["vision_gundam_s"], gundam_tokens = timed(lambda: model.model.image_embeddings(gundam), args.repeat)
-    n_text = 10
-    ids = torch.randint(3, 128000, (base_tokens.shape[0] + n_text + 1,))
-    ids[0] = lm.bos_token_id
-    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
-    mask[1 : 1 + base_tokens.shape[0]] = True
-    result["prompt_tokens"] = int(ids.shape[0])
-    result["gundam_image_tokens"] = int(gundam_tokens.shape[0])
+    def encode(image: ImageInput) -> list[Any]:
+        """Every view of the image, one unit of work each, as a PrefillJob runs them."""
+        tiles = list(image.local_views) if image.has_crops else []
+        return [backend.encode_view(view) for view in [image.global_view, *tiles]]
 
-    with torch.inference_mode():
-        embeds = model.model.embed(ids.to(device), mask.to(device), [base])
+    timed(lambda: encode(base))  # warm-up (allocator, kernels, position tables)
+    result["vision_base_s"], base_views = timed(lambda: encode(base), args.repeat)
+    result["vision_gundam_s"], _ = timed(lambda: encode(gundam), args.repeat)
+    family = model.config.family
+    prepared = synthetic_prompt(base, resolve_mode("base", family=family), model.config.language.bos_token_id)
+    result["prompt_tokens"] = prepared.prompt_tokens
+    result["gundam_image_tokens"] = image_token_count(resolve_mode("gundam", family=family), gundam.crop_grid, True)
 
-        def prefill() -> Any:
-            return model.prefill_embeds(embeds, model.new_cache(ids.shape[0] + 8))
+    embeds = backend.embed_prompt(prepared, base_views)
+    length = prepared.prompt_tokens
 
-        prefill()
-        result["prefill_s"], _ = timed(prefill, args.repeat)
+    def prefill() -> Any:
+        return backend.prefill(0, embeds, 0, length)  # one chunk: the LM's share of the prompt
 
+    prefill()
+    result["prefill_s"], _ = timed(prefill, args.repeat)
+
+    from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
-    # The same Base page through the generation loop (vision + prefill + decode), as a request would run.
-    view = base.global_view[0].float().cpu().numpy()
-    prepared = PreparedInputs(ids.numpy(), mask.numpy(), [ImageInput(view, None, (1, 1))])
-    loop = GenerationLoop(backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
-    done = loop.submit(prepared, params).run()
+    # The same Base page through the engine core (vision + prefill + decode), as a request would run.
+    core = EngineCore(lambda: backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
+    core.start().wait_ready()
+    done = core.submit(prepared, params).run()
+    core.close()
     result["ttft_s"] = done.timings["ttft_s"]
     result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
     result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(result), file=sys.stderr)
 
-    context = ids.shape[0] + args.decode_tokens // 2
+    context = length + args.decode_tokens // 2
     result["bytes_per_token"] = decode_bytes_per_token(model, context)
     result["bandwidth_Bps"] = measure_bandwidth(device)
-    result["matmul_flops"] = measure_matmul_rate(device, dtype)
+    result["matmul_flops"] = measure_matmul_rate(device, model.dtype)
     result["vision_flops_base"] = vision_flops(model, [(1, 1024)])
     result["vision_flops_gundam"] = vision_flops(model, [(1, 1024), (6, 640)])
     return result

@@ -1,8 +1,8 @@
-"""KV cache in lanes for batched decoding on MLX.
+"""The decoder's KV cache in lanes, on MLX (mirrors dsocr_torch/cache.py).
 
 Per layer, keys and values are [lanes, kv_heads, capacity, head_dim]; a lane holds one sequence. Both leading
-sizes grow in steps as sequences need them (MLX memory is committed when allocated, so a pool sized for the
-worst case up front would hold gigabytes for nothing). A forward pass sees the pool through per-layer views
+sizes grow in steps as sequences need them (MLX memory is committed when allocated, so a cache sized for the
+worst case up front would hold gigabytes for nothing). A forward pass sees the cache through per-layer views
 with mlx-lm's cache interface (`offset`, `update_and_fetch`), so mlx-lm's attention module is used as it is:
 a prefill chunk writes one lane from a start position, a decode step writes one position per lane at the
 lane's own offset (an array: RoPE takes per-row offsets).
@@ -21,9 +21,9 @@ GROW_POSITIONS = 256  # capacity grows in steps of this many positions (mlx-lm's
 
 @dataclass
 class LaneView:
-    """One layer of the pool as mlx-lm's attention expects a cache for one forward pass."""
+    """One layer of the cache as mlx-lm's attention expects a cache for one forward pass."""
 
-    pool: LanePool
+    cache: KVCache
     layer: int
     offset: int | mx.array
     lane: int | None  # prefill: the lane written; decode: None (lanes [0, batch))
@@ -31,21 +31,21 @@ class LaneView:
     kv_length: int
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        pool_keys, pool_values = self.pool.keys[self.layer], self.pool.values[self.layer]
+        stored_keys, stored_values = self.cache.keys[self.layer], self.cache.values[self.layer]
         if self.lane is not None:
             start = int(self.offset)  # type: ignore[arg-type]
             end = start + keys.shape[2]
-            pool_keys[self.lane : self.lane + 1, :, start:end] = keys.astype(pool_keys.dtype)
-            pool_values[self.lane : self.lane + 1, :, start:end] = values.astype(pool_values.dtype)
-            return pool_keys[self.lane : self.lane + 1, :, :end], pool_values[self.lane : self.lane + 1, :, :end]
+            stored_keys[self.lane : self.lane + 1, :, start:end] = keys.astype(stored_keys.dtype)
+            stored_values[self.lane : self.lane + 1, :, start:end] = values.astype(stored_values.dtype)
+            return stored_keys[self.lane : self.lane + 1, :, :end], stored_values[self.lane : self.lane + 1, :, :end]
         lanes = mx.arange(self.batch)
-        pool_keys[lanes, :, self.offset] = keys[:, :, 0].astype(pool_keys.dtype)
-        pool_values[lanes, :, self.offset] = values[:, :, 0].astype(pool_values.dtype)
-        return pool_keys[: self.batch, :, : self.kv_length], pool_values[: self.batch, :, : self.kv_length]
+        stored_keys[lanes, :, self.offset] = keys[:, :, 0].astype(stored_keys.dtype)
+        stored_values[lanes, :, self.offset] = values[:, :, 0].astype(stored_values.dtype)
+        return stored_keys[: self.batch, :, : self.kv_length], stored_values[: self.batch, :, : self.kv_length]
 
 
-class LanePool:
-    """Keys/values of every layer in lanes, with each lane's filled length on the host and the device."""
+class KVCache:
+    """Keys/values of every layer in lanes and how many positions of each lane are filled."""
 
     def __init__(self, cfg: LanguageConfig, lanes: int, capacity: int, dtype: mx.Dtype) -> None:
         self.max_lanes, self.max_capacity, self.dtype = lanes, capacity, dtype
@@ -61,9 +61,9 @@ class LanePool:
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.size
 
     def reserve(self, lanes: int, positions: int) -> None:
-        """Grows the pool (never shrinks it) so lanes [0, lanes) hold `positions` positions each."""
+        """Grows the cache (never shrinks it) so lanes [0, lanes) hold `positions` positions each."""
         if lanes > self.max_lanes or positions > self.max_capacity:
-            raise ValueError(f"the KV pool holds {self.max_lanes} lanes of {self.max_capacity} positions")
+            raise ValueError(f"the KV cache holds {self.max_lanes} lanes of {self.max_capacity} positions")
         if lanes <= self.lanes and positions <= self.capacity:
             return
         new_lanes = max(self.lanes, lanes)

@@ -19,6 +19,7 @@ from mlx_lm.models import deepseek as mlx_lm_deepseek
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.models.switch_layers import SwitchLinear as _MlxLmSwitchLinear
 
+from common.engine.backend import Trace
 from common.model.config import LanguageConfig
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -128,8 +129,11 @@ class MoEFeedForward(nn.Module):
             else None
         )
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, trace: Trace | None = None, layer_idx: int = -1) -> mx.array:
         indices, weights = self.gate(x)
+        if trace is not None:  # the router's choice per token, [tokens, k], by layer
+            trace.setdefault("topk_idx", {})[layer_idx] = indices.reshape(-1, indices.shape[-1])
+            trace.setdefault("topk_weight", {})[layer_idx] = weights.reshape(-1, weights.shape[-1])
         routed = self.experts(x, indices)  # [..., k, hidden]
         # The authors weight and sum the expert outputs in float32 (the gate's dtype), then cast back.
         y = (routed.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(x.dtype)
@@ -144,35 +148,42 @@ class DeepseekV2DecoderLayer(nn.Module):
     def __init__(self, cfg: LanguageConfig, index: int) -> None:
         super().__init__()
         args = mlx_lm_args(cfg)
+        self.layer_idx = index
         self.self_attn = Attention(args)
         self.mlp = MoEFeedForward(cfg) if cfg.is_moe_layer(index) else MLP(args)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any, cache: Any, trace: Trace | None = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoEFeedForward):
+            return h + self.mlp(normed, trace, self.layer_idx)
+        return h + self.mlp(normed)
 
 
 def decoder_forward(
     layers: list[DeepseekV2DecoderLayer],
     norm: nn.RMSNorm,
     inputs_embeds: mx.array,
-    views: Sequence[Any] | None = None,
-    mask: Any = "causal",
-    layer_outputs: list[mx.array] | None = None,
+    views: Sequence[Any],
+    mask: Any,
+    trace: Trace | None = None,
 ) -> mx.array:
-    """Runs the decoder stack on [B, L, H] embeddings; `views` (one per layer, see dsocr_mlx.cache) give
-    positions and hold keys/values, None runs a whole prompt without keeping them. `mask` is "causal", None
-    (one query per row that may see every key) or a boolean array."""
+    """Runs the decoder stack on [B, T, H] embeddings -> final-normed hidden states; `views` (one per layer, see
+    dsocr_mlx.cache) give positions and hold keys/values. `mask` is "causal", None (one query per row that may
+    see every key) or a boolean array."""
     h = inputs_embeds
     if inputs_embeds.shape[1] == 1 and isinstance(mask, str):
         mask = None
-    for i, layer in enumerate(layers):
-        h = layer(h, mask, views[i] if views is not None else None)
-        if layer_outputs is not None:
-            layer_outputs.append(h)
-    return norm(h)
+    for layer, view in zip(layers, views, strict=True):
+        h = layer(h, mask, view, trace)
+        if trace is not None:
+            trace.setdefault("layer_outputs", []).append(h)
+    h = norm(h)
+    if trace is not None:
+        trace["final_norm"] = h
+    return h
 
 
 def stack_experts(weights: dict[str, mx.array], cfg: LanguageConfig) -> dict[str, mx.array]:

@@ -1,10 +1,10 @@
-"""DeepSeek-OCR and DeepSeek-OCR 2 on MLX: vision encoder -> projector -> image-token layout -> DeepSeek-V2
-MoE decoder.
+"""DeepSeek-OCR and DeepSeek-OCR 2 on MLX: vision encoder -> projector -> DeepSeek-V2 MoE decoder.
 
 Mirrors dsocr_torch/model.py: DeepSeek-OCR encodes views with SAM -> CLIP, DeepSeek-OCR 2 with SAM -> a Qwen2
-encoder with learned queries; `MODEL_CLASSES` registers each family's `model.*` class and the token layout
-comes from the family's description (common.model.families). MLX convolutions are channels-last, so pixels go in
-as NHWC and SAM's output stays [B, g, g, C]; everything after the projector is layout-independent.
+encoder with learned queries; `MODEL_CLASSES` registers each family's `model.*` class. Where each vision token
+sits in the prompt is decided once, framework-free, by common.model.prompt (`PreparedInputs.embedding_rows`);
+`embed_prompt` only gathers them. MLX convolutions are channels-last, so pixels go in as NHWC and SAM's output
+stays [B, g, g, C]; everything after the projector is layout-independent.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.base import create_causal_mask
 
+from common.engine.backend import Trace
 from common.model.config import ModelConfig
 from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
-from common.model.inputs import ImageInput
 from dsocr_mlx import clip as clip_module
 from dsocr_mlx import sam as sam_module
-from dsocr_mlx.cache import LanePool
+from dsocr_mlx.cache import KVCache
 from dsocr_mlx.language import DeepseekV2DecoderLayer, decoder_forward, stack_experts
 from dsocr_mlx.qwen2 import Qwen2Decoder2Encoder
 
@@ -44,7 +43,8 @@ class Projector(nn.Module):
 
 class DeepseekOCRModel(nn.Module):
     """`model.*` of DeepSeek-OCR: token embeddings, decoder layers, final norm, SAM + CLIP, the projector and
-    the layout embeddings. Another family's class overrides `build_vision`, `encode_views` and `TOWERS`."""
+    the layout embeddings. Another family's class overrides `build_vision`, `project`, `encode_views` and
+    `TOWERS`."""
 
     # Vision towers whose checkpoint tensors need `sanitize` (PyTorch conv layouts), by name prefix.
     TOWERS: tuple[tuple[str, Sanitizer], ...] = ((SAM_PREFIX, sam_module.sanitize), (CLIP_PREFIX, clip_module.sanitize))
@@ -79,13 +79,12 @@ class DeepseekOCRModel(nn.Module):
         features = mx.concatenate([clip_out[:, 1:], sam_out.reshape(batch, grid_h * grid_w, channels)], axis=-1)
         return self.projector(features)
 
-    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+    def encode_views(self, pixels: mx.array, trace: Trace | None = None) -> mx.array:
         """[B, S, S, 3] NHWC pixels -> [B, g*g, hidden] projected features (row-major over the g x g grid)."""
         sam_out = self.sam_model(pixels)
         clip_out = self.vision_model(sam_out)
         projected = self.project(sam_out, clip_out)
-        if record is not None:
-            record.update(sam_out=sam_out, clip_out=clip_out, projector_out=projected)
+        record_views(trace, sam_out=sam_out, clip_out=clip_out, projector_out=projected)
         return projected
 
 
@@ -104,18 +103,17 @@ class DeepseekOCR2Model(DeepseekOCRModel):
     def project(self, queries: mx.array) -> mx.array:
         return self.projector(queries)
 
-    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+    def encode_views(self, pixels: mx.array, trace: Trace | None = None) -> mx.array:
         sam_out = self.sam_model(pixels)
         batch, grid_h, grid_w, channels = sam_out.shape
         full = self.qwen2_model(sam_out.reshape(batch, grid_h * grid_w, channels))
         queries = full[:, grid_h * grid_w :]  # only the queries' outputs leave the encoder
         projected = self.project(queries)
-        if record is not None:
-            record.update(sam_out=sam_out, qwen2_full_out=full, qwen2_out=queries, projector_out=projected)
+        record_views(trace, sam_out=sam_out, qwen2_full_out=full, qwen2_out=queries, projector_out=projected)
         return projected
 
 
-# Each family's `model.*` class; the decoder and everything after `embed_inputs` are shared.
+# Each family's `model.*` class; the decoder and the token embeddings are shared.
 MODEL_CLASSES: dict[str, type[DeepseekOCRModel]] = {
     DEEPSEEK_OCR.name: DeepseekOCRModel,
     DEEPSEEK_OCR_2.name: DeepseekOCR2Model,
@@ -137,131 +135,49 @@ class DeepseekOCRForCausalLM(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.norm.weight.dtype
 
-    # ---- vision -------------------------------------------------------------------------------------
+    # ---- the units of work the backend runs -----------------------------------------------------------
 
-    def project(self, *features: mx.array) -> mx.array:
-        """The family's projector step from its encoder outputs (v1: SAM and CLIP outputs; OCR 2: queries)."""
-        return self.model.project(*features)
-
-    def encode_views(self, pixels: mx.array, record: dict[str, mx.array] | None = None) -> mx.array:
+    def encode_views(self, pixels: mx.array, trace: Trace | None = None) -> mx.array:
         """[B, S, S, 3] NHWC pixels -> [B, g*g, hidden] projected features (row-major over the g x g grid)."""
-        return self.model.encode_views(pixels.astype(self.dtype), record)
+        return self.model.encode_views(pixels.astype(self.dtype), trace)
 
-    def _rows(self, grid: mx.array) -> mx.array:
-        """[rows, cols, H] -> its tokens row by row; `image_newline` closes each row if the layout says so."""
-        rows, _, hidden = grid.shape
-        if not self.config.family.layout.row_newlines:
-            return grid.reshape(-1, hidden)
-        newline = mx.broadcast_to(self.model.image_newline.astype(grid.dtype), (rows, 1, hidden))
-        return mx.concatenate([grid, newline], axis=1).reshape(-1, hidden)
+    def embed_prompt(self, input_ids: mx.array, views: Sequence[mx.array], rows: mx.array | None) -> mx.array:
+        """input_ids [L] -> inputs_embeds [L, hidden], gathered by `rows` as dsocr_torch's `embed_prompt` does."""
+        tokens = self.model.embed_tokens(input_ids)
+        if rows is None:
+            return tokens
+        layout = [getattr(self.model, name, None) for name in ("image_newline", "view_seperator")]
+        extra = [mx.zeros((1, tokens.shape[-1]), tokens.dtype) if e is None else e.astype(tokens.dtype)[None]
+                 for e in layout]
+        return mx.concatenate([tokens, *views, *extra], axis=0)[rows]
 
-    def layout_image_tokens(
-        self, global_features: mx.array, local_features: mx.array | None, crop_grid: tuple[int, int]
+    def prefill(
+        self, inputs_embeds: mx.array, cache: KVCache, lane: int, start: int, trace: Trace | None = None
     ) -> mx.array:
-        """Projected views -> the image's token embeddings in the family's order (common.model.families.TokenLayout).
-
-        `global_features` [g*g, H]; `local_features` [tiles, t*t, H] (row-major tiles of a crop grid of
-        (width tiles, height tiles)) or None. Order: [local tiles, global view, view separator]; the tiles
-        form one (h_tiles*t) x (w_tiles*t) grid when the layout stitches them, else follow tile by tile.
-        """
-        layout = self.config.family.layout
-        hidden = global_features.shape[-1]
-        parts = []
-        if local_features is not None:
-            width_tiles, height_tiles = crop_grid
-            n_tiles = local_features.shape[0]
-            if n_tiles != width_tiles * height_tiles:
-                raise ValueError(f"{n_tiles} local views do not fill a {width_tiles}x{height_tiles} crop grid")
-            tile = _square_side(local_features.shape[1])
-            if layout.stitch_tiles:
-                tiles = local_features.reshape(height_tiles, width_tiles, tile, tile, hidden)
-                tiles = tiles.transpose(0, 2, 1, 3, 4).reshape(height_tiles * tile, width_tiles * tile, hidden)
-            else:
-                tiles = local_features.reshape(n_tiles * tile, tile, hidden)
-            parts.append(self._rows(tiles))
-        grid = _square_side(global_features.shape[0])
-        parts.append(self._rows(global_features.reshape(grid, grid, hidden)))
-        if layout.separator:
-            parts.append(self.model.view_seperator.astype(global_features.dtype)[None])
-        return mx.concatenate(parts, axis=0)
-
-    def image_embeddings(self, image: ImageInput, record: dict[str, Any] | None = None) -> mx.array:
-        """One preprocessed image -> its token embeddings (see `layout_image_tokens`)."""
-        global_record: dict[str, mx.array] | None = {} if record is not None else None
-        global_pixels = mx.array(np.ascontiguousarray(image.global_view.transpose(1, 2, 0)))[None]
-        global_features = self.encode_views(global_pixels, global_record)[0]
-        local_features = None
-        if image.has_crops:
-            assert image.local_views is not None
-            local_record: dict[str, mx.array] | None = {} if record is not None else None
-            local_pixels = mx.array(np.ascontiguousarray(image.local_views.transpose(0, 2, 3, 1)))
-            local_features = self.encode_views(local_pixels, local_record)
-            if record is not None:
-                record["local"] = local_record
-        if record is not None:
-            record["global"] = global_record
-        return self.layout_image_tokens(global_features, local_features, image.crop_grid)
-
-    def embed_inputs(
-        self,
-        input_ids: np.ndarray | Sequence[int],
-        images_seq_mask: np.ndarray | None = None,
-        images: Sequence[ImageInput] = (),
-        record: dict[str, Any] | None = None,
-    ) -> mx.array:
-        """[L] ids -> [1, L, hidden]: text embeddings, image embeddings scattered at the masked positions."""
-        ids = mx.array(np.asarray(input_ids, dtype=np.int64).astype(np.int32))
-        embeds = self.model.embed_tokens(ids)
-        if images and images_seq_mask is not None and bool(np.any(images_seq_mask)):
-            per_image = []
-            for image in images:
-                image_record: dict[str, Any] | None = {} if record is not None else None
-                per_image.append(self.image_embeddings(image, image_record))
-                if record is not None:
-                    record.setdefault("images", []).append(image_record)
-            image_embeds = mx.concatenate(per_image, axis=0)
-            embeds = scatter_image_embeds(embeds, images_seq_mask, image_embeds)
-            if record is not None:
-                record["image_embeds"] = image_embeds
-        if record is not None:
-            record["inputs_embeds"] = embeds
-        return embeds[None]
-
-    # ---- language -----------------------------------------------------------------------------------
-
-    def hidden_states(self, inputs_embeds: mx.array, layer_outputs: list[mx.array] | None = None) -> mx.array:
-        """A whole prompt [B, L, hidden] -> final-normed hidden states, keeping no keys/values."""
-        return decoder_forward(self.model.layers, self.model.norm, inputs_embeds, None, "causal", layer_outputs)
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        return self.lm_head(hidden).astype(mx.float32)
-
-    def __call__(self, inputs_embeds: mx.array) -> mx.array:
-        """A whole prompt -> the logits of its last position, float32 [B, vocab]."""
-        return self.logits(self.hidden_states(inputs_embeds)[:, -1, :])
-
-    def prefill_lane(self, inputs_embeds: mx.array, pool: LanePool, lane: int, start: int) -> mx.array:
         """inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-normed hidden [1, T, hidden]."""
         length = inputs_embeds.shape[1]
-        views = pool.prefill_views(lane, start, length)
+        views = cache.prefill_views(lane, start, length)
         mask: Any = "causal" if start == 0 else create_causal_mask(length, offset=start)
-        hidden = decoder_forward(self.model.layers, self.model.norm, inputs_embeds, views, mask)
-        pool.host_lengths[lane] = start + length
+        hidden = decoder_forward(self.model.layers, self.model.norm, inputs_embeds, views, mask, trace)
+        cache.host_lengths[lane] = start + length
         return hidden
 
-    def decode_step(self, tokens: mx.array, pool: LanePool) -> mx.array:
+    def decode_step(self, tokens: mx.array, cache: KVCache) -> mx.array:
         """Token ids [B] for lanes [0, B), one position each at the lane's own offset -> logits [B, vocab]."""
         batch = tokens.shape[0]
-        views, positions, kv_length = pool.decode_views(batch)
-        lengths = pool.host_lengths[:batch]
+        views, positions, kv_length = cache.decode_views(batch)
+        lengths = cache.host_lengths[:batch]
         mask = None
         if min(lengths) + 1 != kv_length:  # a lane shorter than the longest must not see past its end
             mask = (mx.arange(kv_length)[None, :] <= positions[:, None]).reshape(batch, 1, 1, kv_length)
         embeds = self.model.embed_tokens(tokens)[:, None]
         hidden = decoder_forward(self.model.layers, self.model.norm, embeds, views, mask)
         for lane in range(batch):
-            pool.host_lengths[lane] += 1
+            cache.host_lengths[lane] += 1
         return self.logits(hidden[:, 0])
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.lm_head(hidden).astype(mx.float32)
 
     # ---- weights ------------------------------------------------------------------------------------
 
@@ -278,20 +194,12 @@ class DeepseekOCRForCausalLM(nn.Module):
         return weights
 
 
-def _square_side(count: int) -> int:
-    side = int(round(count**0.5))
-    if side * side != count:
-        raise ValueError(f"{count} image features do not form a square grid")
-    return side
-
-
-def scatter_image_embeds(embeds: mx.array, images_seq_mask: np.ndarray, image_embeds: mx.array) -> mx.array:
-    """[L, H] text embeddings with `image_embeds` written, in order, at the True positions of the mask."""
-    positions = np.flatnonzero(np.asarray(images_seq_mask))
-    if positions.size != image_embeds.shape[0]:
-        raise ValueError(
-            f"images_seq_mask marks {positions.size} positions but the images give "
-            f"{image_embeds.shape[0]} embeddings"
-        )
-    embeds[mx.array(positions.astype(np.int32))] = image_embeds.astype(embeds.dtype)
-    return embeds
+def record_views(trace: Trace | None, **outputs: mx.array) -> None:
+    """Appends one dict per view of the batch to trace["views"] (names: common.engine.backend.Backend); SAM's
+    features go in as NCHW, as the torch backend (and the reference) record them."""
+    if trace is None:
+        return
+    outputs["sam_out"] = outputs["sam_out"].transpose(0, 3, 1, 2)
+    views = trace.setdefault("views", [])
+    for i in range(next(iter(outputs.values())).shape[0]):
+        views.append({name: value[i : i + 1] for name, value in outputs.items()})

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from dsocr_torch.language import KVCache
+from dsocr_torch.cache import KVCache
 from dsocr_torch.model import DeepseekOCRForCausalLM
 
 log = logging.getLogger(__name__)

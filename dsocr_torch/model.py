@@ -1,24 +1,26 @@
 """DeepSeek-OCR and DeepSeek-OCR 2: a vision encoder, a linear projector and the DeepSeek-V2 MoE decoder.
 
 DeepSeek-OCR encodes each view with SAM ViT-B + CLIP-L, DeepSeek-OCR 2 with SAM ViT-B + a Qwen2 encoder
-with learned queries; the decoder is the same. `MODEL_CLASSES` registers each family's `model.*` class; the
-token layout of both comes from the family's description (common.model.families). Attribute paths equal the
-checkpoint's tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`, `model.sam_model.neck.0.weight`,
+with learned queries; the decoder is the same. `MODEL_CLASSES` registers each family's `model.*` class. Where
+each vision token sits in the prompt is decided once, framework-free, by common.model.prompt (the rows of
+`PreparedInputs.embedding_rows`); `embed_prompt` only gathers them. Attribute paths equal the checkpoint's tensor
+names (`model.layers.3.mlp.experts.7.up_proj.weight`, `model.sam_model.neck.0.weight`,
 `model.qwen2_model.query_768.weight`, `lm_head.weight`, ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from common.engine.backend import Trace
 from common.model.config import LanguageConfig, ModelConfig
 from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
+from dsocr_torch.cache import CacheWrite, KVCache
 from dsocr_torch.clip import VitModel
-from dsocr_torch.language import MLP, Attention, CacheWrite, KVCache, Linear, RMSNorm, Trace, rope_tables
+from dsocr_torch.language import MLP, Attention, Linear, RMSNorm, rope_tables
 from dsocr_torch.moe import MoEFeedForward
 from dsocr_torch.qwen2 import Qwen2Decoder2Encoder
 from dsocr_torch.sam import ImageEncoderViT
@@ -63,27 +65,10 @@ class Projector(nn.Module):
         return self.layers(x)
 
 
-@dataclass
-class ImageTensors:
-    """One image's views as compute-dtype tensors on the model's device."""
-
-    global_view: torch.Tensor  # [1, 3, S, S]
-    local_views: torch.Tensor | None  # [n_tiles, 3, s, s]
-    crop_grid: tuple[int, int]  # (width tiles, height tiles)
-
-
-@dataclass
-class VisionTrace:
-    """Per-view intermediates for parity tests ('global'/'local' -> what `encode_views` returns)."""
-
-    views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    image_embeds: torch.Tensor | None = None
-
-
 class DeepseekOCRModel(nn.Module):
     """`model.*` of DeepSeek-OCR: the decoder, SAM + CLIP-L, the projector and the layout embeddings.
 
-    Another family's class overrides `build_vision` and `encode_views`; the rest is shared.
+    Another family's class overrides `build_vision`, `project` and `encode_views`; the rest is shared.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -108,91 +93,17 @@ class DeepseekOCRModel(nn.Module):
         self.vision_model = VitModel(cfg.clip)
         self.projector = Projector(cfg)
 
-    def encode_views(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels [B, 3, S, S] -> SAM features, CLIP features and projected tokens [B, (S/64)^2, hidden]."""
+    def project(self, sam_out: torch.Tensor, clip_out: torch.Tensor) -> torch.Tensor:
+        """cat(CLIP tokens without CLS, SAM features) on channels -> projector: [B, g*g, hidden]."""
+        return self.projector(torch.cat((clip_out[:, 1:], sam_out.flatten(2).transpose(1, 2)), dim=-1))
+
+    def encode_views(self, pixels: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """pixels [B, 3, S, S] -> projected vision tokens [B, (S/64)^2, hidden], row-major over the token grid."""
         sam_out = self.sam_model(pixels)
         clip_out = self.vision_model(sam_out)
-        features = torch.cat((clip_out[:, 1:], sam_out.flatten(2).transpose(1, 2)), dim=-1)
-        return {"sam_out": sam_out, "clip_out": clip_out, "projector_out": self.projector(features)}
-
-    def _rows(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid [rows, cols, hidden] -> its tokens row by row; image_newline closes each row if the layout says so."""
-        rows, _, hidden = grid.shape
-        if not self.config.family.layout.row_newlines:
-            return grid.reshape(-1, hidden)
-        newline = self.image_newline.to(grid.dtype).view(1, 1, hidden).expand(rows, 1, hidden)
-        return torch.cat((grid, newline), dim=1).reshape(-1, hidden)
-
-    def image_embeddings(self, image: ImageTensors, trace: VisionTrace | None = None) -> torch.Tensor:
-        """The image's token embeddings in sequence order: [local rows..., global rows..., view_seperator]."""
-        global_out = self.encode_views(image.global_view)
-        local_out = None
-        if image.local_views is not None and image.local_views.shape[0] > 0:
-            local_out = self.encode_views(image.local_views)
-        if trace is not None:
-            trace.views["global"] = global_out
-            if local_out is not None:
-                trace.views["local"] = local_out
-        local_tokens = None if local_out is None else local_out["projector_out"]
-        return self.layout_image_tokens(global_out["projector_out"][0], local_tokens, image.crop_grid)
-
-    def layout_image_tokens(
-        self, global_tokens: torch.Tensor, local_tokens: torch.Tensor | None, crop_grid: tuple[int, int]
-    ) -> torch.Tensor:
-        """global [g*g, hidden], local [n_tiles, t*t, hidden] -> the image's tokens in the family's layout:
-        local tiles, global view, separator (common.model.families.TokenLayout)."""
-        layout = self.config.family.layout
-        side = _square_side(global_tokens.shape[0])
-        parts = []
-        if local_tokens is not None:
-            width_tiles, height_tiles = crop_grid
-            n_tiles, per_tile, hidden = local_tokens.shape
-            if n_tiles != width_tiles * height_tiles:
-                raise ValueError(f"{n_tiles} local views do not fill a {width_tiles}x{height_tiles} crop grid")
-            tile_side = _square_side(per_tile)
-            if layout.stitch_tiles:
-                # Tile t sits at row t // width_tiles, column t % width_tiles of the crop grid.
-                grid = (
-                    local_tokens.view(height_tiles, width_tiles, tile_side, tile_side, hidden)
-                    .permute(0, 2, 1, 3, 4)
-                    .reshape(height_tiles * tile_side, width_tiles * tile_side, hidden)
-                )
-            else:  # tile after tile, each row-major
-                grid = local_tokens.reshape(n_tiles * tile_side, tile_side, hidden)
-            parts.append(self._rows(grid))
-        parts.append(self._rows(global_tokens.view(side, side, -1)))
-        if layout.separator:
-            parts.append(self.view_seperator.to(global_tokens.dtype).view(1, -1))
-        return torch.cat(parts, dim=0)
-
-    def embed(
-        self,
-        input_ids: torch.Tensor,
-        images_seq_mask: torch.Tensor | None,
-        images: list[ImageTensors],
-        trace: VisionTrace | None = None,
-    ) -> torch.Tensor:
-        """input_ids [L] -> inputs_embeds [1, L, hidden] with the image embeddings scattered in order."""
-        embeds = self.embed_tokens(input_ids)
-        if images and images_seq_mask is not None:
-            image_embeds = torch.cat([self.image_embeddings(img, trace) for img in images], dim=0)
-            if trace is not None:
-                trace.image_embeds = image_embeds
-            embeds = self.scatter_image_embeds(embeds, images_seq_mask, image_embeds)
-        return embeds.unsqueeze(0)
-
-    @staticmethod
-    def scatter_image_embeds(
-        embeds: torch.Tensor, images_seq_mask: torch.Tensor, image_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        """[L, hidden] text embeddings with `image_embeds` written, in order, at the mask's True positions."""
-        positions = images_seq_mask.nonzero().squeeze(-1)  # prefill only: one sync per request
-        if positions.shape[0] != image_embeds.shape[0]:
-            raise ValueError(
-                f"the prompt has {positions.shape[0]} image positions but the images give "
-                f"{image_embeds.shape[0]} embeddings"
-            )
-        return embeds.index_copy(0, positions, image_embeds.to(embeds.dtype))
+        projected = self.project(sam_out, clip_out)
+        record_views(trace, sam_out=sam_out, clip_out=clip_out, projector_out=projected)
+        return projected
 
     # ---- decoder ------------------------------------------------------------------------------------
     def rope_table(self, needed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,15 +121,10 @@ class DeepseekOCRModel(nn.Module):
         cos, sin = self.rope_table(start + length, dtype)
         return cos[start : start + length], sin[start : start + length]
 
-    def decode(
-        self,
-        inputs_embeds: torch.Tensor,
-        cache: KVCache,
-        start: int,
-        trace: Trace | None = None,
-        lane: int = 0,
+    def prefill(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, lane: int, start: int, trace: Trace | None = None
     ) -> torch.Tensor:
-        """Prefill: inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-norm hidden [1, T, hidden]."""
+        """inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-norm hidden [1, T, hidden]."""
         length = inputs_embeds.shape[1]
         cos, sin = self.rope(start, length, inputs_embeds.dtype)
         hidden = self._layers(inputs_embeds, cos, sin, cache, CacheWrite(start=start, lane=lane), trace)
@@ -272,10 +178,10 @@ class DeepseekOCRModel(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, cache, write, trace)
             if trace is not None:
-                trace.layer_outputs.append(h)
+                trace.setdefault("layer_outputs", []).append(h)
         h = self.norm(h)
         if trace is not None:
-            trace.final_norm = h
+            trace["final_norm"] = h
         return h
 
 
@@ -289,14 +195,17 @@ class DeepseekOCR2Model(DeepseekOCRModel):
         self.qwen2_model = Qwen2Decoder2Encoder(cfg.qwen2, cfg.family.view_sizes)
         self.projector = Projector(cfg)
 
-    def encode_views(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels [B, 3, S, S] -> SAM features, encoder outputs and projected tokens [B, (S/64)^2, hidden]."""
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.projector(queries)
+
+    def encode_views(self, pixels: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
         sam_out = self.sam_model(pixels)
         features = sam_out.flatten(2).transpose(1, 2)  # [B, n, dim], row-major over SAM's grid
         full = self.qwen2_model(features)
         queries = full[:, features.shape[1] :]  # only the queries' outputs leave the encoder
-        projected = self.projector(queries)
-        return {"sam_out": sam_out, "qwen2_full_out": full, "qwen2_out": queries, "projector_out": projected}
+        projected = self.project(queries)
+        record_views(trace, sam_out=sam_out, qwen2_full_out=full, qwen2_out=queries, projector_out=projected)
+        return projected
 
 
 def _dense_linears(module: nn.Module, prefix: str) -> Iterator[tuple[str, Linear]]:
@@ -308,7 +217,7 @@ def _dense_linears(module: nn.Module, prefix: str) -> Iterator[tuple[str, Linear
             yield from _dense_linears(child, f"{prefix}.{name}")
 
 
-# Each family's `model.*` class; the decoder and everything after `embed` are shared.
+# Each family's `model.*` class; the decoder and the token embeddings are shared.
 MODEL_CLASSES: dict[str, type[DeepseekOCRModel]] = {
     DEEPSEEK_OCR.name: DeepseekOCRModel,
     DEEPSEEK_OCR_2.name: DeepseekOCR2Model,
@@ -337,7 +246,6 @@ class DeepseekOCRForCausalLM(nn.Module):
         Idempotent; returns how many layers are packed. After packing, those layers' `weight` Parameters
         are meta tensors (the values live in oneDNN's layout only), so the model is for inference only.
         Routed experts are skipped: their per-expert weights are views of the stacks the MoE reads.
-        Measured on the full-size model, 2 threads: bf16 decode step 80-86 ms -> 62-65 ms.
         """
         return sum(int(linear.pack_weight()) for linear in self.decode_linears().values())
 
@@ -357,29 +265,30 @@ class DeepseekOCRForCausalLM(nn.Module):
     def cache_dtype(self) -> torch.dtype:
         return KVCache.dtype_for(self.device, self.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    # ---- the units of work the backend runs -----------------------------------------------------------
+
+    def encode_views(self, pixels: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """pixels [B, 3, S, S] -> projected vision tokens [B, (S/64)^2, hidden]."""
+        return self.model.encode_views(pixels.to(self.dtype), trace)
+
+    def embed_prompt(
+        self, input_ids: torch.Tensor, views: Sequence[torch.Tensor], rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """input_ids [L] -> inputs_embeds [L, hidden]: row i is row `rows[i]` of [the token embeddings; every
+        view's tokens in order; image_newline; view_seperator] (common.engine.backend.Backend.embed_prompt);
+        rows None: the token embeddings. A family without a layout embedding has a zero row in its place."""
+        tokens = self.model.embed_tokens(input_ids)
+        if rows is None:
+            return tokens
+        layout = [getattr(self.model, name, None) for name in ("image_newline", "view_seperator")]
+        extra = [tokens.new_zeros(1, tokens.shape[-1]) if e is None else e.to(tokens.dtype).view(1, -1) for e in layout]
+        return torch.cat([tokens, *views, *extra]).index_select(0, rows)
 
     def prefill(
-        self,
-        input_ids: torch.Tensor,
-        images_seq_mask: torch.Tensor | None,
-        images: list[ImageTensors],
-        cache: KVCache,
-        trace: Trace | None = None,
-        vision_trace: VisionTrace | None = None,
+        self, inputs_embeds: torch.Tensor, cache: KVCache, lane: int, start: int, trace: Trace | None = None
     ) -> torch.Tensor:
-        """Runs the prompt (vision included) into the cache; returns the last position's float32 logits [V]."""
-        embeds = self.model.embed(input_ids, images_seq_mask, images, vision_trace)
-        hidden = self.model.decode(embeds, cache, 0, trace)
-        return self.logits(hidden[0, -1])
-
-    def prefill_embeds(
-        self, inputs_embeds: torch.Tensor, cache: KVCache, trace: Trace | None = None, lane: int = 0, start: int = 0
-    ) -> torch.Tensor:
-        """inputs_embeds [1, T, hidden] into `lane` from `start` -> the last position's float32 logits [V]."""
-        hidden = self.model.decode(inputs_embeds, cache, start, trace, lane)
-        return self.logits(hidden[0, -1])
+        """inputs_embeds [1, T, hidden] at positions start.. of `lane` -> final-norm hidden [1, T, hidden]."""
+        return self.model.prefill(inputs_embeds, cache, lane, start, trace)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: token ids [B] for lanes [0, B) -> float32 logits [B, V]. No host sync."""
@@ -387,13 +296,18 @@ class DeepseekOCRForCausalLM(nn.Module):
         hidden = self.model.decode_batch(embeds, cache)
         return self.logits(hidden[:, 0])
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
     def bind_stacked_experts(self, device: torch.device | str, dtype: torch.dtype) -> None:
         for _, module in self.moe_layers():
             module.bind_stacked_experts(device, dtype)
 
 
-def _square_side(count: int) -> int:
-    side = int(round(count**0.5))
-    if side * side != count:
-        raise ValueError(f"{count} vision tokens do not form a square grid")
-    return side
+def record_views(trace: Trace | None, **outputs: torch.Tensor) -> None:
+    """Appends one dict per view of the batch to trace["views"] (names: common.engine.backend.Backend)."""
+    if trace is None:
+        return
+    views = trace.setdefault("views", [])
+    for i in range(next(iter(outputs.values())).shape[0]):
+        views.append({name: value[i : i + 1] for name, value in outputs.items()})

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.engine.backend import Trace
 from common.model.config import LanguageConfig
-from dsocr_torch.language import MLP, Trace
+from dsocr_torch.language import MLP
 
 
 class MoEGate(nn.Module):
@@ -123,9 +124,9 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        if trace is not None:
-            trace.topk_idx[layer_idx] = ids
-            trace.topk_weight[layer_idx] = weights
+        if trace is not None:  # the router's choice per token, [tokens, k], by layer
+            trace.setdefault("topk_idx", {})[layer_idx] = ids
+            trace.setdefault("topk_weight", {})[layer_idx] = weights
         routed = self._routed(flat, ids, weights)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)

@@ -1,4 +1,5 @@
-"""Loading checkpoints: real-model readiness on the meta device, sharded checkpoints, clear errors, dtypes."""
+"""Loading checkpoints of both families on torch: real-model readiness on the meta device, sharded checkpoints,
+clear errors, dtypes."""
 
 from __future__ import annotations
 
@@ -13,28 +14,32 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoundError
 from common.model.config import load_config
-from tests.conftest import FIXTURES, MODEL_DIR
+from tests.conftest import MODEL_DIR, MODEL_DIR_V2, rel_err
+from tests.helpers_backend import FAMILIES, backend_of, prefill, real_checkpoint
 
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SIDE_FILES = CONFIG_FILES[1:]
 
 
-def test_meta_model_from_real_config_has_exactly_the_real_checkpoint_tensors() -> None:
-    from dsocr_torch.loader import build_meta_model, expected_tensors
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meta_model_from_real_config_has_exactly_the_real_checkpoint_tensors(family: str) -> None:
+    from dsocr_torch.weights.loader import build_meta_model, expected_tensors
 
-    model = build_meta_model(load_config(FIXTURES / "real_config.json"))
+    config, real, n_tensors, n_values = real_checkpoint(family)
+    model = build_meta_model(load_config(config))
     ours = {name: list(shape) for name, shape in expected_tensors(model).items()}
-    real = json.loads((FIXTURES / "real_checkpoint_shapes.json").read_text())["tensors"]
-    assert len(real) == 2711
+    assert len(real) == n_tensors
     assert sorted(set(real) - set(ours)) == []
     assert sorted(set(ours) - set(real)) == []
     assert {n: s for n, s in ours.items() if real[n] != s} == {}
+    assert sum(torch.Size(s).numel() for s in ours.values()) == n_values
     assert all(p.is_meta for p in model.parameters())
 
 
 def test_materialized_experts_are_views_of_the_stacks() -> None:
     """bind_stacked_experts keeps one copy: expert weights are views into the [E, ...] stacks."""
-    from dsocr_torch.loader import build_meta_model, materialize
     from dsocr_torch.moe import MoEFeedForward
+    from dsocr_torch.weights.loader import build_meta_model, materialize
 
     model = build_meta_model(load_config(MODEL_DIR))
     materialize(model, torch.device("cpu"), torch.float32)
@@ -51,14 +56,11 @@ def reference_logits() -> torch.Tensor:
     return _last_logits(MODEL_DIR)
 
 
-def _last_logits(model_dir: Path) -> torch.Tensor:
-    from dsocr_torch.loader import load_model
-    from tests.test_torch_model import case_data
+def _last_logits(model_dir: Path, device: str = "cpu") -> torch.Tensor:
+    from dsocr_torch.weights.loader import load_model
 
-    model = load_model(model_dir, device="cpu", dtype="float32")
-    embeds = case_data("pm07_gray_tiny")["inputs_embeds"][None]
-    with torch.inference_mode():
-        return model.prefill_embeds(embeds, model.new_cache(embeds.shape[1]))
+    model = load_model(model_dir, device=device, dtype="float32")
+    return prefill(backend_of(model), FAMILIES["deepseek-ocr"].from_embeds("pm07_gray_tiny")).cpu()
 
 
 def _copy_configs(target: Path) -> None:
@@ -90,7 +92,7 @@ def _write_variant(tmp_path: Path, edit: Any) -> Path:
 
 
 def test_missing_tensor_is_named(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     folder = _write_variant(tmp_path, lambda t: t.pop(name))
@@ -99,7 +101,7 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
 
 
 def test_unexpected_tensor_is_named(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     folder = _write_variant(tmp_path, lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\): model\.extra\.weight"):
@@ -107,7 +109,7 @@ def test_unexpected_tensor_is_named(tmp_path: Path) -> None:
 
 
 def test_misshaped_tensor_is_named_with_both_shapes(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     name = "model.norm.weight"
     folder = _write_variant(tmp_path, lambda t: t.update({name: torch.ones(7, dtype=torch.bfloat16)}))
@@ -116,7 +118,7 @@ def test_misshaped_tensor_is_named_with_both_shapes(tmp_path: Path) -> None:
 
 
 def test_folder_without_weights_is_model_not_found(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     _copy_configs(tmp_path)
     with pytest.raises(ModelNotFoundError, match="model.safetensors"):
@@ -124,7 +126,7 @@ def test_folder_without_weights_is_model_not_found(tmp_path: Path) -> None:
 
 
 def test_truncated_file_is_a_checkpoint_error(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     _copy_configs(tmp_path)
     data = (MODEL_DIR / "model.safetensors").read_bytes()
@@ -134,7 +136,7 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsocr_torch import loader
+    from dsocr_torch.weights import loader
 
     cpu = torch.device("cpu")
     assert loader.resolve_dtype("float16", cpu) is torch.float16
@@ -147,12 +149,15 @@ def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         loader.resolve_dtype("int8", cpu)
 
 
-def test_bfloat16_load_keeps_checkpoint_values_and_int64_position_ids() -> None:
-    from dsocr_torch.loader import load_model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_load_keeps_checkpoint_values_and_int64_position_ids(family: str) -> None:
+    from dsocr_torch.weights.loader import load_model
 
-    model = load_model(MODEL_DIR, device="cpu", dtype="bfloat16")
-    tensors = load_file(str(MODEL_DIR / "model.safetensors"))
+    model_dir = FAMILIES[family].model_dir
+    model = load_model(model_dir, device="cpu", dtype="bfloat16")
+    tensors = load_file(str(model_dir / "model.safetensors"))
     state = model.state_dict()
+    assert set(state) == set(tensors)
     for name, value in tensors.items():
         assert state[name].dtype == (torch.bfloat16 if value.is_floating_point() else value.dtype), name
         assert torch.equal(state[name], value), name
@@ -160,20 +165,44 @@ def test_bfloat16_load_keeps_checkpoint_values_and_int64_position_ids() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_cuda_without_cuda_is_backend_unavailable() -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     with pytest.raises(BackendUnavailableError, match="cuda"):
         load_model(MODEL_DIR, device="cuda", dtype="auto")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_load_matches_cpu(reference_logits: torch.Tensor) -> None:
-    from dsocr_torch.loader import load_model
-    from tests.conftest import rel_err
-    from tests.test_torch_model import case_data
+    logits = _last_logits(MODEL_DIR, device="cuda")
+    assert rel_err(logits.numpy(), reference_logits.numpy()) <= FAMILIES["deepseek-ocr"].tolerance
 
-    model = load_model(MODEL_DIR, device="cuda", dtype="float32")
-    embeds = case_data("pm07_gray_tiny")["inputs_embeds"][None].cuda()
-    with torch.inference_mode():
-        logits = model.prefill_embeds(embeds, model.new_cache(embeds.shape[1])).cpu()
-    assert rel_err(logits.numpy(), reference_logits.numpy()) <= 1e-4
+
+# ---- DeepSeek-OCR 2 ---------------------------------------------------------------------------------------
+
+
+def _folder(tmp_path: Path, config_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_dir / "config.json", tmp_path / "config.json")
+    for name in SIDE_FILES:
+        shutil.copy(MODEL_DIR / name, tmp_path / name)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_v2_missing_query_table_is_named(tmp_path: Path) -> None:
+    from dsocr_torch.weights.loader import load_model
+
+    tensors = load_file(str(MODEL_DIR_V2 / "model.safetensors"))
+    del tensors["model.qwen2_model.query_768.weight"]
+    with pytest.raises(CheckpointError, match=r"1 missing tensor\(s\): model\.qwen2_model\.query_768\.weight"):
+        load_model(_folder(tmp_path, MODEL_DIR_V2, tensors), device="cpu", dtype="float32")
+
+
+def test_v1_weights_under_a_v2_config_are_refused_by_name(tmp_path: Path) -> None:
+    from dsocr_torch.weights.loader import load_model
+
+    folder = _folder(tmp_path, MODEL_DIR_V2, load_file(str(MODEL_DIR / "model.safetensors")))
+    names = r"missing tensor.*unexpected tensor\(s\): model\.image_newline, model\.vision_model"
+    with pytest.raises(CheckpointError, match=names):
+        load_model(folder, device="cpu", dtype="float32")

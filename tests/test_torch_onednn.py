@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from dsocr_torch.language import Linear
-from dsocr_torch.onednn import mapped_packing, pack_linear_weight, packed_memory, packed_metadata, packing_fingerprint
+from dsocr_torch.weights.onednn import (
+    mapped_packing,
+    pack_linear_weight,
+    packed_memory,
+    packed_metadata,
+    packing_fingerprint,
+)
 
 pytestmark = pytest.mark.skipif(
     not Linear.packs(torch.bfloat16, torch.device("cpu")) or mapped_packing() is None,

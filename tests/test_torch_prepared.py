@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from common.errors import CheckpointError
 from dsocr_torch.language import Linear
 from tests.conftest import MODEL_DIR
+from tests.helpers_backend import FAMILIES, backend_of, prefill
 
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CACHE = ".dsocr-prepared"
@@ -24,7 +25,7 @@ CACHE = ".dsocr-prepared"
 @pytest.fixture
 def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the fixture model, and the prepared-layout cache allowed for its tiny size."""
-    from dsocr_torch import prepared
+    from dsocr_torch.weights import prepared
 
     monkeypatch.setattr(prepared, "MIN_BYTES", 0)
     monkeypatch.delenv(prepared.ENV, raising=False)
@@ -36,15 +37,12 @@ def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
-    from tests.test_torch_model import case_data
-
-    embeds = case_data("pm07_gray_tiny")["inputs_embeds"][None].to(model.dtype)
-    with torch.inference_mode():
-        return model.prefill_embeds(embeds, model.new_cache(embeds.shape[1]))
+    """The last logits of a fixture prompt through a backend around `model` (which packs it as loading does)."""
+    return prefill(backend_of(model), FAMILIES["deepseek-ocr"].from_embeds("pm07_gray_tiny"))
 
 
 def _load(folder: Path, dtype: str = "float32", **kwargs: object) -> torch.nn.Module:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     return load_model(folder, device="cpu", dtype=dtype, **kwargs)
 
@@ -59,11 +57,12 @@ def _mapped_file(address: int) -> str | None:
     raise AssertionError(f"address {address:#x} is not mapped")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cache_is_written_once_then_mapped_with_identical_results(
     model_dir: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsocr_torch.prepared import PreparedCache
+    from dsocr_torch.weights.prepared import PreparedCache
 
     reference = _logits(_load(model_dir, dtype, prepared_cache=False))
     assert not (model_dir / CACHE).exists()
@@ -157,11 +156,12 @@ needs_packing = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_packing
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_packed_weights_are_mapped_from_the_cache(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsocr_torch.onednn import mapped_packing
-    from dsocr_torch.prepared import PreparedCache
+    from dsocr_torch.weights.onednn import mapped_packing
+    from dsocr_torch.weights.prepared import PreparedCache
 
     if mapped_packing() is None:
         pytest.skip("this torch build cannot map packed weights")
@@ -179,12 +179,13 @@ def test_packed_weights_are_mapped_from_the_cache(model_dir: Path, monkeypatch: 
         assert torch.equal(_logits(model), expected)
 
 
+@pytest.mark.slow
 @needs_packing
 def test_packed_weights_from_another_machine_are_packed_again(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsocr_torch import loader
-    from dsocr_torch.onednn import MappedPacking, mapped_packing
+    from dsocr_torch.weights import loader
+    from dsocr_torch.weights.onednn import MappedPacking, mapped_packing
 
     if mapped_packing() is None:
         pytest.skip("this torch build cannot map packed weights")
@@ -211,7 +212,7 @@ def test_packed_weights_from_another_machine_are_packed_again(
 def test_without_mapped_packing_weights_are_packed_on_every_load(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsocr_torch import loader
+    from dsocr_torch.weights import loader
 
     expected = _logits(_load(model_dir, "bfloat16", pack=True, prepared_cache=False))
     monkeypatch.setattr(loader, "mapped_packing", lambda: None)
@@ -225,7 +226,7 @@ def test_without_mapped_packing_weights_are_packed_on_every_load(
 
 
 def test_loads_where_the_kernel_cannot_fill_page_tables(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsocr_torch import checkpoint
+    from dsocr_torch.weights import checkpoint
 
     reference = _logits(_load(model_dir, "bfloat16", prepared_cache=False))
     _load(model_dir, "bfloat16")  # writes the cache
@@ -246,7 +247,7 @@ def test_progress_counts_the_bytes_of_work(model_dir: Path) -> None:
 
 
 def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_named(tmp_path: Path) -> None:
-    from dsocr_torch.loader import load_model
+    from dsocr_torch.weights.loader import load_model
 
     for name in CONFIG_FILES:
         shutil.copy(MODEL_DIR / name, tmp_path / name)

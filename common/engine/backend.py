@@ -1,8 +1,10 @@
-"""The small interface every backend implements, and the inputs it receives.
+"""The small interface every backend implements (torch: dsocr_torch, MLX: dsocr_mlx), and how one is loaded.
 
-The CLI and the server never import torch or mlx: they call `load_backend(...)` and hand the backend to
-`common.engine.loop.GenerationLoop`, which feeds it `PreparedInputs` (made by `common.model.prompt.prepare_inputs`)
-and drives batched decode steps.
+A backend owns tensors only: the model's weights and a KV cache of `lanes` lanes. It offers the units of work the
+engine core (common.engine.core) schedules: a view's vision encoding, a prompt's embeddings, a chunk of prompt
+positions written into a lane (the three make a `common.engine.prefill.PrefillJob`), and a decode step for lanes
+[0, B). Everything per sequence (sampling parameters, guards, stop strings, detokenizing, cancellation) and every
+scheduling decision (which sequences run, in which lane, how big a prompt chunk is) lives in common.engine.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from common.errors import BackendUnavailableError, InputError
 from common.model.inputs import PreparedInputs
 
 ProgressCallback = Callable[[str, int, int], None]  # (what, done, total), e.g. ("weights", 3, 12)
+Trace = dict[str, Any]  # intermediates a parity test asks for (see Backend); None on every real request
+
+BACKENDS = ("torch", "mlx")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class StepControls:
     """How to pick the next token of every lane in a decode batch; host arrays, one row per lane [0, B).
 
-    Built by the generation loop (common.engine.generation) from each sequence's parameters and guards, applied by
-    the backend on its device: bans and the allowed-token mask first (-inf logits), then greedy argmax for
-    rows with temperature 0 or sampling (`common.engine.sampling.reference_sample` defines the arithmetic) with the
-    row's own uniform draw, so a seeded sequence picks the same tokens whatever else is in the batch.
+    Built by the engine core from each sequence's parameters and guards, applied by the backend on its device:
+    bans and the allowed-token mask first (-inf logits), then greedy argmax for rows with temperature 0 or
+    sampling (`common.engine.sampling.reference_sample` defines the arithmetic) with the row's own uniform draw,
+    so a seeded sequence picks the same tokens whatever else is in the batch.
     """
 
     temperature: np.ndarray  # float32 [B]; 0 = greedy
@@ -47,36 +53,24 @@ class StepControls:
     def all_greedy(self) -> bool:
         return not bool(np.any(self.temperature > 0))
 
-
-class PrefillJob(Protocol):
-    """The prompt of one sequence going into its KV-cache lane, in bounded units of work.
-
-    The loop calls `advance()` between decode steps, so a long prompt (vision views, then chunks of the
-    prompt) never stalls the running sequences for more than one unit.
-    """
-
-    def advance(self) -> bool:
-        """Runs one unit (one vision view, or one chunk of prompt positions); True once the prompt is in."""
-        ...
-
-    def logits(self) -> Any:
-        """After the last unit: the last prompt position's logits, a device array [1, V]."""
-        ...
-
-    def close(self) -> None:
-        """Drops the job's device buffers (finished or abandoned)."""
-        ...
+    @classmethod
+    def greedy(cls, batch: int) -> StepControls:
+        """Every row greedy, nothing banned (benchmarks and tests)."""
+        return cls(np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
+                   np.zeros(batch, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model on one device, driven step by step by `common.engine.loop.GenerationLoop`.
+    """A loaded model on one device. Device values (`Features`, `Embeds`, `Logits`, `Tokens`) are opaque handles;
+    only `read` brings tokens to the host, so an `asynchronous` backend can run the next forward pass while the
+    host works on the previous tokens.
 
-    The backend owns tensors only: a KV cache of `lanes` lanes, each holding up to `lane_capacity` positions.
-    A decode step runs the lanes [0, B) together. Device values (`Logits`, `Tokens`) are opaque handles; only
-    `read` brings tokens to the host, so a backend with an asynchronous device can run the next forward pass
-    while the host works on the previous tokens. Everything per sequence (sampling parameters, guards, stop
-    strings, detokenizing, cancellation) lives in the loop.
+    `trace`, where a method takes one, collects intermediates for parity tests under the same names in every
+    backend: `encode_view` appends a dict per view to trace["views"] (the encoder outputs: "sam_out", then
+    "clip_out" or "qwen2_out", and "projector_out"); `embed_prompt` sets trace["inputs_embeds"] [L, hidden];
+    `prefill` appends each decoder layer's output to trace["layer_outputs"] ([1, T, hidden] per chunk) and sets
+    trace["final_norm"]. Values are device arrays of the backend's framework.
     """
 
     name: str  # "torch" or "mlx"
@@ -86,10 +80,26 @@ class Backend(Protocol):
     vocab_size: int  # logits width (the model's vocab_size, may exceed the tokenizer's)
     lanes: int  # sequences that can hold a KV cache at once
     lane_capacity: int  # positions per lane: prompt + generated tokens
+    asynchronous: bool  # forward passes queue on the device; the core reads step n's tokens while n+1 runs
 
-    def start_prefill(self, lane: int, inputs: PreparedInputs) -> PrefillJob:
-        """Prepares to write `inputs`' prompt into `lane` (from position 0); no work happens yet."""
+    # ---- prompt work, in the units a PrefillJob interleaves with decode steps --------------------------------
+
+    def encode_view(self, pixels: np.ndarray, trace: Trace | None = None) -> Any:
+        """One view, float32 [3, S, S] -> its projected vision tokens [(S/64)^2, hidden] on the device."""
         ...
+
+    def embed_prompt(self, inputs: PreparedInputs, views: Sequence[Any], trace: Trace | None = None) -> Any:
+        """The prompt's input embeddings [L, hidden] on the device: row i is row `inputs.embedding_rows[i]` of
+        the table [token embeddings of `inputs.input_ids` (L rows); every view's tokens, in `views` order; the
+        model's image_newline; its view_seperator]. With `inputs.inputs_embeds` (parity tests): those."""
+        ...
+
+    def prefill(self, lane: int, embeds: Any, start: int, end: int, trace: Trace | None = None) -> Any | None:
+        """Writes prompt positions [start, end) of `embeds` into `lane` (chunks come in order from 0); after the
+        last chunk (end == len(embeds)) returns the last position's logits [1, V], else None."""
+        ...
+
+    # ---- decode steps ------------------------------------------------------------------------------------------
 
     def forward(self, batch: int, tokens: Any) -> Any:
         """One decode step for lanes [0, batch): appends `tokens` (Tokens [batch]) -> logits [batch, V]."""
@@ -108,7 +118,7 @@ class Backend(Protocol):
         ...
 
     def move_lane(self, src: int, dst: int) -> None:
-        """Moves a lane's cached positions to another lane (the loop keeps decoding lanes contiguous)."""
+        """Moves a lane's cached positions to another lane (the scheduler keeps decoding lanes contiguous)."""
         ...
 
     def close(self) -> None: ...
@@ -123,7 +133,29 @@ def lane_capacity(model_context: int, max_context: int | None) -> int:
     return min(max_context, model_context)
 
 
-BACKENDS = ("torch", "mlx")
+def lanes_within(wanted: int, budget_bytes: int, bytes_per_position: int, capacity: int) -> int:
+    """How many lanes of `capacity` positions a KV-cache budget holds, at most `wanted` (the one KV-budget rule of
+    every backend); InputError when not even one fits."""
+    per_lane = bytes_per_position * capacity
+    lanes = min(wanted, budget_bytes // per_lane)
+    if lanes < 1:
+        raise InputError(
+            f"a KV cache of {budget_bytes / (1 << 30):.2f} GiB cannot hold one sequence of {capacity} positions "
+            f"({per_lane / (1 << 30):.2f} GiB); raise --kv-cache-gib or lower --max-context"
+        )
+    return lanes
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend loads: its device and compute dtype, and the bounds of its KV cache (see `load_backend`)."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_batch: int | None = None
+    kv_cache_gib: float | None = None
+    max_context: int | None = None
+    cuda_graphs: bool | None = None
 
 
 def load_backend(
@@ -132,37 +164,22 @@ def load_backend(
     device: str,
     dtype: str = "auto",
     progress: ProgressCallback | None = None,
-    *,
-    max_batch: int | None = None,
-    kv_cache_gib: float | None = None,
-    max_context: int | None = None,
-    cuda_graphs: bool | None = None,
+    **bounds: Any,
 ) -> Backend:
     """Imports the named backend lazily (so `common` stays framework-free) and loads the model.
 
-    `max_batch` bounds the lanes (sequences decoded together), `kv_cache_gib` the KV cache's memory (each
-    backend has a per-device default), `max_context` the positions per lane (prompt + output; default and
-    most: the model's `max_position_embeddings`), `cuda_graphs` turns decode-step capture on or off (CUDA).
+    `bounds` are BackendOptions' other fields: `max_batch` bounds the lanes (sequences decoded together),
+    `kv_cache_gib` the KV cache's memory (each backend has a per-device default), `max_context` the positions per
+    lane (prompt + output; default and most: the model's `max_position_embeddings`), `cuda_graphs` turns
+    decode-step capture on or off (CUDA).
     """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    module_name = {"torch": "dsocr_torch.backend", "mlx": "dsocr_mlx.backend"}[name]
-    framework = {"torch": "torch", "mlx": "mlx"}[name]
     try:
-        importlib.import_module(framework)
+        importlib.import_module(name)
     except ImportError:
-        extra = {"torch": "torch", "mlx": "mlx"}[name]
         raise BackendUnavailableError(
-            f"the {name} backend needs {framework}, which is not installed: pip install 'dsocr[{extra}]'"
+            f"the {name} backend needs {name}, which is not installed: pip install 'dsocr[{name}]'"
         ) from None
-    module = importlib.import_module(module_name)
-    return module.load(
-        Path(model_dir),
-        device=device,
-        dtype=dtype,
-        progress=progress,
-        max_batch=max_batch,
-        kv_cache_gib=kv_cache_gib,
-        max_context=max_context,
-        cuda_graphs=cuda_graphs,
-    )
+    module = importlib.import_module(f"dsocr_{name}.backend")
+    return module.load(Path(model_dir), BackendOptions(device, dtype, **bounds), progress)

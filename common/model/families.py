@@ -17,6 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from common.errors import ConfigError, InputError
 from common.model.modes import MAX_SIDE, MAX_TILES, SIZE_MULTIPLE, Mode
 
@@ -72,6 +74,39 @@ class TokenLayout:
         if mode.crop_mode and has_crops:
             count += self.local_tokens(view_token_side(mode.image_size), crop_grid)
         return count + int(self.separator)
+
+    def image_rows(
+        self, global_side: int, tile_side: int, crop_grid: tuple[int, int], tiles: int, first: int,
+        newline: int, separator: int,
+    ) -> np.ndarray:
+        """Where one image's tokens come from, in prompt order: rows of the embedding table a backend gathers
+        from (`common.engine.backend.Backend.embed_prompt`). The image's views sit in the table from row `first`:
+        the global view's global_side^2 tokens (row-major), then each tile's tile_side^2 tokens, tile t being at
+        column t % width, row t // width of `crop_grid` (width, height); `newline` and `separator` are the rows
+        of image_newline and view_seperator."""
+        parts = []
+        if tiles:
+            width, height, t = crop_grid[0], crop_grid[1], tile_side
+            if tiles != width * height:
+                raise ValueError(f"{tiles} local views do not fill a {width}x{height} crop grid")
+            tile_first = first + global_side * global_side + np.arange(tiles, dtype=np.int64) * t * t
+            if self.stitch_tiles:  # one (height*t) x (width*t) grid whose rows run across tiles
+                r, c = np.arange(height * t)[:, None], np.arange(width * t)[None, :]
+                grid = tile_first[(r // t) * width + c // t] + (r % t) * t + (c % t)
+            else:  # tile after tile, each row-major
+                grid = (tile_first[:, None] + np.arange(t * t)).reshape(tiles * t, t)
+            parts.append(self._close_rows(grid, newline))
+        side = global_side
+        parts.append(self._close_rows(first + np.arange(side * side, dtype=np.int64).reshape(side, side), newline))
+        if self.separator:
+            parts.append(np.array([separator], dtype=np.int64))
+        return np.concatenate(parts)
+
+    def _close_rows(self, grid: np.ndarray, newline: int) -> np.ndarray:
+        """A token grid's rows in order, each closed by the newline row when the layout says so."""
+        if self.row_newlines:
+            grid = np.concatenate([grid, np.full((grid.shape[0], 1), newline, dtype=np.int64)], axis=1)
+        return grid.reshape(-1)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ class PreparedInputs:
     images_seq_mask: np.ndarray  # bool [L]; True where an image embedding goes
     images: list[ImageInput]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height) per image
+    # Where each position's embedding comes from (int64 [L], see common.engine.backend.Backend.embed_prompt):
+    # text positions name themselves, image positions a row of their image's views or a layout embedding.
+    # None for a prompt without images (then every position is text).
+    embedding_rows: np.ndarray | None = None
     # Precomputed prompt embeddings, float32 [L, hidden]: the backend skips embedding and vision. Parity tests
     # feed the reference model's embeddings this way; None for every real request.
     inputs_embeds: np.ndarray | None = None

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import InputError
-from common.model.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily
+from common.model.families import DEEPSEEK_OCR, TASK_PROMPTS, ModelFamily, family_named, view_token_side
 from common.model.inputs import ImageInput, PreparedInputs
 from common.model.modes import Mode
 from common.model.tiling import image_token_count, tile_image, to_image_input
@@ -91,6 +91,7 @@ def prepare_inputs(
     input_ids: list[int] = [tokenizer.bos_id]
     mask: list[bool] = [False]
     prepared_images: list[ImageInput] = []
+    starts: list[int] = []  # where each image's run of tokens begins
     for piece, image in zip(pieces, images, strict=False):
         piece_ids = tokenizer.encode(piece)
         input_ids += piece_ids
@@ -98,6 +99,7 @@ def prepare_inputs(
         tiled = tile_image(image, mode)
         image_input = to_image_input(tiled)
         count = image_token_count(mode, image_input.crop_grid, image_input.has_crops)
+        starts.append(len(input_ids))
         input_ids += [tokenizer.image_token_id] * count
         mask += [True] * count
         prepared_images.append(image_input)
@@ -108,4 +110,33 @@ def prepare_inputs(
         input_ids=np.asarray(input_ids, dtype=np.int64),
         images_seq_mask=np.asarray(mask, dtype=np.bool_),
         images=prepared_images,
+        embedding_rows=embedding_rows(len(input_ids), prepared_images, starts, family_named(mode.family))
+        if prepared_images else None,
     )
+
+
+def embedding_rows(length: int, images: list[ImageInput], starts: list[int], family: ModelFamily) -> np.ndarray:
+    """For a prompt of `length` positions whose images' token runs begin at `starts`: the row of the embedding
+    table each position takes (see common.engine.backend.Backend.embed_prompt). The table is the prompt's token
+    embeddings, then every view's tokens (each image's global view, then its tiles), then the newline and the
+    separator embeddings."""
+    rows = np.arange(length, dtype=np.int64)
+    view_rows = [_view_rows(image) for image in images]
+    newline = length + sum(view_rows)
+    first = length
+    for image, start, count in zip(images, starts, view_rows, strict=True):
+        tiles = len(image.local_views) if image.has_crops else 0  # type: ignore[arg-type]
+        tile_side = view_token_side(image.local_views.shape[-1]) if tiles else 0  # type: ignore[union-attr]
+        run = family.layout.image_rows(view_token_side(image.global_view.shape[-1]), tile_side, image.crop_grid,
+                                       tiles, first, newline, newline + 1)
+        rows[start : start + len(run)] = run
+        first += count
+    return rows
+
+
+def _view_rows(image: ImageInput) -> int:
+    """Vision tokens of all of an image's views (before layout embeddings)."""
+    count = view_token_side(image.global_view.shape[-1]) ** 2
+    if image.has_crops:
+        count += len(image.local_views) * view_token_side(image.local_views.shape[-1]) ** 2  # type: ignore[arg-type]
+    return count

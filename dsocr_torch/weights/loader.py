@@ -7,8 +7,8 @@ before any weight is touched. Then, on the CPU:
   its own (the page cache's pages, shared with every reader of the file);
 * the routed experts (stacked and transposed for the MoE kernels), tensors converted to another dtype and the
   decoder's dense weights packed for oneDNN (bfloat16, `pack=True`) come from the prepared-layout cache next
-  to the model (`dsocr_torch.prepared`), which the first load writes; packed weights are oneDNN tensors over
-  the mapped bytes (`dsocr_torch.onednn`). Without the cache they are computed into memory of their own.
+  to the model (`prepared`), which the first load writes; packed weights are oneDNN tensors over the mapped
+  bytes (`onednn`). Without the cache they are computed into memory of their own.
 * every mapped page a request will read is mapped in at load, so the first request takes no page faults.
 
 The copying and packing run on a thread per core (each copy single-threaded, so no thread waits on another)
@@ -31,7 +31,9 @@ from torch import nn
 
 from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoundError
 from common.model.config import ModelConfig, load_config
-from dsocr_torch.checkpoint import (
+from dsocr_torch.language import Linear
+from dsocr_torch.model import DeepseekOCRForCausalLM
+from dsocr_torch.weights.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     Checkpoint,
@@ -41,9 +43,7 @@ from dsocr_torch.checkpoint import (
     checkpoint_index,
     map_in,
 )
-from dsocr_torch.language import Linear
-from dsocr_torch.model import DeepseekOCRForCausalLM
-from dsocr_torch.onednn import (
+from dsocr_torch.weights.onednn import (
     MappedPacking,
     mapped_packing,
     pack_linear_weight,
@@ -51,7 +51,7 @@ from dsocr_torch.onednn import (
     packed_metadata,
     packing_fingerprint,
 )
-from dsocr_torch.prepared import (
+from dsocr_torch.weights.prepared import (
     PreparedCache,
     PreparedTensors,
     cache_enabled,

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from dsocr_torch.checkpoint import Checkpoint, file_fingerprint
+from dsocr_torch.weights.checkpoint import Checkpoint, file_fingerprint
 
 log = logging.getLogger(__name__)
 
