@@ -91,3 +91,59 @@ def test_malformed_values(tmp_path: Path) -> None:
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("vision_config", "width", "sam_vit_b", "layers"), "x",
+         "'vision_config.width.sam_vit_b.layers' must be int, got 'x'"),
+        (("num_hidden_layers",), True, "'num_hidden_layers' must be int, got True"),
+        (("rope_theta",), "big", "'rope_theta' must be float, got 'big'"),
+        (("vision_config", "width", "clip-l-14-224", "heads"), -2,
+         "'vision_config.width.clip-l-14-224.heads' must not be negative, got -2"),
+        (("rms_norm_eps",), -1e-6, "'rms_norm_eps' must not be negative, got -1e-06"),
+        (("num_attention_heads",), 0, "'num_attention_heads' must be >= 1, got 0"),
+        (("vision_config", "width", "sam_vit_b", "downsample_channels"), [512], "'vision_config.width.sam_vit_b."
+         "downsample_channels' must have 2 entries, got [512]"),
+        (("vision_config", "width", "sam_vit_b", "global_attn_indexes"), [2, "5"], "'vision_config.width.sam_vit_b."
+         "global_attn_indexes[1]' must be int, got '5'"),
+        (("vision_config", "width"), [1], "'vision_config.width' must be an object, got [1]"),
+        (("projector_config", "n_embed"), None, "'projector_config.n_embed' must not be null"),
+        (("norm_topk_prob",), "yes", "'norm_topk_prob' must be bool, got 'yes'"),
+        (("hidden_act",), 3, "'hidden_act' must be str, got 3"),
+    ],
+)
+def test_bad_value_names_file_key_and_value(path: tuple[str, ...], value: object, message: str) -> None:
+    data = real_data()
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "x/config.json")
+    assert str(err.value) == f"x/config.json: key {message}"
+
+
+def test_null_takes_the_default_and_ints_are_floats() -> None:
+    data = real_data()
+    data["rope_theta"] = 500  # an int where a float is expected
+    data["max_position_embeddings"] = None  # null: the default, as if absent
+    data["vision_config"]["width"]["sam_vit_b"]["window_size"] = None
+    data.pop("num_key_value_heads", None)
+    cfg = parse_config(data)
+    assert cfg.language.rope_theta == 500.0 and isinstance(cfg.language.rope_theta, float)
+    assert (cfg.language.max_position_embeddings, cfg.sam.window_size) == (8192, 14)
+    assert cfg.language.num_key_value_heads == cfg.language.num_attention_heads
+
+
+def test_configs_are_frozen_values() -> None:
+    import pickle
+
+    cfg = load_config(MODEL_DIR)
+    assert cfg == load_config(MODEL_DIR) and hash(cfg.language) == hash(load_config(MODEL_DIR).language)
+    with pytest.raises(AttributeError):
+        cfg.sam.width = 3  # type: ignore[misc]
+    for part in (cfg.language, cfg.sam, cfg.clip, cfg.projector):
+        assert pickle.loads(pickle.dumps(part)) == part
+    assert cfg.raw == json.loads((MODEL_DIR / "config.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import msgspec
 import pytest
@@ -124,3 +125,51 @@ def test_response_object_output_text() -> None:
     assert response.output_text == "ab"
     assert json.loads(encode(response))["output"][0]["content"][0] == {"text": "a", "type": "output_text",
                                                                        "annotations": []}
+
+
+def test_response_format_and_text_format_shapes() -> None:
+    from common.engine.structured import (
+        ResponseFormatJsonObject,
+        ResponseFormatJsonSchema,
+        ResponseFormatText,
+        TextFormatJsonSchema,
+    )
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    chat = decode_chat({"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True, "description": "d"}}})
+    assert isinstance(chat.response_format, ResponseFormatJsonSchema)
+    assert (chat.response_format.json_schema.name, chat.response_format.json_schema.schema) == ("a", schema)
+    for kind, struct in (("text", ResponseFormatText), ("json_object", ResponseFormatJsonObject)):
+        request = decode_chat({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": kind}})
+        assert isinstance(request.response_format, struct)
+    assert decode_chat({"messages": [{"role": "user", "content": "hi"}]}).response_format is None
+    responses = msgspec.json.decode(json.dumps({"input": "hi", "text": {"verbosity": "low", "format": {
+        "type": "json_schema", "name": "a", "schema": schema, "strict": None}}}), type=ResponsesRequest)
+    assert isinstance(responses.text.format, TextFormatJsonSchema) and responses.text.format.schema == schema
+    assert msgspec.json.decode(b'{"input": "hi", "text": {}}', type=ResponsesRequest).text.format is None
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"response_format": "json"}, "$.response_format"),
+        ({"response_format": {"type": "xml"}}, "$.response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "$.response_format"),  # msgspec: missing field `json_schema`
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!"}}},
+         "$.response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+         "$.response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}},
+         "$.response_format.json_schema.strict"),
+    ],
+)
+def test_bad_response_format_shape_names_the_field(change: dict, where: str) -> None:
+    """Litestar turns the path of msgspec's error into the 400's `param` (server.py)."""
+    with pytest.raises(msgspec.ValidationError, match=re.escape(f"`{where}`")):
+        decode_chat({"messages": [{"role": "user", "content": "hi"}], **change})
+
+
+def test_bad_text_format_shape_names_the_field() -> None:
+    with pytest.raises(msgspec.ValidationError, match=re.escape("`$.text.format.type`")):
+        msgspec.json.decode(b'{"input": "hi", "text": {"format": {"type": "xml"}}}', type=ResponsesRequest)

@@ -26,7 +26,7 @@ from common.engine.structured import (
     json_schema_spec,
     mask_width,
 )
-from common.errors import ConfigError, ModelNotFoundError
+from common.errors import ConfigError, InputError, ModelNotFoundError
 from common.model.config import load_config
 from common.model.tokenizer import Tokenizer
 from tests.conftest import MODEL_DIR
@@ -425,6 +425,19 @@ def test_compiled_grammar_is_shared_and_matchers_are_independent() -> None:
     comp.matcher(json_schema_spec(SCHEMAS["string_patterns"]))
     comp.matcher(json_object_spec())
     assert not comp.cached(spec) and comp.cached(json_object_spec())
+
+
+def test_compile_errors_are_not_cached_and_the_default_bound_is_64() -> None:
+    comp = GrammarCompiler.from_model_dir(MODEL_DIR)
+    bad = JsonSpec("json_schema", json.dumps({"type": "strange"}))  # never validated: fails when compiled
+    for _ in range(2):
+        with pytest.raises(InputError, match="invalid JSON schema"):
+            comp.matcher(bad)
+        assert not comp.cached(bad)
+    specs = [json_schema_spec({"type": "string", "maxLength": n}) for n in range(65)]
+    for spec in specs:
+        comp.matcher(spec)
+    assert [comp.cached(spec) for spec in specs] == [False] + [True] * 64
 
 
 # ------------------------------------------------------------------------------------------ n-gram bans

@@ -7,16 +7,23 @@ before any model work (the server answers 400).
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Literal
 
+import msgspec
 import pytest
 
 from common.engine.structured import (
     MAX_SCHEMA_CHARS,
+    ResponseFormat,
+    ResponseFormatJsonSchema,
+    TextFormatJsonSchema,
+    TextParam,
     json_object_spec,
     json_schema_spec,
     spec_from_response_format,
     spec_from_text_format,
+    spec_from_text_param,
 )
 from common.errors import InputError
 from tests.test_structured import SCHEMAS
@@ -91,25 +98,39 @@ def test_guidance_options_in_the_schema_cannot_loosen_it() -> None:
 
 
 BAD_REQUESTS = [
-    ("nope", "response_format: must be an object"),
-    ({"type": "xml"}, "response_format.type: must be"),
-    ({}, "response_format.type: must be"),
-    ({"type": "json_schema"}, "needs a 'json_schema' object"),
-    ({"type": "json_schema", "json_schema": "x"}, "response_format.json_schema: must be an object"),
-    ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: missing"),
-    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name: must be"),
-    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "json_schema.name: must be"),
-    ({"type": "json_schema", "json_schema": {"name": "x" * 65, "schema": {}}}, "json_schema.name: must be"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}, "strict: must be"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": True}}, "schema: a JSON schema must be"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "schema: a JSON schema must be"),
+    ("nope", "response_format: must be an object", "response_format"),
+    ({"type": "xml"}, "response_format.type: must be 'text', 'json_object' or 'json_schema', got 'xml'",
+     "response_format.type"),
+    ({}, "response_format.type: must be", "response_format.type"),
+    ({"type": 3}, "response_format.type: must be", "response_format.type"),
+    ({"type": "json_schema"}, "response_format.json_schema: must be an object with 'name' and 'schema'; it is missing",
+     "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": "x"}, "response_format.json_schema: must be an object",
+     "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: missing",
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name: must be",
+     "response_format.json_schema.name"),
+    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "json_schema.name: must be",
+     "response_format.json_schema.name"),
+    ({"type": "json_schema", "json_schema": {"name": "x" * 65, "schema": {}}}, "json_schema.name: must be",
+     "response_format.json_schema.name"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
+     "response_format.json_schema.strict: must be true or false, got 'yes'", "response_format.json_schema.strict"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": True}}, "schema: must be a JSON object",
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "schema: must be a JSON object",
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": None}}, "schema: must be a JSON object",
+     "response_format.json_schema.schema"),
 ]
 
 
-@pytest.mark.parametrize(("request_value", "message"), BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
-def test_bad_response_format_is_refused(request_value: Any, message: str) -> None:
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
+@pytest.mark.parametrize(("request_value", "message", "param"), BAD_REQUESTS, ids=[m for _, m, _ in BAD_REQUESTS])
+def test_bad_response_format_is_refused(request_value: Any, message: str, param: str) -> None:
+    with pytest.raises(InputError, match=re.escape(message)) as info:
         spec_from_response_format(request_value)
+    assert str(info.value).startswith(f"{param}: ") and info.value.param == param and "\n" not in str(info.value)
 
 
 def test_bad_text_format_is_refused() -> None:
@@ -131,3 +152,56 @@ def test_key_order_is_part_of_the_schema_identity() -> None:
     a = json_schema_spec({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}})
     b = json_schema_spec({"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}})
     assert a != b and a == json_schema_spec(json.loads(a.schema_text))
+
+
+def test_bad_text_param_is_refused() -> None:
+    with pytest.raises(InputError, match=r'^text: must be an object such as \{"format"') as info:
+        spec_from_text_param("json")
+    assert info.value.param == "text"
+    with pytest.raises(InputError, match=r"^text\.format\.type: must be 'text', 'json_object' or 'json_schema', got"):
+        spec_from_text_param({"format": {"type": "xml"}})
+    with pytest.raises(InputError, match=r"^text\.format\.name: must be 1-64 characters"):
+        spec_from_text_param({"format": {"type": "json_schema", "name": "", "schema": {}}})
+    assert spec_from_text_param(None) is None and spec_from_text_param({"verbosity": "low"}) is None
+
+
+def test_what_the_openai_sdk_sends_is_accepted() -> None:
+    """`parse(response_format=Invoice)` / `responses.parse(text_format=Invoice)`: pydantic's schema, strict: true."""
+    chat_sdk = pytest.importorskip("openai.lib._parsing._completions")
+    responses_sdk = pytest.importorskip("openai.lib._parsing._responses")
+    from pydantic import BaseModel, Field
+
+    class Line(BaseModel):
+        item: str = Field(max_length=6)
+        qty: int = Field(ge=1, le=99)
+
+    class Invoice(BaseModel):
+        currency: Literal["EUR", "USD", "JPY"]
+        paid: bool
+        lines: list[Line] = Field(min_length=1, max_length=2)
+
+    chat = chat_sdk.type_to_response_format_param(Invoice)
+    text_format = responses_sdk.type_to_text_format_param(Invoice)
+    assert chat["json_schema"]["strict"] is True and text_format["strict"] is True
+    expected = json_schema_spec(chat["json_schema"]["schema"], name="Invoice", strict=True)
+    assert spec_from_response_format(chat) == expected
+    assert spec_from_text_format(text_format) == expected
+    assert spec_from_text_param({"format": text_format, "verbosity": "low"}) == expected
+
+
+def test_decoded_structs_give_the_same_specs() -> None:
+    """The server hands over what msgspec decoded from the request body; JSON values go through the same types."""
+    schema = SCHEMAS["enums"]
+    chat = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": schema, "strict": True}}
+    decoded = msgspec.convert(chat, ResponseFormat)
+    assert isinstance(decoded, ResponseFormatJsonSchema) and decoded.json_schema.schema == schema
+    assert spec_from_response_format(decoded) == spec_from_response_format(chat)
+    inline = {"type": "json_schema", "name": "invoice", "schema": schema}
+    text = msgspec.convert({"format": inline}, TextParam)
+    assert isinstance(text.format, TextFormatJsonSchema)
+    assert spec_from_text_param(text) == spec_from_text_format(inline) == json_schema_spec(schema, name="invoice",
+                                                                                            strict=False)
+    assert spec_from_response_format(msgspec.convert({"type": "text"}, ResponseFormat)) is None
+    assert spec_from_text_param(msgspec.convert({"format": {"type": "json_object"}}, TextParam)) == json_object_spec()
+    with pytest.raises(InputError, match=r"^text\.format\.schema: missing"):
+        spec_from_text_param(msgspec.convert({"format": {"type": "json_schema", "name": "x"}}, TextParam))

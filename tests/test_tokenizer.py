@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from functools import cache
 from typing import Any
 
 import pytest
 
 from common.model.tokenizer import StreamingDetokenizer, Tokenizer
-from tests.conftest import FIXTURES, MODEL_DIR, cases_manifest, model_cases
+from tests.conftest import FIXTURES, MODEL_DIR, cases_manifest, model_cases, model_cases_v2
 
 
 @cache
@@ -112,14 +113,73 @@ def test_stream_with_special_tokens_and_flush_of_incomplete_bytes() -> None:
     assert detok.flush() == tok.decode(partial)
 
 
-def test_stream_window_stays_small() -> None:
+def test_stream_keeps_up_with_the_ids() -> None:
+    """Text is held back only while a character is incomplete: a few ids at most, however long the output."""
     tok = tokenizer()
-    ids = tok.encode("hello world 中文 😀 " * 400)
+    ids = tok.encode("hello world 中文 😀 " * 40)
     detok = StreamingDetokenizer(tok)
-    longest = 0
-    for i in ids:
-        detok.add(i)
-        longest = max(longest, len(detok._ids))
+    for i, token_id in enumerate(ids):
+        detok.add(token_id)
+        assert tok.decode(ids[: i + 1]).startswith(detok.text)
+        assert len(detok.text) >= len(tok.decode(ids[: max(0, i - 7)]))
     detok.flush()
     assert detok.text == tok.decode(ids)
-    assert longest <= 8
+
+
+class HandWrittenDetokenizer:
+    """The detokenizer dsocr had before `tokenizers.decoders.DecodeStream`: kept to check the library against."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._ids: list[int] = []  # the last emitted id (decoding context), then the ids not yet emitted
+        self._prefix_text = ""
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        if full.endswith("\ufffd") or len(full) <= len(self._prefix_text) or not full.startswith(self._prefix_text):
+            return ""
+        delta = full[len(self._prefix_text) :]
+        self._ids = self._ids[-1:]
+        self._prefix_text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        delta = full[len(self._prefix_text) :] if full.startswith(self._prefix_text) else ""
+        self._ids, self._prefix_text = [], ""
+        self.text += delta
+        return delta
+
+
+def _deltas(detok: Any, ids: list[int]) -> list[str]:
+    return [*(detok.add(i) for i in ids), detok.flush()]
+
+
+def _comparison_sequences() -> list[list[int]]:
+    """Every generated sequence in both fixture sets, the goldens, and random ids that stress the boundaries."""
+    tok = tokenizer()
+    sequences = [case["ids"] for case in goldens()["cases"]] + _generated_sequences()
+    sequences += [case[key]["ids"] for case in model_cases_v2() for key in ("greedy", "infer", "infer_eval")
+                  if key in case]
+    vocab = tok.vocab_size
+    partial = [i for i in range(vocab) if "\ufffd" in tok.decode([i])]  # ids holding part of a character
+    assert len(partial) > 100
+    special = [tok.bos_id, tok.eos_id, tok.pad_id, tok.image_token_id, *range(vocab - 40, vocab)]
+    rng = random.Random(1234)
+    pools = [lambda: rng.randrange(vocab), lambda: rng.choice(partial), lambda: rng.choice(special),
+             lambda: rng.randrange(vocab, vocab + 400)]  # the model's vocabulary is larger than the tokenizer's
+    for _ in range(400):
+        weights = rng.choice([(1, 0, 0, 0), (1, 1, 0, 0), (1, 1, 1, 0), (0, 1, 0, 0), (1, 3, 1, 1)])
+        sequences.append([rng.choices(pools, weights)[0]() for _ in range(rng.randint(1, 80))])
+    return sequences
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_library_stream_is_identical_to_the_hand_written_one(skip: bool) -> None:
+    tok = tokenizer()
+    for ids in _comparison_sequences():
+        ours = _deltas(HandWrittenDetokenizer(tok, skip), ids)
+        assert _deltas(StreamingDetokenizer(tok, skip), ids) == ours, ids  # the same deltas at the same ids

@@ -2,12 +2,12 @@
 
 Three layers, all framework-free:
 
-* `JsonSpec`: what the output must be, validated from the OpenAI request shapes (chat `response_format`,
-  Responses `text.format`) or from a schema read by the CLI. A bad schema is an `InputError` naming the
-  problem, raised before any model work.
+* `JsonSpec`: what the output must be, from the OpenAI request shapes (chat `response_format`, Responses
+  `text.format`: msgspec tagged unions, which the server's request types use) or from a schema read by the CLI.
+  A bad shape or schema is an `InputError` naming the field and the problem, raised before any model work.
 * `GrammarCompiler`: one per model. Holds llguidance's view of the tokenizer (built from `tokenizer.json`,
   with the MODEL's vocab size so ids the tokenizer lacks are never allowed) and the compiled grammars, cached
-  by schema text, so many sequences share one compilation.
+  by schema text (an LRU), so many sequences share one compilation.
 * `GrammarMatcher`: the grammar state of one sequence: writes the allowed-token bitmask for the next token,
   consumes the sampled token, says whether EOS is allowed and whether the JSON is complete.
 
@@ -20,15 +20,17 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import cachetools
 import llguidance as llg
 import llguidance.numpy as llg_numpy
+import msgspec
 import numpy as np
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from common.errors import ConfigError, InputError, ModelNotFoundError
 from common.files import read_capped_text
@@ -36,7 +38,7 @@ from common.files import read_capped_text
 # A schema is a request field; past this size it is refused before compiling.
 MAX_SCHEMA_CHARS = 100_000
 # OpenAI's rule for `json_schema.name`.
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DEFAULT_SCHEMA_NAME = "response"
 # `json_object` asks for any JSON object.
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
@@ -190,85 +192,124 @@ def json_object_spec() -> JsonSpec:
     return JsonSpec("json_object", text, "json_object", True, _grammar_for(JSON_OBJECT_SCHEMA, "json_object"))
 
 
-def _check_name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME_PATTERN.match(value):
-        raise InputError(f"{where}: must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-', got {value!r}", param=where)
-    return value
+# ------------------------------------------------------------------------------------------ request shapes
+# The OpenAI shapes, as the official SDK sends them, validated by msgspec (the server decodes request bodies
+# into them, so a wrong shape is a 400 naming the field). The JSON schema itself stays a free-form object:
+# llguidance checks it (json_schema_spec).
 
 
-def _check_strict(value: Any, where: str) -> bool:
-    if value is None:
-        return False  # OpenAI's default
-    if not isinstance(value, bool):
-        raise InputError(f"{where}: must be true or false, got {value!r}", param=where)
-    return value
+class JsonSchemaFormat(Struct, kw_only=True):
+    """Chat `response_format.json_schema`; the Responses API has the same fields inline in `text.format`."""
+
+    name: Annotated[str, Meta(pattern=_NAME_PATTERN)]
+    schema: dict[str, Any] | UnsetType = UNSET  # optional in OpenAI's chat API, refused when absent (nothing to match)
+    description: str | None = None
+    strict: bool | None = None  # null: OpenAI's default, false; every schema is enforced fully either way
 
 
-def _spec_of_format(value: Any, where: str, schema_holder: Mapping[str, Any] | None) -> JsonSpec | None:
-    kind = value.get("type")
-    if kind == "text":
+class ResponseFormatText(Struct, tag_field="type", tag="text"):
+    """Unconstrained text (the default)."""
+
+
+class ResponseFormatJsonObject(Struct, tag_field="type", tag="json_object"):
+    """Any JSON object."""
+
+
+class ResponseFormatJsonSchema(Struct, tag_field="type", tag="json_schema"):
+    """Chat completions: JSON matching `json_schema.schema`."""
+
+    json_schema: JsonSchemaFormat
+
+
+class TextFormatJsonSchema(JsonSchemaFormat, tag_field="type", tag="json_schema"):
+    """Responses API `text.format`: JSON matching `schema` (the fields are inline)."""
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema  # chat `response_format`
+TextFormat = ResponseFormatText | ResponseFormatJsonObject | TextFormatJsonSchema  # Responses `text.format`
+
+
+class TextParam(Struct):
+    """Responses API `text` (`{"format": {...}, "verbosity"?}`; fields other than `format` are ignored)."""
+
+    format: TextFormat | None = None
+
+
+_FORMAT_TYPES = "'text', 'json_object' or 'json_schema'"
+# What each field must be, in the words of an error, by the field's name.
+_MUST_BE = {
+    "type": _FORMAT_TYPES,
+    "json_schema": "an object with 'name' and 'schema'",
+    "name": "1-64 characters of a-z, A-Z, 0-9, '_' or '-'",
+    "schema": "a JSON object (the JSON schema)",
+    "strict": "true or false",
+    "description": "a string",
+    "format": 'an object such as {"type": "json_object"}',
+}
+_MSGSPEC_ERROR = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<at>.*)`)?", re.DOTALL)
+
+
+def _typed(value: Any, kind: Any, where: str, must_be: str) -> Any:
+    """`value` as `kind` (a Struct from a decoded request is taken as it is; JSON values are validated by msgspec,
+    as the server does). An InputError names the field and what it must be, e.g. `response_format.type: ...`."""
+    if value is None or isinstance(value, Struct):
+        return value
+    try:
+        return msgspec.convert(value, kind, strict=False)  # strict=False: as Litestar decodes request bodies
+    except msgspec.ValidationError as exc:
+        match = _MSGSPEC_ERROR.fullmatch(str(exc))
+        assert match is not None  # the pattern matches any text
+        keys = [key for key in (match["at"] or "").split(".") if key]
+        missing = re.fullmatch(r"Object missing required field `(.+)`", match["what"])
+        keys += [missing[1]] if missing else []
+        param = ".".join([where, *keys])
+        hint = _MUST_BE.get(keys[-1]) if keys else must_be
+        if hint is None:  # not a field of these shapes: msgspec's own words
+            raise InputError(f"{param}: {match['what']}", param=param) from None
+        if missing:
+            raise InputError(f"{param}: must be {hint}; it is missing", param=param) from None
+        found = value
+        for key in keys:
+            found = found.get(key) if isinstance(found, Mapping) else None
+        raise InputError(f"{param}: must be {hint}, got {found!r}", param=param) from None
+
+
+def _spec_of_format(value: Any, where: str) -> JsonSpec | None:
+    if value is None or isinstance(value, ResponseFormatText):
         return None
-    if kind == "json_object":
+    if isinstance(value, ResponseFormatJsonObject):
         return json_object_spec()
-    if kind != "json_schema":
+    options: JsonSchemaFormat = value
+    if isinstance(value, ResponseFormatJsonSchema):
+        options, where = value.json_schema, f"{where}.json_schema"
+    if options.schema is UNSET:
         raise InputError(
-            f"{where}.type: must be 'text', 'json_object' or 'json_schema', got {kind!r}", param=f"{where}.type"
+            f"{where}.schema: missing; give the JSON schema the output must match", param=f"{where}.schema"
         )
-    if schema_holder is None:
-        raise InputError(
-            f"{where}: type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'", param=where
-        )
-    holder_where = where if schema_holder is value else f"{where}.json_schema"
-    if "schema" not in schema_holder:
-        raise InputError(
-            f"{holder_where}.schema: missing; give the JSON schema the output must match",
-            param=f"{holder_where}.schema",
-        )
-    return json_schema_spec(
-        schema_holder["schema"],
-        name=_check_name(schema_holder.get("name"), f"{holder_where}.name"),
-        strict=_check_strict(schema_holder.get("strict"), f"{holder_where}.strict"),
-        where=f"{holder_where}.schema",
-    )
+    return json_schema_spec(options.schema, name=options.name, strict=bool(options.strict), where=f"{where}.schema")
 
 
-def spec_from_response_format(value: Any, where: str = "response_format") -> JsonSpec | None:
+def spec_from_response_format(value: ResponseFormat | Any, where: str = "response_format") -> JsonSpec | None:
     """Chat completions `response_format`: None (absent or type "text") means unconstrained output.
 
     `{"type": "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}` or
-    `{"type": "json_object"}`.
+    `{"type": "json_object"}`, as a `ResponseFormat` Struct (a decoded request) or as JSON values.
     """
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
-    holder = value.get("json_schema")
-    if holder is not None and not isinstance(holder, Mapping):
-        raise InputError(
-            f"{where}.json_schema: must be an object with 'name' and 'schema'", param=f"{where}.json_schema"
-        )
-    return _spec_of_format(value, where, holder)
+    return _spec_of_format(_typed(value, ResponseFormat, where, _MUST_BE["format"]), where)
 
 
-def spec_from_text_format(value: Any, where: str = "text.format") -> JsonSpec | None:
+def spec_from_text_format(value: TextFormat | Any, where: str = "text.format") -> JsonSpec | None:
     """Responses API `text.format`: the same types with the schema fields inline.
 
     `{"type": "json_schema", "name", "schema", "strict"?, "description"?}` or `{"type": "json_object"}`.
     """
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"type": "json_object"}}', param=where)
-    return _spec_of_format(value, where, value)
+    return _spec_of_format(_typed(value, TextFormat, where, _MUST_BE["format"]), where)
 
 
-def spec_from_text_param(value: Any, where: str = "text") -> JsonSpec | None:
+def spec_from_text_param(value: TextParam | Any, where: str = "text") -> JsonSpec | None:
     """Responses API `text` (`{"format": {...}, "verbosity"?}`): its `format`, as `spec_from_text_format`."""
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InputError(f'{where}: must be an object such as {{"format": {{"type": "json_object"}}}}', param=where)
-    return spec_from_text_format(value.get("format"), f"{where}.format")
+    param = _typed(value, TextParam, where, 'an object such as {"format": {"type": "json_object"}}')
+    return None if param is None else spec_from_text_format(param.format, f"{where}.format")
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -371,10 +412,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.mask_width = mask_width(vocab_size)
-        self._max_cached = max_cached
         self._threads = threads
         self._executor: llg.LLExecutor | None = None
-        self._compiled: OrderedDict[str, llg.LLMatcher] = OrderedDict()
+        self._compiled: cachetools.LRUCache[str, llg.LLMatcher] = cachetools.LRUCache(maxsize=max_cached)
         self._lock = threading.Lock()
 
     @classmethod
@@ -397,12 +437,13 @@ class GrammarCompiler:
             vocab_size = load_config(model_dir).language.vocab_size
         return cls(tokenizer_json, eos_id=eos_id, vocab_size=vocab_size, **kwargs)
 
+    # The compiled grammars: an LRU bound to `max_cached` schema texts (cachetools): looked up and stored under the
+    # lock, compiled outside it (two threads may compile one schema at once; the first stored is kept). An error is
+    # raised, never cached.
+    @cachetools.cachedmethod(
+        lambda self: self._compiled, key=lambda self, spec: spec.schema_text, lock=lambda self: self._lock
+    )
     def _compiled_matcher(self, spec: JsonSpec) -> llg.LLMatcher:
-        with self._lock:
-            compiled = self._compiled.get(spec.schema_text)
-            if compiled is not None:
-                self._compiled.move_to_end(spec.schema_text)
-                return compiled
         grammar = spec.grammar or _grammar_for(spec.schema, "schema")
         try:
             compiled = llg.LLMatcher(
@@ -414,10 +455,6 @@ class GrammarCompiler:
             raise InputError(f"invalid JSON schema: {_panic_message(exc)}") from None
         if compiled.is_error():
             raise InputError(f"invalid JSON schema: {_one_line(compiled.get_error())}")
-        with self._lock:
-            self._compiled[spec.schema_text] = compiled
-            while len(self._compiled) > self._max_cached:
-                self._compiled.popitem(last=False)
         return compiled
 
     def matcher(self, spec: JsonSpec) -> GrammarMatcher:

@@ -1,11 +1,21 @@
-"""Server metrics in the Prometheus text format (hand-written: a handful of series), and the ASGI middleware
-that counts responses. Thread-safe."""
+"""Server metrics on prometheus_client, and the ASGI middleware that counts responses. Thread-safe.
+
+Each `Metrics` has its own registry, so several apps can live in one process (the tests make many). The text
+is prometheus_client's exposition (format 0.0.4) with one difference: the `<name>_created` series the client adds
+to counters and histograms are left out, as they were before (the process-wide switch that turns them off,
+`disable_created_metrics()`, would change every other user of the client). Values are printed as floats
+(`dsocr_generations_total 3.0`, bucket bound `le="1.0"`), which Prometheus reads as the same numbers.
+"""
 
 from __future__ import annotations
 
-import collections
 import threading
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from common.memory import rss_bytes
 
@@ -13,132 +23,93 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+class _WithoutCreated(Collector):
+    """A registry's metrics less the `_created` samples (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():  # fresh Metric objects on every collect
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class Metrics:
-    """Counters for the Prometheus text exposition (hand-written: a handful of series)."""
+    """The server's series; `render` gives the Prometheus text exposition."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.generations = 0
-        self.cancelled = 0
-        self.failed = 0
-        self.rejected_queue_full = 0
-        self.ttft_counts = [0] * (len(_TTFT_BUCKETS) + 1)
-        self.ttft_sum = 0.0
-        self.batch_counts = [0] * (len(_BATCH_BUCKETS) + 1)
-        self.batch_sum = 0
-        self.running_sequences = 0
+        self._lock = threading.Lock()  # render sets the gauges it is given, then collects: one at a time
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "dsocr_requests_total", "HTTP requests by path and status code.", ["path", "status"], registry=registry
+        )
+        self._prompt_tokens = Counter("dsocr_prompt_tokens_total", "Prompt tokens processed.", registry=registry)
+        self._completion_tokens = Counter(
+            "dsocr_generated_tokens_total", "Completion tokens generated.", registry=registry
+        )
+        self._generations = Counter(
+            "dsocr_generations_total", "Generations run (finished or cancelled).", registry=registry
+        )
+        self._cancelled = Counter(
+            "dsocr_generations_cancelled_total", "Generations cancelled by client disconnect.", registry=registry
+        )
+        self._failed = Counter("dsocr_generations_failed_total", "Generations that raised an error.", registry=registry)
+        self._rejected = Counter(
+            "dsocr_requests_rejected_total", "Requests refused with 429 (queue full).", registry=registry
+        )
+        self._queue_depth = Gauge("dsocr_queue_depth", "Requests waiting for the inference worker.", registry=registry)
+        self._running = Gauge("dsocr_requests_running", "Requests being generated.", registry=registry)
+        self._running_sequences = Gauge(
+            "dsocr_running_sequences",
+            "Sequences in the generation loop (decoding or taking in their prompt).",
+            registry=registry,
+        )
+        self._ready = Gauge("dsocr_model_ready", "1 once the model is loaded.", registry=registry)
+        memory = Gauge("dsocr_resident_memory_bytes", "Resident memory of the server process.", registry=registry)
+        memory.set_function(rss_bytes)
+        self._ttft = Histogram(
+            "dsocr_time_to_first_token_seconds",
+            "Time from dequeue to the first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self._batch = Histogram(
+            "dsocr_batch_size", "Sequences decoded together per decode step.", buckets=_BATCH_BUCKETS, registry=registry
+        )
+        self._exposed = _WithoutCreated(registry)
+        self.running_sequences = 0  # set by the admission loop; read when rendering
 
     def record_request(self, path: str, status: int) -> None:
-        with self._lock:
-            self.requests[(path, status)] += 1
+        self._requests.labels(path=path, status=str(status)).inc()
 
     def record_generation(self, prompt_tokens: int, completion_tokens: int, cancelled: bool) -> None:
-        with self._lock:
-            self.generations += 1
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += completion_tokens
-            self.cancelled += int(cancelled)
+        self._generations.inc()
+        self._prompt_tokens.inc(prompt_tokens)
+        self._completion_tokens.inc(completion_tokens)
+        if cancelled:
+            self._cancelled.inc()
 
     def record_rejected(self) -> None:
-        with self._lock:
-            self.rejected_queue_full += 1
+        self._rejected.inc()
 
     def record_failed(self) -> None:
-        with self._lock:
-            self.failed += 1
+        self._failed.inc()
 
     def record_ttft(self, seconds: float) -> None:
-        with self._lock:
-            self.ttft_sum += seconds
-            index = next((i for i, b in enumerate(_TTFT_BUCKETS) if seconds <= b), len(_TTFT_BUCKETS))
-            self.ttft_counts[index] += 1
+        self._ttft.observe(seconds)
 
     def record_batch(self, size: int) -> None:
         """One decode step of `size` sequences (the generation loop's on_step hook)."""
-        with self._lock:
-            self.batch_sum += size
-            index = next((i for i, b in enumerate(_BATCH_BUCKETS) if size <= b), len(_BATCH_BUCKETS))
-            self.batch_counts[index] += 1
+        self._batch.observe(size)
 
     def render(self, queue_depth: int, running: int, ready: bool) -> str:
         with self._lock:
-            lines = [
-                "# HELP dsocr_requests_total HTTP requests by path and status code.",
-                "# TYPE dsocr_requests_total counter",
-            ]
-            for (path, status), count in sorted(self.requests.items()):
-                lines.append(f'dsocr_requests_total{{path="{path}",status="{status}"}} {count}')
-            scalars = [
-                ("dsocr_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
-                (
-                    "dsocr_generated_tokens_total",
-                    "counter",
-                    "Completion tokens generated.",
-                    self.completion_tokens,
-                ),
-                (
-                    "dsocr_generations_total",
-                    "counter",
-                    "Generations run (finished or cancelled).",
-                    self.generations,
-                ),
-                (
-                    "dsocr_generations_cancelled_total",
-                    "counter",
-                    "Generations cancelled by client disconnect.",
-                    self.cancelled,
-                ),
-                (
-                    "dsocr_generations_failed_total",
-                    "counter",
-                    "Generations that raised an error.",
-                    self.failed,
-                ),
-                (
-                    "dsocr_requests_rejected_total",
-                    "counter",
-                    "Requests refused with 429 (queue full).",
-                    self.rejected_queue_full,
-                ),
-                ("dsocr_queue_depth", "gauge", "Requests waiting for the inference worker.", queue_depth),
-                ("dsocr_requests_running", "gauge", "Requests being generated.", running),
-                (
-                    "dsocr_running_sequences",
-                    "gauge",
-                    "Sequences in the generation loop (decoding or taking in their prompt).",
-                    self.running_sequences,
-                ),
-                ("dsocr_model_ready", "gauge", "1 once the model is loaded.", int(ready)),
-                ("dsocr_resident_memory_bytes", "gauge", "Resident memory of the server process.", rss_bytes()),
-            ]
-            for name, kind, help_text, value in scalars:
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-            lines += [
-                "# HELP dsocr_time_to_first_token_seconds Time from dequeue to the first generated token.",
-                "# TYPE dsocr_time_to_first_token_seconds histogram",
-            ]
-            cumulative = 0
-            for bound, count in zip((*_TTFT_BUCKETS, float("inf")), self.ttft_counts, strict=True):
-                cumulative += count
-                label = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'dsocr_time_to_first_token_seconds_bucket{{le="{label}"}} {cumulative}')
-            lines.append(f"dsocr_time_to_first_token_seconds_sum {self.ttft_sum:.6f}")
-            lines.append(f"dsocr_time_to_first_token_seconds_count {cumulative}")
-            lines += [
-                "# HELP dsocr_batch_size Sequences decoded together per decode step.",
-                "# TYPE dsocr_batch_size histogram",
-            ]
-            cumulative = 0
-            for bound, count in zip((*_BATCH_BUCKETS, float("inf")), self.batch_counts, strict=True):
-                cumulative += count
-                label = "+Inf" if bound == float("inf") else str(bound)
-                lines.append(f'dsocr_batch_size_bucket{{le="{label}"}} {cumulative}')
-            lines.append(f"dsocr_batch_size_sum {self.batch_sum}")
-            lines.append(f"dsocr_batch_size_count {cumulative}")
-        return "\n".join(lines) + "\n"
+            self._queue_depth.set(queue_depth)
+            self._running.set(running)
+            self._running_sequences.set(self.running_sequences)
+            self._ready.set(int(ready))
+            return generate_latest(self._exposed).decode("utf-8")
 
 
 class MetricsMiddleware:

@@ -3,19 +3,20 @@
 msgspec Structs with snake_case names as OpenAI spells them. Unknown fields are ignored (msgspec's default), so
 clients that send newer or vendor-specific fields (Open WebUI does) are not refused. Content parts are one lenient
 Struct keyed by `type` rather than a tagged union, so the server can skip part types it does not understand
-instead of failing the whole request.
+instead of failing the whole request. `response_format` and the Responses `text.format` are tagged unions
+(common.engine.structured): a wrong shape is refused when the body is decoded, naming the field.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
+
+from common.engine.structured import ResponseFormat, TextParam
 
 MODEL_ID = "deepseek-ocr"
 
@@ -24,7 +25,6 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-MAX_JSON_DEPTH = 64  # far deeper than any request shape; deeper bodies are refused before decoding
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -96,8 +96,8 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None  # one choice only
     user: str | None = None
-    # {"type": "text" | "json_object" | "json_schema", ...}: checked by common.engine.structured (errors name the field)
-    response_format: Any = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema"?: {...}}; the schema: common.engine.structured
+    response_format: ResponseFormat | None = None
 
 
 class ResponseInputItem(Struct):
@@ -120,7 +120,7 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None
-    text: Any = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: common.engine.structured
+    text: TextParam | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
 
 
 # ---------------------------------------------------------------------------------------------------- responses
@@ -288,38 +288,3 @@ def completion_usage(result: Any) -> CompletionUsage:
 def response_usage(result: Any) -> ResponseUsage:
     prompt, completion = result.prompt_tokens, result.completion_tokens
     return ResponseUsage(prompt, completion, prompt + completion)
-
-
-_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def json_depth(body: bytes) -> int:
-    """Deepest nesting of arrays and objects in a JSON text (strings skipped)."""
-    depth = deepest = 0
-    for match in _JSON_TOKENS.finditer(body):
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif token in (b"]", b"}"):
-            depth -= 1
-    return deepest
-
-
-def json_body_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | None:
-    """Why a request body cannot be a JSON request (None when it can), found before it is decoded."""
-    if not body.strip():
-        return "the request body is empty; send a JSON object"
-    # Nesting deeper than max_depth needs that many brackets; most bodies have far fewer and skip the scan.
-    if body.count(b"[") + body.count(b"{") > max_depth and json_depth(body) > max_depth:
-        return f"the JSON body is nested deeper than {max_depth} levels"
-    try:
-        msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        try:
-            json.loads(body)
-        except ValueError:
-            return f"the body is not valid JSON: {exc}"
-        # Valid JSON msgspec cannot hold: a \\ud800-\\udfff escape without its pair is no Unicode text.
-        return "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode text"
-    return None
