@@ -26,16 +26,23 @@ from typing import IO, Any
 
 from common.documents.batch import BatchOptions, Outcome, describe_error, emit_json, run_batch
 from common.documents.cluster import check_ray_args
-from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_stream
-from common.engine.engine import ModelOptions
-from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND, SamplingOptions
+from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_items
+from common.engine.backend import lane_capacity
+from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND, SamplingOptions, fit_max_tokens
 from common.errors import DsocrError
 from common.logs import setup_logging
+from common.model.config import load_config
 from common.model.families import ModeOptions
 from common.model.prompt import IMAGE_TOKEN, extract_fields, task_prompt
 from common.options.argtypes import finite_float, int_in_range, non_negative_int, positive_int
-from common.options.choices import choices, read_prompt_file
-from common.options.flags import add_model_arguments, add_ray_arguments
+from common.options.flags import (
+    add_model_arguments,
+    add_ray_arguments,
+    choices,
+    model_options,
+    read_environment,
+    read_prompt_file,
+)
 
 PROG = "dsocr"
 
@@ -102,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1, MAX_NEW_TOKENS_BOUND),
-                   default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"most tokens generated per page (default {DEFAULT_MAX_NEW_TOKENS}, as the official "
-                   "infer(), or what the model's context leaves)")
+                   default=None,
+                   help="most tokens generated per page; with the page's prompt it must fit the context (default: "
+                   f"{DEFAULT_MAX_NEW_TOKENS} as the official infer(), or what the context leaves)")
     g.add_argument("--temperature", metavar="T", type=finite_float(0), default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", metavar="P", type=finite_float(), default=1.0)
     g.add_argument("--top-k", metavar="K", type=non_negative_int, default=0, help="0 = off")
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
 
     add_ray_arguments(p.add_argument_group("cluster (pip install 'dsocr[ray]')"))
+    read_environment(p)
     return p
 
 
@@ -195,7 +203,7 @@ def resolve_sampling(args: argparse.Namespace, json_spec: Any = None) -> Any:
     try:
         return SamplingOptions(args.max_new_tokens, args.temperature, args.top_p,
                                args.top_k, args.seed, args.stop, args.no_repeat_ngram_size,
-                               args.ngram_window, json_spec).resolve(MAX_NEW_TOKENS_BOUND)
+                               args.ngram_window, json_spec).resolve(DEFAULT_MAX_NEW_TOKENS)
     except DsocrError as exc:
         raise usage_error(exc) from None
 
@@ -213,7 +221,7 @@ def resolve_mode_flags(args: argparse.Namespace, family: Any = None) -> Any:
 def model_family(args: argparse.Namespace) -> Any:
     """The family of --model, from its config.json (downloading the model on first use, as loading would);
     `args.model` becomes the local directory, so loading does not resolve it again."""
-    model, family = ModelOptions.from_args(args).resolved(show_download_progress=not args.quiet)
+    model, family = model_options(args).resolved(show_download_progress=not args.quiet)
     args.model = model.model
     return family
 
@@ -347,15 +355,22 @@ def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
-def dry_run(engine: Any, items: list[WorkItem], opts: BatchOptions) -> int:
-    """Prepares every item without weights and prints its token counts."""
+def dry_run(engine: Any, items: list[WorkItem], opts: BatchOptions, max_context: int | None) -> int:
+    """Prepares every item without weights and prints its token counts (and token budget, as the engine would
+    fit it)."""
     failed = 0
     mode = opts.mode
-    for prepared in prepared_stream(engine, items, opts.prompt, mode, opts.dpi, opts.prefetch):
+    context = engine.config.language.max_position_embeddings
+    capacity = lane_capacity(context, max_context)
+    for prepared in prepared_items(engine, items, opts.prompt, mode, opts.dpi, opts.prefetch):
         item = prepared.item
-        if prepared.error is not None:
+        try:
+            if prepared.error is not None:
+                raise prepared.error
+            budget = fit_max_tokens(prepared.inputs.prompt_tokens, opts.params, capacity, context)
+        except Exception as exc:
             failed += 1
-            message = describe_error(prepared.error)
+            message = describe_error(exc)
             _error(f"{item.label}: {message}")
             emit_json(opts, {"source": item.source, "page": item.page, "error": message})
             continue
@@ -368,7 +383,7 @@ def dry_run(engine: Any, items: list[WorkItem], opts: BatchOptions) -> int:
             "image_tokens": inputs.image_tokens, "crop_grid": grid,
             "tiles": int(len(inputs.images[0].local_views)) if grid else 0,
             "width": image.width if image is not None else None, "height": image.height if image is not None else None,
-            "max_new_tokens": opts.params.max_new_tokens,
+            "max_new_tokens": budget,
         }
         if opts.json_lines:
             emit_json(opts, record)
@@ -382,7 +397,7 @@ def dry_run(engine: Any, items: list[WorkItem], opts: BatchOptions) -> int:
 
 def load_engine(args: argparse.Namespace, weights: bool, reporter: Reporter | None) -> Any:
     """The model, loaded once (tests replace this to inject a fake backend)."""
-    return ModelOptions.from_args(args).load(weights=weights,
+    return model_options(args).load(weights=weights,
                                              progress=reporter.loading if reporter is not None else None,
                                              show_download_progress=not getattr(args, "quiet", False))
 
@@ -447,11 +462,17 @@ def _items(args: argparse.Namespace, prompt: str) -> list[WorkItem]:
     return items
 
 
-def _check_context(engine: Any, args: argparse.Namespace) -> None:
-    context = engine.config.language.max_position_embeddings
-    if args.max_new_tokens != DEFAULT_MAX_NEW_TOKENS and args.max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} "
-                         "tokens with any prompt")
+def _check_context(args: argparse.Namespace) -> None:
+    """--max-new-tokens must leave room for a prompt in each sequence's context (the model's, or --max-context):
+    refused here, before any page is prepared. Whether it fits a given page is the engine's to check."""
+    if args.max_new_tokens is None:
+        return
+    context = load_config(args.model).language.max_position_embeddings
+    capacity = lane_capacity(context, args.max_context)
+    if args.max_new_tokens >= capacity:
+        where = "--max-context" if capacity < context else "the model's context"
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} does not fit {where} of {capacity} tokens with "
+                         "any prompt")
 
 
 def _main(argv: list[str]) -> int:
@@ -467,6 +488,7 @@ def _main(argv: list[str]) -> int:
     params = resolve_sampling(args, json_spec)
     items = _items(args, prompt)
     mode = resolve_mode_flags(args, model_family(args))  # the model's presets, checked before its weights load
+    _check_context(args)
     out_dir: Path | None = args.output
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
@@ -481,12 +503,10 @@ def _main(argv: list[str]) -> int:
     live = not args.quiet and sys.stderr.isatty() and not stream_text
     opts = BatchOptions(prompt=prompt, mode=mode, params=params, out_dir=out_dir, json_lines=args.json,
                         stream_text=stream_text, overwrite=args.overwrite, dpi=args.dpi, prefetch=args.prefetch,
-                        verbose=args.verbose,
-                        max_tokens_given=args.max_new_tokens != DEFAULT_MAX_NEW_TOKENS)
+                        verbose=args.verbose)
     if args.dry_run:
         engine = load_engine(args, weights=False, reporter=None)
-        _check_context(engine, args)
-        return dry_run(engine, items, opts)
+        return dry_run(engine, items, opts, args.max_context)
     if args.ray is not None:
         return _run_on_ray(args, items, opts, live)
 
@@ -495,10 +515,8 @@ def _main(argv: list[str]) -> int:
     try:
         engine = load_engine(args, weights=True, reporter=reporter)
         try:
-            _check_context(engine, args)
             _check_json_spec(engine, params)
-            loop = getattr(engine, "loop", None)  # batch pages as the loaded engine allows (--max-batch)
-            opts.max_batch = loop.max_batch if loop is not None else 1
+            opts.max_batch = engine.core.max_batch  # pages generated together, as the engine allows (--max-batch)
             t0 = time.perf_counter()
             outcomes = run_batch(engine, items, opts, reporter)
         finally:
@@ -523,6 +541,8 @@ def _conclude(outcomes: list[Outcome], args: argparse.Namespace, live: bool, ela
         print_summary(outcomes, args.output, sys.stderr, live, elapsed)
     elif failed and len(outcomes) == 1:
         _error(f"{failed[0].item.label}: {failed[0].message}")
+        if failed[0].refused:  # the only request was refused before it ran (e.g. it does not fit): a usage error
+            return 2
     return 1 if failed else 0
 
 
@@ -531,13 +551,12 @@ def _run_on_ray(args: argparse.Namespace, items: list[WorkItem], opts: BatchOpti
     from common.documents.cluster import RayOptions, run_on_ray
 
     engine = load_engine(args, weights=False, reporter=None)
-    _check_context(engine, args)
     _check_json_spec(engine, opts.params)  # here, so a bad schema is a usage error before the job starts
     # On a terminal Ray Data draws the progress bars and the reporter prints only failures; elsewhere plain lines.
     reporter = Reporter(len(items), quiet=args.quiet or live, live=False)
     options = RayOptions(args.ray, args.ray_actors, args.ray_actor_cpus, show_progress=live)
     t0 = time.perf_counter()
-    outcomes = run_on_ray(ModelOptions.from_args(args), engine, items, opts, options, reporter, args.verbose)
+    outcomes = run_on_ray(model_options(args), engine, items, opts, options, reporter, args.verbose)
     return _conclude(outcomes, args, live, time.perf_counter() - t0)
 
 

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.documents.batch import BatchOptions, Outcome, run_batch  # noqa: E402
-from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, prepared_stream  # noqa: E402
+from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, prepared_items  # noqa: E402
 from common.engine.engine import Engine  # noqa: E402
 from common.engine.sampling import SamplingParams  # noqa: E402
 from common.model.families import resolve_mode
@@ -113,7 +113,7 @@ def main() -> None:
         items = expand_inputs([str(pdf)], None)
         t0 = time.perf_counter()
         mode = resolve_mode(args.mode, family=engine.family)
-        for prepared in prepared_stream(engine, items, task_prompt("markdown"), mode, args.dpi, 0):
+        for prepared in prepared_items(engine, items, task_prompt("markdown"), mode, args.dpi, 0):
             assert prepared.error is None, prepared.error
         prepare_s = (time.perf_counter() - t0) / len(items)
 

@@ -7,7 +7,7 @@ real sequences do). Printed per (context, B): the step time, aggregate and per-s
 ratios to B=1 in the same run, the KV memory per lane, and the bytes one step must read (weights of the
 distinct experts the B tokens chose, plus every lane's keys and values) against the measured copy bandwidth.
 
-A second table measures the generation loop's own host work per step (per-sequence n-gram guard, detokenizer,
+A second table measures the engine core's own host work per step (per-sequence n-gram guard, detokenizer,
 stop strings, bookkeeping) on a backend that does no tensor work, so the two add up to the full step.
 
     nice python benchmarks/bench_batch_decode.py                             # torch cpu bfloat16
@@ -78,13 +78,14 @@ def expected_distinct(experts: int, chosen_per_token: int, tokens: int) -> float
 def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
+    from common.engine.backend import load_backend
+    from common.engine.prefill import PrefillJob
     from common.model.inputs import PreparedInputs
-    from dsocr_torch.backend import load
 
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    backend = load(
-        args.checkpoint, device=args.device, dtype=args.dtype, max_batch=max(batches), kv_cache_gib=args.kv_cache_gib,
+    backend = load_backend(
+        "torch", args.checkpoint, args.device, args.dtype, max_batch=max(batches), kv_cache_gib=args.kv_cache_gib,
         max_context=args.max_context, cuda_graphs=None if args.device == "cuda" else False,
     )
     model = backend.model
@@ -95,10 +96,9 @@ def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
         # One prompt prefilled, then copied into every lane (prefill cost is not what is measured here).
         embeds = (rng.standard_normal((context, lm.hidden_size)) * 0.02).astype(np.float32)
         prompt = PreparedInputs(np.zeros(context, np.int64), np.zeros(context, bool), [], inputs_embeds=embeds)
-        job = backend.start_prefill(0, prompt)
+        job = PrefillJob(backend, 0, prompt, chunk=context)
         while not job.advance():
             pass
-        job.close()
         for lane in range(1, max(batches)):
             backend.move_lane(0, lane)
         base_lengths = list(backend.cache.host_lengths)
@@ -140,8 +140,8 @@ def run_backend(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_host_overhead(batches: list[int], steps: int) -> list[dict[str, Any]]:
-    """The loop's per-step host work with a backend that does no tensor work (tests.fakes.ScriptedBackend)."""
-    from common.engine.loop import GenerationLoop
+    """The engine core's per-step host work with a backend that does no tensor work (tests.fakes.ScriptedBackend)."""
+    from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
     from common.model.inputs import PreparedInputs
     from common.model.tokenizer import Tokenizer
@@ -151,16 +151,19 @@ def run_host_overhead(batches: list[int], steps: int) -> list[dict[str, Any]]:
     script = [int(t) for t in np.random.default_rng(1).integers(1000, 100000, steps + 8)]
     rows = []
     for batch in batches:
-        backend = ScriptedBackend(script, tokenizer.eos_id, lanes=batch)
-        loop = GenerationLoop(backend, tokenizer, max_batch=batch)
+        core = EngineCore(lambda batch=batch: ScriptedBackend(script, tokenizer.eos_id, lanes=batch), tokenizer,
+                          max_batch=batch).start()
+        core.wait_ready()
         params = SamplingParams(max_new_tokens=steps, no_repeat_ngram_size=20, stop=("</table>",))
         prompt_ids = np.arange(300, dtype=np.int64)
         prompt = PreparedInputs(prompt_ids, np.zeros(300, bool), [])
-        gens = [loop.submit(prompt, params) for _ in range(batch)]
         stamps: list[float] = []
-        loop.on_step = lambda _size, stamps=stamps: stamps.append(time.perf_counter())
-        for gen in gens:
-            gen.run()
+        core.on_step = lambda _size, stamps=stamps: stamps.append(time.perf_counter())
+        with core.paused():
+            handles = [core.submit(prompt, params) for _ in range(batch)]
+        for handle in handles:
+            handle.run()
+        core.close()
         full = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][batch:]
         rows.append({"batch": batch, "host_ms": statistics.median(full) * 1e3 if full else float("nan")})
     return rows
@@ -187,7 +190,7 @@ def print_tables(rows: list[dict[str, Any]], host: list[dict[str, Any]], title: 
         )
     console = Console(width=200)
     console.print(table)
-    overhead = Table(title="generation loop host work per step (no tensor work; n-gram 20, one stop string)")
+    overhead = Table(title="engine core host work per step (no tensor work; n-gram 20, one stop string)")
     overhead.add_column("B", justify="right")
     overhead.add_column("host ms / step", justify="right")
     overhead.add_column("µs per sequence", justify="right")

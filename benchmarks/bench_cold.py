@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         with Image.open(image) as im:
             prepared = engine.prepare(prompt, [im.convert("RGB")], mode)
         params = SamplingParams(max_new_tokens=tokens, no_repeat_ngram_size=0, ignore_eos=True)
-        done = engine.generate(prepared, params).run()
+        done = engine.generate(prepared, params)
         result[f"ttft{page}_s"] = done.timings["ttft_s"]
         result[f"total{page}_s"] = done.timings["total_s"]
         result[f"tokens{page}"] = done.completion_tokens

@@ -189,12 +189,12 @@ def engine_baseline(args: argparse.Namespace, seconds: float) -> tuple[float, fl
     image = load_image(args.image)
     params = SamplingParams(max_new_tokens=args.max_tokens)
     mode = resolve_mode(args.mode, family=engine.family)
-    engine.generate(engine.prepare("<image>\nFree OCR.", [image], mode), params).run()  # warm-up
+    engine.generate(engine.prepare("<image>\nFree OCR.", [image], mode), params)  # warm-up
     done = tokens = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         prepared = engine.prepare("<image>\nFree OCR.", [image], mode)
-        tokens += engine.generate(prepared, params).run().completion_tokens
+        tokens += engine.generate(prepared, params).completion_tokens
         done += 1
     elapsed = time.perf_counter() - start
     engine.close()

@@ -256,33 +256,32 @@ def decode_run(backend: Any, tokenizer: Tokenizer, compiler: GrammarCompiler, ba
                threaded: bool, steps: int) -> tuple[list[float], list[float], int]:
     """Seconds of each decode step holding all `batch` sequences, the grammar's seconds (mask fills and token
     consumes) in each, and the JSON documents completed."""
-    from common.engine.loop import GenerationLoop
+    from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
     from common.model.inputs import PreparedInputs
+    from tests.fakes import Lent  # the core's close() leaves the benchmark's backend loaded
 
     counters = {"fill_s": 0.0, "consume_s": 0.0, "documents": 0.0}
-    loop = GenerationLoop(backend, tokenizer, max_batch=batch, mask_thread=threaded,
-                          constraints=lambda s: BenchMatcher(compiler, s, counters))
+    core = EngineCore(lambda: Lent(backend), tokenizer, max_batch=batch, mask_thread=threaded,
+                      constraints=lambda s: BenchMatcher(compiler, s, counters)).start()
+    core.wait_ready()
+    stamps: list[tuple[float, int, float]] = []  # (time, batch size, grammar seconds so far) at each decode step
+    core.on_step = lambda size: stamps.append((time.perf_counter(), size, counters["fill_s"] + counters["consume_s"]))
     warmup = 2
     # The n-gram guard stays on (the default rule), as in a real request; EOS only ends free text when allowed.
     params = SamplingParams(max_new_tokens=warmup + steps + 2, ignore_eos=spec is None, json_spec=spec)
-    generations = []
-    for i in range(batch):
-        ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(f"Invoice {i}: extract the fields as JSON.")])
-        generations.append(loop.submit(PreparedInputs(ids, np.zeros(ids.shape, bool), []), params))
-    while not loop.batch_sizes.get(batch):  # prompts in, all lanes decoding
-        loop.step()
-    step_s, fill_s = [], []
-    for i in range(warmup + steps):
-        full_before, grammar_before = loop.batch_sizes.get(batch, 0), counters["fill_s"] + counters["consume_s"]
-        start = time.perf_counter()
-        loop.step()
-        elapsed = time.perf_counter() - start
-        if i >= warmup and loop.batch_sizes.get(batch, 0) == full_before + 1:
-            step_s.append(elapsed)
-            fill_s.append(counters["fill_s"] + counters["consume_s"] - grammar_before)
-    loop.cancel_all()
-    assert all(g.error is None for g in generations), [g.error for g in generations]
+    with core.paused():  # every prompt queued before the first step
+        handles = []
+        for i in range(batch):
+            ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(f"Invoice {i}: extract the fields as JSON.")])
+            handles.append(core.submit(PreparedInputs(ids, np.zeros(ids.shape, bool), []), params))
+    for handle in handles:
+        handle.wait()
+    core.close()
+    assert all(h.error is None for h in handles), [h.error for h in handles]
+    full = [(t, g) for t, size, g in stamps if size == batch]
+    step_s = [b[0] - a[0] for a, b in zip(full, full[1:], strict=False)][warmup:steps + warmup]
+    fill_s = [b[1] - a[1] for a, b in zip(full, full[1:], strict=False)][warmup:steps + warmup]
     return step_s, fill_s, int(counters["documents"])
 
 
@@ -319,7 +318,7 @@ def decode_main(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from benchmarks.bench_torch import write_random_checkpoint
-    from dsocr_torch.backend import load
+    from common.engine.backend import load_backend
 
     console = Console(width=160)
     if not (args.checkpoint / "config.json").is_file():
@@ -328,7 +327,7 @@ def decode_main(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.decode_batch.split(",")]
     tokenizer = Tokenizer.from_dir(args.model)  # the checkpoint holds weights only; the tokenizer is the same
     # Short prompts and few tokens: small lanes, so every batch size fits the KV cache.
-    backend = load(args.checkpoint, device="cpu", dtype="bfloat16", max_batch=max(batches), kv_cache_gib=1.0,
+    backend = load_backend("torch", args.checkpoint, "cpu", "bfloat16", max_batch=max(batches), kv_cache_gib=1.0,
                    max_context=512, cuda_graphs=False)
     if backend.lanes < max(batches):
         raise SystemExit(f"the KV cache holds {backend.lanes} sequences; --decode-batch asks for {max(batches)}")

@@ -1,4 +1,4 @@
-"""A scripted stand-in for a model backend: the step-level Backend protocol without tensors.
+"""A scripted stand-in for a model backend: the Backend protocol without tensors, and engines built on it.
 
 Each request's tokens come from a script (the same list for every request, or a function of its inputs);
 after the script the backend produces EOS. Bans from the n-gram guard are honoured the simple way: a banned
@@ -10,12 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.engine.backend import StepControls
+from common.engine.engine import Engine
+from common.model.config import load_config
 from common.model.inputs import PreparedInputs
+from common.model.tokenizer import Tokenizer
 
 Script = Sequence[int] | Callable[[PreparedInputs], Sequence[int]]
 
@@ -26,27 +30,6 @@ class _Cursor:
 
     script: Sequence[int]
     position: int = 0
-
-
-class _Prefill:
-    def __init__(self, backend: ScriptedBackend, lane: int, inputs: PreparedInputs, units: int) -> None:
-        self.backend, self.lane, self.inputs, self.units_left = backend, lane, inputs, units
-
-    def advance(self) -> bool:
-        self.backend.prefill_units += 1
-        if self.backend.prefill_s:
-            time.sleep(self.backend.prefill_s / max(1, self.units_left))
-        self.units_left -= 1
-        if self.units_left > 0:
-            return False
-        self.backend.cursors[self.lane] = _Cursor(self.backend.script_for(self.inputs))
-        return True
-
-    def logits(self) -> list[_Cursor]:
-        return [self.backend.cursors[self.lane]]
-
-    def close(self) -> None:
-        pass
 
 
 class ScriptedBackend:
@@ -70,20 +53,39 @@ class ScriptedBackend:
         self.prefill_s, self.step_s, self.interrupt_on = prefill_s, step_s, interrupt_on
         self.cursors: list[_Cursor | None] = [None] * lanes
         self.requests = 0  # prompts started
-        self.prefill_units = 0
+        self.prefill_units = 0  # views encoded + prompt chunks
         self.steps = 0  # decode steps (forward calls)
         self.batch_sizes: list[int] = []
-        self.events: list[str] = []  # "prefill" / "step" in the order they ran
+        self.events: list[str] = []  # "prefill" (a prompt's first unit) / "step", in the order they ran
+        self.closed = False
 
     def script_for(self, inputs: PreparedInputs) -> Sequence[int]:
         return self.script(inputs) if callable(self.script) else self.script
 
-    def start_prefill(self, lane: int, inputs: PreparedInputs) -> _Prefill:
-        self.requests += 1
-        if self.interrupt_on is not None and self.requests >= self.interrupt_on:
-            raise KeyboardInterrupt
-        self.events.append("prefill")
-        return _Prefill(self, lane, inputs, units=1 + len(inputs.images))
+    def _unit(self, first: bool) -> None:
+        if first:
+            self.requests += 1
+            if self.interrupt_on is not None and self.requests >= self.interrupt_on:
+                raise KeyboardInterrupt
+            self.events.append("prefill")
+        self.prefill_units += 1
+        if self.prefill_s:
+            time.sleep(self.prefill_s / 2)  # a prompt without images is two units: embed + one chunk
+
+    def encode_view(self, pixels: np.ndarray, trace: Any = None) -> str:
+        return "view"
+
+    def embed_prompt(self, inputs: PreparedInputs, views: Sequence[Any], trace: Any = None) -> PreparedInputs:
+        self._unit(first=True)
+        assert len(views) == sum(1 + (len(im.local_views) if im.has_crops else 0) for im in inputs.images)
+        return inputs
+
+    def prefill(self, lane: int, embeds: PreparedInputs, start: int, end: int, trace: Any = None) -> Any:
+        self._unit(first=False)
+        if end < embeds.prompt_tokens:
+            return None
+        self.cursors[lane] = _Cursor(self.script_for(embeds))
+        return [self.cursors[lane]]
 
     def forward(self, batch: int, tokens: Any) -> list[_Cursor]:
         self.steps += 1
@@ -125,4 +127,83 @@ class ScriptedBackend:
         self.cursors[dst] = self.cursors[src]
 
     def close(self) -> None:
+        self.closed = True
+
+
+class SlowBackend(ScriptedBackend):
+    """A fixed prefill delay, then one token per `step_s`, never EOS; each request's tokens follow its prompt."""
+
+    def __init__(self, eos_token_id: int, prefill_s: float = 0.0, step_s: float = 0.0) -> None:
+        def script(inputs: PreparedInputs) -> list[int]:
+            seed = int(inputs.input_ids.sum())
+            return [1000 + (seed + 7 * i) % 500 for i in range(8192)]
+
+        super().__init__(script, eos_token_id, prefill_s=prefill_s, step_s=step_s)
+
+    @property
+    def started(self) -> int:
+        return self.requests
+
+
+class RecordingBackend(ScriptedBackend):
+    """Answers `reply` then EOS, and records each prompt it takes in (`seen`: its input ids)."""
+
+    def __init__(self, tokenizer: Tokenizer, reply: str = "# Quarterly report") -> None:
+        super().__init__(tokenizer.encode(reply), tokenizer.eos_id)
+        self.seen: list[list[int]] = []
+
+    def embed_prompt(self, inputs: PreparedInputs, views: Sequence[Any], trace: Any = None) -> PreparedInputs:
+        self.seen.append(inputs.input_ids.tolist())
+        return super().embed_prompt(inputs, views, trace)
+
+
+class RecordingEngine(Engine):
+    """An Engine that records the sampling parameters of each request it submits (`submitted`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.submitted: list[tuple[list[int], Any]] = []
+
+    def submit(self, prepared: PreparedInputs, params: Any, **kwargs: Any) -> Any:
+        self.submitted.append((prepared.input_ids.tolist(), params))
+        return super().submit(prepared, params, **kwargs)
+
+
+def fixture_engine(backend: Any, model_dir: Path | None = None, *, cls: type[Engine] = Engine, **core: Any) -> Engine:
+    """An Engine with the tiny fixture model's tokenizer and config whose core runs `backend`."""
+    from tests.conftest import MODEL_DIR
+
+    model_dir = model_dir or MODEL_DIR
+    engine = cls(model_dir, Tokenizer.from_dir(model_dir), load_config(model_dir))
+    return engine.start(lambda: backend, **core)
+
+
+def script_engine(text: str, *, interrupt_on: int | None = None, **core: Any) -> Engine:
+    """An Engine whose every request answers `text` (then EOS), on the fixture model's tokenizer."""
+    from tests.conftest import MODEL_DIR
+
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    return fixture_engine(ScriptedBackend(tokenizer.encode(text), tokenizer.eos_id, interrupt_on=interrupt_on),
+                          **core)
+
+
+class Lent:
+    """A backend (or an engine) lent for one use: whoever closes it at the end leaves it open for the next one."""
+
+    def __init__(self, lent: Any) -> None:
+        self.lent = lent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lent, name)
+
+    def close(self) -> None:
         pass
+
+
+def lent_core(backend: Any, tokenizer: Tokenizer, **core: Any) -> Any:
+    """A started, ready EngineCore running `backend` (not closed with the core)."""
+    from common.engine.core import EngineCore
+
+    started = EngineCore(lambda: Lent(backend), tokenizer, **core).start()
+    started.wait_ready()
+    return started

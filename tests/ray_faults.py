@@ -14,7 +14,7 @@ from typing import Any
 from common.documents.cluster import PageGenerator
 from common.documents.workitems import Prepared
 
-KILL_MID_PAGE = "doc_page002"  # SIGKILL at this page's first token (once per output folder)
+KILL_MID_PAGE = "doc_page002"  # SIGKILL once this page is queued, before it is written (once per output folder)
 KILL_AFTER_WRITE = "doc_page003"  # SIGKILL once this page's outputs are written, before its result is returned
 
 
@@ -27,11 +27,11 @@ class RecordingGenerator(PageGenerator):
         assert self.opts.out_dir is not None
         self.root = self.opts.out_dir.parent
 
-    def _complete(self, prepared: Prepared, generation: Any, started: float) -> Any:
+    def _complete(self, prepared: Prepared, handle: Any, started: float) -> Any:
         with self._writing:
-            outcome = super()._complete(prepared, generation, started)
+            outcome = super()._complete(prepared, handle, started)
             if outcome.status == "ok":
-                batch = max((size for size, steps in self.engine.loop.batch_sizes.items() if steps), default=0)
+                batch = max((size for size, steps in self.engine.core.batch_sizes.items() if steps), default=0)
                 with open(self.root / "writes.log", "a", encoding="utf-8") as log:
                     log.write(f"{prepared.item.name} {os.getpid()} {batch}\n")
         return outcome
@@ -46,19 +46,14 @@ class RecordingGenerator(PageGenerator):
 
 
 class KillingGenerator(RecordingGenerator):
-    """Dies (SIGKILL) in the middle of one page and right after writing another, once each."""
+    """Dies (SIGKILL) while one page is being generated and right after writing another, once each."""
 
-    def _listener(self, prepared: Prepared) -> Any:
-        if prepared.item.name != KILL_MID_PAGE:
-            return super()._listener(prepared)
-
-        def on_event(kind: str, payload: Any) -> None:  # the loop thread, at the page's first event
+    def _submitted(self, prepared: Prepared, handle: Any) -> None:
+        if prepared.item.name == KILL_MID_PAGE:
             self._kill_once("killed-mid-page.pid")
 
-        return on_event
-
-    def _complete(self, prepared: Prepared, generation: Any, started: float) -> Any:
-        outcome = super()._complete(prepared, generation, started)
+    def _complete(self, prepared: Prepared, handle: Any, started: float) -> Any:
+        outcome = super()._complete(prepared, handle, started)
         if prepared.item.name == KILL_AFTER_WRITE:
             self._kill_once("killed-after-write.pid")
         return outcome

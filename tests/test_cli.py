@@ -17,32 +17,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import cli
 from common.documents.postprocess import strip_grounding
 from common.documents.workitems import parse_page_ranges, select_pages
 from common.engine.engine import Engine
-from common.model.config import load_config
-from common.model.tokenizer import Tokenizer
+from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
+from tests.helpers import json_lines, make_pdf, one_error_line, page_image
+from tests.helpers import run_cli as run
 
 GEN_FLAGS = ["--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
 FAST = ["--mode", "tiny", *GEN_FLAGS]  # 512 px global view, no tiles: the cheapest real run
-
-
-class SharedEngine:
-    """The module's engine handed to main(); main() closes its engine at the end, this one stays open."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +38,6 @@ def real_engine() -> Iterator[Engine]:
     engine = Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32")
     yield engine
     engine.close()
-
-
-class ScriptedBackend(fakes.ScriptedBackend):
-    """Produces a fixed token sequence (then EOS); optionally raises KeyboardInterrupt on the n-th request."""
-
-    def __init__(self, ids: list[int], eos: int, interrupt_on: int | None = None) -> None:
-        super().__init__(ids, eos, interrupt_on=interrupt_on)
 
 
 GROUNDED_TEXT = (
@@ -67,45 +48,7 @@ GROUNDED_TEXT = (
 
 
 def scripted_engine(text: str = GROUNDED_TEXT, interrupt_on: int | None = None) -> Engine:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    backend = ScriptedBackend(tokenizer.encode(text), tokenizer.eos_id, interrupt_on)
-    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)  # type: ignore[arg-type]
-
-
-def run(
-    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, engine: Any = None
-) -> tuple[int, str, str]:
-    """main(argv) in-process with `engine` injected (None: main loads the model itself)."""
-    if engine is not None:
-        shared = SharedEngine(engine) if isinstance(engine, Engine) else engine
-        monkeypatch.setattr(cli, "load_engine", lambda args, weights, reporter: shared)
-    code = cli.main(["--model", str(MODEL_DIR), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def page_image(text: str, size: tuple[int, int] = (300, 400)) -> Image.Image:
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).text((20, 20), text, fill="black")
-    return image
-
-
-def make_pdf(path: Path, pages: int) -> Path:
-    images = [page_image(f"Page {i + 1}") for i in range(pages)]
-    images[0].save(path, "PDF", save_all=True, append_images=images[1:], resolution=72.0)
-    return path
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("dsocr: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return fakes.script_engine(text, interrupt_on=interrupt_on)
 
 
 # ------------------------------------------------------------------------------------------ dry run
@@ -483,9 +426,30 @@ def test_subprocess_exit_codes_offline_and_missing(tmp_path) -> None:
 
 def test_help_and_default_max_new_tokens(capsys) -> None:
     assert cli.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--max-new-tokens" in out and "default 8192" in out
-    assert cli.build_parser().parse_args([]).max_new_tokens == 8192
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens" in out and f"{DEFAULT_MAX_NEW_TOKENS} as the official infer()" in out
+    assert cli.build_parser().parse_args([]).max_new_tokens is None  # as many as fit, up to the default
+
+
+@pytest.mark.parametrize(("max_new_tokens", "message"), [
+    # 4 prompt tokens: 62 would fit the model's context but not --max-context 64 (it was shortened silently).
+    ("62", "the prompt (4 tokens) plus max_tokens (62) exceeds each sequence's context (--max-context) of 64 tokens; "
+           "ask for at most 60"),
+    ("64", "--max-new-tokens 64 does not fit --max-context of 64 tokens with any prompt"),
+])
+def test_max_new_tokens_that_do_not_fit_max_context_are_refused(max_new_tokens: str, message: str, capsys,
+                                                                monkeypatch) -> None:
+    code, out, err = run(["--prompt", "Hello there.", "--max-context", "64", "--max-new-tokens", max_new_tokens,
+                          *GEN_FLAGS[:6]], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+def test_max_new_tokens_that_fit_max_context_run(capsys, monkeypatch) -> None:
+    code, out, _ = run(["--prompt", "Hello there.", "--max-context", "64", "--max-new-tokens", "60", "--json",
+                        *GEN_FLAGS[:6]], capsys, monkeypatch)
+    record = json_lines(out)[0]
+    assert code == 0 and record["usage"]["completion_tokens"] + record["usage"]["prompt_tokens"] <= 64
 
 
 def test_page_ranges() -> None:
@@ -512,18 +476,18 @@ def test_batched_run_writes_what_a_sequential_run_writes(real_engine, tmp_path, 
     make_pdf(folder / "doc.pdf", 3)
     results = {}
     for batch in (1, 4):
-        real_engine.loop.max_batch = batch  # what --max-batch sets when the engine loads
-        steps_before = dict(real_engine.loop.batch_sizes)
+        real_engine.core.scheduler.max_batch = batch  # what --max-batch sets when the engine loads
+        steps_before = dict(real_engine.core.batch_sizes)
         out_dir = tmp_path / f"out{batch}"
         code, out, _ = run([str(folder), "-o", str(out_dir), "--json", "--dpi", "72", *FAST], capsys, monkeypatch,
                            real_engine)
         assert code == 0
-        sizes = {k: v - steps_before.get(k, 0) for k, v in real_engine.loop.batch_sizes.items()}
+        sizes = {k: v - steps_before.get(k, 0) for k, v in real_engine.core.batch_sizes.items()}
         files = {p.relative_to(out_dir): _without_timings(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
         lines = sorted(json.dumps({k: v for k, v in r.items() if k != "timings"}, sort_keys=True)
                        for r in json_lines(out))
         results[batch] = (files, lines, sizes)
-    real_engine.loop.max_batch = 8
+    real_engine.core.scheduler.max_batch = 8
     assert results[4][0] == results[1][0] and len(results[1][0]) >= 12
     assert results[4][1] == results[1][1] and len(results[1][1]) == 6
     assert max(k for k, v in results[1][2].items() if v) == 1

@@ -17,8 +17,9 @@ from common.engine.engine import Engine
 from common.model.families import resolve_mode
 from common.model.prompt import extract_fields, task_prompt
 from tests.conftest import FIXTURES, MODEL_DIR
+from tests.helpers import json_lines, one_error_line, page_image
+from tests.helpers import run_cli as run
 from tests.structured_cases import SCHEMAS, parses, validated
-from tests.test_cli import json_lines, one_error_line, page_image, run
 
 IMAGE = FIXTURES / "images" / "doc_text.png"
 FLAGS = ["--mode", "tiny", "--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "160"]

@@ -19,21 +19,18 @@ import pytest
 
 from common.engine.engine import Engine
 from common.memory import rss_bytes
-from common.model.config import load_config
 from common.model.tokenizer import Tokenizer
 from common.serve.media import FetchPolicy
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR, ROOT
+from tests.fakes import RecordingBackend, SlowBackend, fixture_engine, script_engine
+from tests.helpers import LiveServer, make_pdf, one_error_line, page_image
+from tests.helpers import run_cli as run
 from tests.hostile import data_url, file_chat, image_chat, pdf_bytes, png_bomb, png_bytes, text_chat
-from tests.test_cli import make_pdf, one_error_line, page_image, run, scripted_engine
-from tests.test_server import LiveServer, SlowBackend, wait_for_metric
-from tests.test_server_clients import RecordingBackend
 
 
 def fake_engine(backend: object | None = None, max_batch: int | None = None) -> Engine:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    backend = backend or RecordingBackend(tokenizer)
-    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend, max_batch=max_batch)  # type: ignore[arg-type]
+    return fixture_engine(backend or RecordingBackend(Tokenizer.from_dir(MODEL_DIR)), max_batch=max_batch)
 
 
 def peak_rss_reset() -> bool:
@@ -175,7 +172,7 @@ def test_10_disconnect_while_queued_frees_the_slot() -> None:
                 client.stream("POST", "/v1/chat/completions", json=long) as running:
             lines = running.iter_lines()  # kept: a dropped iterator would close the stream (a disconnect)
             next(lines)
-            wait_for_metric(live, "dsocr_requests_running", 1)
+            live.wait_for_metric("dsocr_requests_running", 1)
             with pytest.raises(httpx.ReadTimeout):  # queued, then its client gives up
                 httpx.post(f"{live.base}/v1/chat/completions", json={**long, "stream": False}, timeout=1.0)
             deadline = time.monotonic() + 3
@@ -215,11 +212,11 @@ def test_12_resume_redoes_empty_or_truncated_json(tmp_path, capsys, monkeypatch)
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    assert run(argv, capsys, monkeypatch, scripted_engine("Hello."))[0] == 0
+    assert run(argv, capsys, monkeypatch, script_engine("Hello."))[0] == 0
     assert len(synced) >= 6  # every NAME.md and NAME.json reached the disk before its rename
     (out_dir / "a.json").write_text("")
     (out_dir / "b.json").write_text((out_dir / "b.json").read_text()[:40])
-    code, out, err = run(argv, capsys, monkeypatch, scripted_engine("Hello."))
+    code, out, err = run(argv, capsys, monkeypatch, script_engine("Hello."))
     assert code == 0, err
     assert "Traceback" not in err and err.count("] skipped") == 1  # only c.json was a finished record
     assert len(out.splitlines()) == 3 and '"text": "Hello."' in (out_dir / "a.json").read_text().replace("\n", "")
@@ -237,7 +234,7 @@ def test_13_disk_full_on_the_combined_file(tmp_path, capsys, monkeypatch) -> Non
 
     monkeypatch.setattr(os, "fsync", full_disk)
     code, _, err = run([str(pdf), "-o", str(out_dir), "--mode", "tiny", "--dpi", "72"], capsys, monkeypatch,
-                       scripted_engine("Hello."))
+                       script_engine("Hello."))
     assert code == 1 and "Traceback" not in err
     assert "cannot write report.md: No space left on device" in err and "dsocr summary" in err
     assert not list(out_dir.rglob("*.tmp")) and not (out_dir / "report.md").exists()
@@ -247,8 +244,8 @@ def test_13_disk_full_on_the_combined_file(tmp_path, capsys, monkeypatch) -> Non
 def test_14_empty_stop_string_is_ignored(tmp_path, capsys, monkeypatch) -> None:
     png = tmp_path / "p.png"
     page_image("x").save(png)
-    plain = run([str(png), "--mode", "tiny"], capsys, monkeypatch, scripted_engine("Hello there."))
-    empty = run([str(png), "--mode", "tiny", "--stop", ""], capsys, monkeypatch, scripted_engine("Hello there."))
+    plain = run([str(png), "--mode", "tiny"], capsys, monkeypatch, script_engine("Hello there."))
+    empty = run([str(png), "--mode", "tiny", "--stop", ""], capsys, monkeypatch, script_engine("Hello there."))
     assert plain[0] == empty[0] == 0 and empty[1] == plain[1] and "Hello there." in plain[1]
     code, _, err = run([str(png), "--dry-run", *sum((["--stop", f"s{i}"] for i in range(5)), [])], capsys,
                        monkeypatch)

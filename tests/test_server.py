@@ -13,31 +13,29 @@ import http.server
 import io
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from common.documents.images import load_image
+from common.documents.postprocess import strip_grounding
 from common.engine.engine import Engine
 from common.engine.sampling import SamplingParams
 from common.errors import ImageError
-from common.model.config import load_config
 from common.model.families import resolve_mode
-from common.model.inputs import PreparedInputs
 from common.model.tokenizer import Tokenizer
 from common.serve.fetch import RemoteFetchError, fetch_url
 from server import ServerSettings, create_app
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR
+from tests.fakes import SlowBackend
+from tests.helpers import LiveServer, data_url
 
 openai = pytest.importorskip("openai")
 
@@ -45,65 +43,6 @@ API_KEY = "test-key-123"
 DOC_IMAGE = FIXTURES / "images" / "doc_text.png"
 MODE = "tiny"  # smallest views: keeps the vision prefill of the fixture model quick
 MAX_TOKENS = 12
-
-
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class LiveServer:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.base}/metrics", timeout=5).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-
-class SlowBackend(fakes.ScriptedBackend):
-    """A stand-in backend: a fixed prefill delay, then one token per `step_s`, never EOS."""
-
-    def __init__(self, eos_token_id: int, prefill_s: float = 0.0, step_s: float = 0.0) -> None:
-        def script(inputs: PreparedInputs) -> list[int]:
-            seed = int(inputs.input_ids.sum())
-            return [1000 + (seed + 7 * i) % 500 for i in range(8192)]
-
-        super().__init__(script, eos_token_id, prefill_s=prefill_s, step_s=step_s)
-
-    @property
-    def started(self) -> int:
-        return self.requests
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -126,7 +65,7 @@ def live(engine: Engine) -> Iterator[LiveServer]:
 def slow() -> Iterator[tuple[LiveServer, SlowBackend]]:
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
     backend = SlowBackend(tokenizer.eos_id, prefill_s=0.6, step_s=0.02)
-    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend, max_batch=1)  # queueing is what runs here
+    fake = fakes.fixture_engine(backend, max_batch=1)  # queueing is what runs here
     settings = ServerSettings(mode=MODE, max_queue=1, max_new_tokens=400, keepalive_s=0.1)
     with LiveServer(create_app(fake, settings)) as server:
         yield server, backend
@@ -143,9 +82,8 @@ def auth() -> dict[str, str]:
 
 def engine_text(engine: Engine, prompt: str, images: list[Image.Image], max_tokens: int) -> tuple[str, Any]:
     prepared = engine.prepare(prompt, images, resolve_mode(MODE))
-    generation = engine.generate(prepared, SamplingParams(max_new_tokens=max_tokens))
-    text = "".join(generation)
-    return text, generation.result
+    result = engine.generate(prepared, SamplingParams(max_new_tokens=max_tokens))
+    return strip_grounding(result.text), result
 
 
 def image_message(text: str) -> list[dict[str, Any]]:
@@ -257,15 +195,16 @@ def test_concurrent_clients_match_sequential(client: Any) -> None:
     assert concurrent_results == sequential
 
 
-def batch_histogram(server: LiveServer) -> dict[str, float]:
+def batch_histogram(server: LiveServer) -> dict[float, float]:
+    """Cumulative decode steps by batch-size bucket bound (inf for +Inf)."""
     text = httpx.get(f"{server.base}/metrics", timeout=5).text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^dsocr_batch_size_bucket\{le="([^"]+)"\} (\S+)$',
-                                                                 text, re.MULTILINE)}
+    return {float(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r'^dsocr_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
 
 
 def test_concurrent_requests_decode_together_and_stream_what_they_get_alone(live: LiveServer) -> None:
     """Five streamed requests at once share decode steps; each one's text equals the same request alone."""
-    bodies = [{"model": "deepseek-ocr", "stream": True, "max_tokens": 10 + 3 * i,
+    bodies = [{"model": "deepseek-ocr", "stream": True, "max_tokens": 8 + 2 * i,
                "messages": image_message(f"Free OCR. Part {i}.")} for i in range(5)]
 
     def stream(body: dict[str, Any]) -> str:
@@ -284,8 +223,8 @@ def test_concurrent_requests_decode_together_and_stream_what_they_get_alone(live
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         together = list(pool.map(stream, bodies))
     after = batch_histogram(live)
-    single_steps = after["1"] - before.get("1", 0)
-    all_steps = after["+Inf"] - before.get("+Inf", 0)
+    single_steps = after[1.0] - before.get(1.0, 0)
+    all_steps = after[float("inf")] - before.get(float("inf"), 0)
     assert all_steps > single_steps, "no decode step held more than one sequence"
     alone = [stream(body) for body in bodies]
     assert together == alone and all(alone)
@@ -295,7 +234,7 @@ def test_cancel_frees_the_lane_within_a_step() -> None:
     """Two long streams decode together; the first client leaves: its sequence is gone from the next step."""
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
     backend = SlowBackend(tokenizer.eos_id, prefill_s=0.05, step_s=0.02)
-    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)
+    fake = fakes.fixture_engine(backend)
     body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 2000, "stream": True}
     with LiveServer(create_app(fake, ServerSettings(mode=MODE, keepalive_s=0.1))) as server, \
             httpx.Client(base_url=server.base, timeout=30) as http, \
@@ -307,10 +246,10 @@ def test_cancel_frees_the_lane_within_a_step() -> None:
             for _ in range(3):
                 next(first_lines)
                 next(second_lines)
-            wait_for_metric(server, "dsocr_running_sequences", 2)
+            server.wait_for_metric("dsocr_running_sequences", 2)
             assert max(backend.batch_sizes) == 2
         # the first client is gone: its sequence leaves the batch at the next step
-        wait_for_metric(server, "dsocr_generations_cancelled_total", 1)
+        server.wait_for_metric("dsocr_generations_cancelled_total", 1)
         steps_at_cancel = len(backend.batch_sizes)
         for _ in range(5):
             next(second_lines)
@@ -432,14 +371,14 @@ def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
     ):
         with http_client.stream("POST", "/v1/chat/completions", json=body) as running:
             next(running.iter_lines())
-            wait_for_metric(server, "dsocr_requests_running", 1)  # the first request is being generated
+            server.wait_for_metric("dsocr_requests_running", 1)  # the first request is being generated
             queued = pool.submit(
                 httpx.post,
                 f"{server.base}/v1/chat/completions",
                 json={**body, "stream": False, "max_tokens": 2},
                 timeout=30,
             )
-            wait_for_metric(server, "dsocr_queue_depth", 1)  # the second one waits
+            server.wait_for_metric("dsocr_queue_depth", 1)  # the second one waits
             refused = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=30)
             error = assert_openai_error(refused, 429, "busy")
             assert error["type"] == "rate_limit_error"
@@ -448,13 +387,6 @@ def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
         queued_response = queued.result()
         assert queued_response.status_code == 200
         assert queued_response.json()["usage"]["completion_tokens"] == 2
-
-
-def wait_for_metric(server: LiveServer, name: str, value: float, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while server.metric(name) < value:
-        assert time.monotonic() < deadline, f"{name} never reached {value}"
-        time.sleep(0.02)
 
 
 def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) -> None:
@@ -481,7 +413,7 @@ def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) 
     # a non-streamed request whose client gives up is cancelled too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base}/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
-    wait_for_metric(server, "dsocr_generations_cancelled_total", cancelled_before + 2)
+    server.wait_for_metric("dsocr_generations_cancelled_total", cancelled_before + 2)
     assert backend.steps - steps_before < 200
     follow_up = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                            json={"messages": [{"role": "user", "content": "next"}], "max_tokens": 3})
@@ -528,8 +460,7 @@ def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
     from tests.conftest import FIXTURES
 
     golden = _json.loads((FIXTURES / "postprocess_goldens.json").read_text())["cases"][0]
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    fake = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), fakes.ScriptedBackend(golden["generated_ids"], 1))
+    fake = fakes.fixture_engine(fakes.ScriptedBackend(golden["generated_ids"], 1))
     with LiveServer(create_app(fake, ServerSettings(mode=MODE, max_new_tokens=400))) as server:
         body = {"messages": [{"role": "user", "content": "page"}]}
         plain = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=30).json()

@@ -10,20 +10,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from common.engine.engine import Engine
-from common.model.config import load_config
 from common.model.tokenizer import Tokenizer
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR
+from tests.fakes import RecordingBackend, fixture_engine
+from tests.helpers import LiveServer
 from tests.hostile import corpus, file_chat, pdf_bytes, text_chat
-from tests.test_server import LiveServer
-from tests.test_server_clients import RecordingBackend
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     tokenizer = Tokenizer.from_dir(MODEL_DIR)
-    engine = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), RecordingBackend(tokenizer))  # type: ignore[arg-type]
+    engine = fixture_engine(RecordingBackend(tokenizer))
     settings = ServerSettings(mode="tiny", prepare_workers=4, fetch=ServerSettings().fetch)
     with LiveServer(create_app(engine, settings)) as live:
         yield live

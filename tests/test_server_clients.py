@@ -13,7 +13,6 @@ import pytest
 from common.documents.images import load_image
 from common.engine.engine import Engine
 from common.engine.sampling import SamplingParams
-from common.model.config import load_config
 from common.model.families import resolve_mode
 from common.model.inputs import PreparedInputs
 from common.model.tokenizer import Tokenizer
@@ -21,7 +20,7 @@ from common.serve.chat import DEFAULT_IMAGE_INSTRUCTION
 from server import ServerSettings, create_app
 from tests import fakes
 from tests.conftest import FIXTURES, MODEL_DIR
-from tests.test_server import LiveServer
+from tests.helpers import LiveServer
 
 openai = pytest.importorskip("openai")
 
@@ -33,34 +32,28 @@ MANIFEST = ('<attached_files>\n<file type="file" id="0b7e2c1a-5d0e-4c55-9a43-2f6
 REPLY = "# Quarterly report"
 
 
-class RecordingBackend(fakes.ScriptedBackend):
-    """Answers REPLY then EOS; `seen` gets what each generation received (see `recording_engine`)."""
+class Recorded:
+    """What the engine core was given: each request's prompt ids and sampling parameters, as submitted."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        super().__init__(tokenizer.encode(REPLY), tokenizer.eos_id)
+    def __init__(self, engine: Engine) -> None:
         self.seen: list[tuple[list[int], SamplingParams]] = []
+        core = engine.core
+        assert core is not None
+        submit = core.submit
 
+        def recording_submit(prepared: PreparedInputs, params: SamplingParams, **kwargs: Any) -> Any:
+            self.seen.append((prepared.input_ids.tolist(), params))
+            return submit(prepared, params, **kwargs)
 
-def recording_engine(tokenizer: Tokenizer) -> tuple[Engine, RecordingBackend]:
-    """An engine on a RecordingBackend whose loop records each submitted prompt and its parameters."""
-    backend = RecordingBackend(tokenizer)
-    engine = Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)  # type: ignore[arg-type]
-    assert engine.loop is not None
-    submit = engine.loop.submit
-
-    def recording_submit(prepared: PreparedInputs, params: SamplingParams, **kwargs: Any) -> Any:
-        backend.seen.append((prepared.input_ids.tolist(), params))
-        return submit(prepared, params, **kwargs)
-
-    engine.loop.submit = recording_submit  # type: ignore[method-assign]
-    return engine, backend
+        core.submit = recording_submit  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[LiveServer, Engine, RecordingBackend]]:
-    engine, backend = recording_engine(Tokenizer.from_dir(MODEL_DIR))
+def served() -> Iterator[tuple[LiveServer, Engine, Recorded]]:
+    engine = fakes.fixture_engine(fakes.RecordingBackend(Tokenizer.from_dir(MODEL_DIR), REPLY))
+    recorded = Recorded(engine)
     with LiveServer(create_app(engine, ServerSettings(mode=MODE))) as server:
-        yield server, engine, backend
+        yield server, engine, recorded
 
 
 def expected_ids(engine: Engine, prompt: str, images: int = 1) -> list[int]:
@@ -80,7 +73,7 @@ def image_turn(text: str | None) -> dict[str, Any]:
                                         {"type": "image_url", "image_url": {"url": IMAGE_URL}}]}
 
 
-def send(server: LiveServer, backend: RecordingBackend, body: dict[str, Any]) -> tuple[str, list[int], Any]:
+def send(server: LiveServer, backend: Recorded, body: dict[str, Any]) -> tuple[str, list[int], Any]:
     before = len(backend.seen)
     with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200, response.read()
@@ -118,7 +111,8 @@ def test_owui_follow_up_question_reuses_the_image(served) -> None:
                 {"role": "user", "content": "What is the title?"}]
     _, ids, params = send(server, backend, owui_body(messages))
     assert ids == expected_ids(engine, "<image>\nWhat is the title?")
-    assert params.max_new_tokens > 512  # an image request is not capped like text-only ones
+    assert params.max_new_tokens is None  # as many as fit: an image request is not capped like text-only ones
+    assert params.default_max_new_tokens > ServerSettings().limits.max_text_tokens
 
 
 def test_owui_continue_response_returns_only_the_continuation(served) -> None:
@@ -140,7 +134,7 @@ def test_owui_title_task_is_text_only_and_capped(served) -> None:
         assert response.status_code == 200, response.text
         ids, params = backend.seen[-1]
         assert ids == engine.prepare(task, [], resolve_mode(MODE)).input_ids.tolist()
-        assert params.max_new_tokens == ServerSettings().limits.max_text_tokens
+        assert (params.max_new_tokens or params.default_max_new_tokens) == ServerSettings().limits.max_text_tokens
 
 
 def test_openai_client_types_validate_strictly(served) -> None:

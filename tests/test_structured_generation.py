@@ -1,4 +1,4 @@
-"""JSON-constrained decoding in the generation loop, on the tiny random-weight model (torch CPU, float32).
+"""JSON-constrained decoding in the engine core, on the tiny random-weight model (torch CPU, float32).
 
 The model's free output is gibberish, so JSON that parses and validates proves the constraint. Checked here:
 every schema alone and all together in one continuous batch (greedy and sampled, both n-gram rules), the
@@ -20,19 +20,17 @@ from PIL import Image
 from common.engine.backend import StepControls
 from common.engine.constraints import StructuredOutputError
 from common.engine.engine import Engine
-from common.engine.generation import FINISH_LENGTH, FINISH_STOP
-from common.engine.loop import GenerationLoop
 from common.engine.ngram import NGramGuard
+from common.engine.requests import FINISH_LENGTH, FINISH_STOP
 from common.engine.sampling import SamplingParams
 from common.engine.structured import allowed_ids, bitmask_to_bool, json_object_spec, json_schema_spec
 from common.errors import InputError
-from common.model.config import load_config
 from common.model.families import resolve_mode
 from common.model.inputs import PreparedInputs
 from common.model.prompt import extract_fields, task_prompt
 from common.model.tokenizer import Tokenizer
 from tests.conftest import FIXTURES, MODEL_DIR, one_torch_thread
-from tests.fakes import ScriptedBackend
+from tests.fakes import ScriptedBackend, fixture_engine, lent_core
 from tests.structured_cases import OPEN_ENDED_INTEGER, SCHEMAS, UNBOUNDED, is_valid, parses, validated
 
 NGRAM_RULES = {"hf20": (20, 0), "vllm30x90": (30, 90)}  # (no_repeat_ngram_size, ngram_window)
@@ -86,9 +84,20 @@ class Recording:
         return self.inner.sample(logits, controls)
 
 
-def recording_loop(engine: Engine, **kwargs: Any) -> tuple[GenerationLoop, Recording]:
-    backend = Recording(engine.backend)
-    return GenerationLoop(backend, engine.tokenizer, constraints=engine.constraint_for, **kwargs), backend
+def backend_of(engine: Engine) -> Any:
+    assert engine.core is not None and engine.core.backend is not None
+    return engine.core.backend
+
+
+def core_on(engine: Engine, backend: Any = None, **kwargs: Any) -> Any:
+    """A second engine core on the engine's backend (idle meanwhile), with the engine's grammar."""
+    kwargs.setdefault("constraints", engine.constraint_for)
+    return lent_core(backend or backend_of(engine), engine.tokenizer, **kwargs)
+
+
+def recording_core(engine: Engine, **kwargs: Any) -> tuple[Any, Recording]:
+    backend = Recording(backend_of(engine))
+    return core_on(engine, backend, **kwargs), backend
 
 
 # ------------------------------------------------------------------------------------------- every schema
@@ -101,7 +110,7 @@ def test_every_schema_greedy_and_sampled_both_ngram_rules_in_one_batch(
     for name, schema in SCHEMAS.items():
         for sampler in SAMPLERS:
             for ngram in NGRAM_RULES:
-                generation = engine.generate(image_prompt, params(schema, ngram=ngram, sampler=sampler))
+                generation = engine.submit(image_prompt, params(schema, ngram=ngram, sampler=sampler))
                 jobs.append((name, sampler, ngram, generation))
     texts: dict[tuple[str, str], set[str]] = {}
     for name, sampler, ngram, generation in jobs:
@@ -110,11 +119,11 @@ def test_every_schema_greedy_and_sampled_both_ngram_rules_in_one_batch(
         assert result is not None
         assert result.finish_reason == FINISH_STOP, (name, sampler, ngram, result.text)
         validated(result.text, SCHEMAS[name])
-        assert "".join(deltas) == result.text == result.raw_text  # the JSON as generated, streamed whole
+        assert "".join(deltas) == result.text  # the JSON as generated, streamed whole
         assert result.text == engine.tokenizer.decode(result.token_ids)
         assert engine.tokenizer.eos_id not in result.token_ids  # complete JSON ends the sequence by itself
         texts.setdefault((name, sampler), set()).add(result.text)
-    assert max(engine.loop.batch_sizes) >= 8  # they decoded together
+    assert max(engine.core.batch_sizes) >= 8  # they decoded together
     # Sampling matters: for some schema the sampled JSON differs from the greedy one.
     assert any(texts[(name, "greedy")] != texts[(name, "sampled")] for name in SCHEMAS)
 
@@ -123,7 +132,7 @@ def test_json_object(engine: Engine, image_prompt: PreparedInputs) -> None:
     # Any JSON object: the random model writes an unbounded string key, so a small budget may end it early.
     for seed in (3, 4, 5):
         p = SamplingParams(max_new_tokens=40, temperature=0.7, seed=seed, json_spec=json_object_spec())
-        result = engine.generate(image_prompt, p).run()
+        result = engine.generate(image_prompt, p)
         assert result.text.startswith("{")
         if result.finish_reason == FINISH_STOP:
             assert isinstance(validated(result.text, {"type": "object"}), dict)
@@ -145,23 +154,28 @@ def test_mixed_batch_gives_every_sequence_the_ids_it_gets_alone(engine: Engine, 
         (hello, params(SCHEMAS["string_patterns"], ngram="vllm30x90")),
         (image_prompt, params(None, max_new=28, sampler="sampled", ngram="vllm30x90", top_k=50)),
     ]
-    alone = [GenerationLoop(engine.backend, engine.tokenizer, constraints=engine.constraint_for)
-             .submit(prepared, p).run().token_ids for prepared, p in jobs]
-    loop = GenerationLoop(engine.backend, engine.tokenizer, constraints=engine.constraint_for)
-    together = [loop.submit(prepared, p) for prepared, p in jobs]
+    alone = [engine.submit(prepared, p).run().token_ids for prepared, p in jobs]
+    core = core_on(engine)
+    with core.paused():
+        together = [core.submit(prepared, p) for prepared, p in jobs]
     for (_, p), ids, generation in zip(jobs, alone, together, strict=True):
         assert generation.run().token_ids == ids, p
-    assert max(loop.batch_sizes) == len(jobs)
+    assert max(core.batch_sizes) == len(jobs)
+    core.close()
     unconstrained = [ids for (_, p), ids in zip(jobs, alone, strict=True) if p.json_spec is None]
     assert not any(parses(engine.tokenizer.decode(ids)) for ids in unconstrained)  # free output: no JSON
 
 
 def test_unconstrained_batch_sends_no_mask(engine: Engine, image_prompt: PreparedInputs) -> None:
-    loop, recording = recording_loop(engine)
-    loop.submit(image_prompt, params(None, max_new=6)).run()
+    core, recording = recording_core(engine)
+    core.submit(image_prompt, params(None, max_new=6)).run()
     assert recording.controls and all(c.allowed is None for c in recording.controls)
-    loop.submit(image_prompt, params(None, max_new=30))
-    loop.submit(image_prompt, params(SCHEMAS["enums"])).run()
+    with core.paused():
+        both = [core.submit(image_prompt, params(None, max_new=30)),
+                core.submit(image_prompt, params(SCHEMAS["enums"]))]
+    for handle in both:
+        handle.run()
+    core.close()
     mixed = [c for c in recording.controls if c.allowed is not None and c.batch == 2]
     assert mixed, "the two sequences never shared a step"
     assert all((c.allowed[0] == -1).all() for c in mixed)  # the unconstrained lane allows every id
@@ -175,10 +189,11 @@ def test_masks_on_a_helper_thread_give_the_same_ids(engine: Engine, image_prompt
     jobs.append((hello, params(None, max_new=20)))
     runs = []
     for threaded in (False, True):
-        loop = GenerationLoop(engine.backend, engine.tokenizer, constraints=engine.constraint_for,
-                              mask_thread=threaded)
-        generations = [loop.submit(prepared, p) for prepared, p in jobs]
+        core = core_on(engine, mask_thread=threaded)
+        with core.paused():
+            generations = [core.submit(prepared, p) for prepared, p in jobs]
         runs.append([g.run().token_ids for g in generations])
+        core.close()
     assert runs[0] == runs[1]
 
 
@@ -207,18 +222,18 @@ def test_ngram_ban_combines_with_the_grammar(
     name = "array_min_max_items"
     p = SamplingParams(max_new_tokens=160, no_repeat_ngram_size=n, ngram_window=window,
                        json_spec=json_schema_spec(SCHEMAS[name]), **SAMPLERS[sampler])
-    loop, recording = recording_loop(engine)
-    result = loop.submit(image_prompt, p).run()
+    core, recording = recording_core(engine)
+    result = core.submit(image_prompt, p).run()
+    core.close()
     assert result.finish_reason == FINISH_STOP
     validated(result.text, SCHEMAS[name])
-    free = GenerationLoop(engine.backend, engine.tokenizer, constraints=engine.constraint_for).submit(
-        image_prompt, replace(p, no_repeat_ngram_size=0, ngram_window=0)).run()
+    free = engine.submit(image_prompt, replace(p, no_repeat_ngram_size=0, ngram_window=0)).run()
     assert result.token_ids != free.token_ids  # the ban changed the output
     applied = yielded = 0
     for controls, token, banned in zip(recording.controls, result.token_ids, replayed_bans(image_prompt, p,
                                                                                       result.token_ids), strict=True):
         assert controls.allowed is not None
-        allowed = set(allowed_ids(controls.allowed[0], engine.backend.vocab_size).tolist())
+        allowed = set(allowed_ids(controls.allowed[0], engine.config.language.vocab_size).tolist())
         sent = set(controls.ban_ids.tolist())
         assert token in allowed and token not in sent  # both rules held for the chosen token
         assert sent <= allowed and sent <= set(banned)  # only bans the grammar allows are sent
@@ -235,16 +250,17 @@ def test_ngram_ban_combines_with_the_grammar(
 def test_eos_allowed_exactly_when_the_json_is_complete(engine: Engine, image_prompt: PreparedInputs) -> None:
     eos = engine.tokenizer.eos_id
     for schema, seed in ((OPEN_ENDED_INTEGER, 1), (OPEN_ENDED_INTEGER, 2), (SCHEMAS["enums"], 3)):
-        loop, recording = recording_loop(engine)
+        core, recording = recording_core(engine)
         p = SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed, json_spec=json_schema_spec(schema))
-        result = loop.submit(image_prompt, p).run()
+        result = core.submit(image_prompt, p).run()
+        core.close()
         assert result.finish_reason == FINISH_STOP
         validated(result.text, schema)
         eos_seen = 0
         for step, controls in enumerate(recording.controls):
             assert controls.allowed is not None
             so_far = engine.tokenizer.decode(result.token_ids[:step])
-            eos_allowed = bool(bitmask_to_bool(controls.allowed[0], engine.backend.vocab_size)[eos])
+            eos_allowed = bool(bitmask_to_bool(controls.allowed[0], engine.config.language.vocab_size)[eos])
             complete = is_valid(so_far, schema)
             assert eos_allowed == complete, (step, so_far)
             eos_seen += eos_allowed
@@ -253,8 +269,9 @@ def test_eos_allowed_exactly_when_the_json_is_complete(engine: Engine, image_pro
 
 
 def test_complete_json_ends_without_a_wasted_step(engine: Engine, image_prompt: PreparedInputs) -> None:
-    loop, recording = recording_loop(engine)
-    result = loop.submit(image_prompt, params(SCHEMAS["nested_objects"])).run()
+    core, recording = recording_core(engine)
+    result = core.submit(image_prompt, params(SCHEMAS["nested_objects"])).run()
+    core.close()
     assert result.finish_reason == FINISH_STOP and result.text.endswith("}}}")
     assert result.token_ids[-1] != engine.tokenizer.eos_id
     # The first token comes from the prompt; every later one from one decode step; none after the last.
@@ -263,12 +280,12 @@ def test_complete_json_ends_without_a_wasted_step(engine: Engine, image_prompt: 
 
 
 def test_budget_ends_the_json_early_with_length(engine: Engine, image_prompt: PreparedInputs) -> None:
-    full = engine.generate(image_prompt, params(SCHEMAS["array_min_max_items"])).run()
-    cut = engine.generate(image_prompt, params(SCHEMAS["array_min_max_items"], max_new=9)).run()
+    full = engine.submit(image_prompt, params(SCHEMAS["array_min_max_items"])).run()
+    cut = engine.submit(image_prompt, params(SCHEMAS["array_min_max_items"], max_new=9)).run()
     assert cut.finish_reason == FINISH_LENGTH and cut.completion_tokens == 9
     assert cut.token_ids == full.token_ids[:9] and full.completion_tokens > 9
     assert full.text.startswith(cut.text) and not parses(cut.text)  # the README says so: need not parse
-    endless = engine.generate(image_prompt, params(UNBOUNDED, max_new=30)).run()
+    endless = engine.submit(image_prompt, params(UNBOUNDED, max_new=30)).run()
     assert endless.finish_reason == FINISH_LENGTH and endless.text.startswith('{"text": "')
 
 
@@ -276,8 +293,7 @@ def test_budget_ends_the_json_early_with_length(engine: Engine, image_prompt: Pr
 
 
 def scripted_engine(tokenizer: Tokenizer, script: Any) -> Engine:
-    backend = ScriptedBackend(script, tokenizer.eos_id)
-    return Engine(MODEL_DIR, tokenizer, load_config(MODEL_DIR), backend)  # type: ignore[arg-type]
+    return fixture_engine(ScriptedBackend(script, tokenizer.eos_id))
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> PreparedInputs:
@@ -290,28 +306,29 @@ def test_scripted_json_stops_at_its_last_token(engine: Engine) -> None:
     document = '{"currency": "USD", "status": true, "kind": "invoice"}'
     fake = scripted_engine(tokenizer, tokenizer.encode(document + " and then some more text"))
     spec = json_schema_spec(SCHEMAS["enums"])
-    result = fake.generate(prompt_ids(tokenizer, "x"), SamplingParams(max_new_tokens=100, json_spec=spec)).run()
+    result = fake.submit(prompt_ids(tokenizer, "x"), SamplingParams(max_new_tokens=100, json_spec=spec)).run()
     assert (result.text, result.finish_reason) == (document, FINISH_STOP)
     assert result.token_ids == tokenizer.encode(document)
-    free = fake.generate(prompt_ids(tokenizer, "x"), SamplingParams(max_new_tokens=100)).run()
-    assert free.raw_text == document + " and then some more text"
+    free = fake.submit(prompt_ids(tokenizer, "x"), SamplingParams(max_new_tokens=100)).run()
+    assert free.text == document + " and then some more text"
 
 
 def test_token_outside_the_grammar_fails_only_its_sequence(engine: Engine) -> None:
     tokenizer = engine.tokenizer
     fake = scripted_engine(tokenizer, lambda inputs: tokenizer.encode('{"currency": "GBP"} and more'))
     spec = json_schema_spec(SCHEMAS["enums"])
-    bad = fake.generate(prompt_ids(tokenizer, "a"), SamplingParams(max_new_tokens=50, json_spec=spec))
-    good = fake.generate(prompt_ids(tokenizer, "b"), SamplingParams(max_new_tokens=50))
+    bad = fake.submit(prompt_ids(tokenizer, "a"), SamplingParams(max_new_tokens=50, json_spec=spec))
+    good = fake.submit(prompt_ids(tokenizer, "b"), SamplingParams(max_new_tokens=50))
     with pytest.raises(StructuredOutputError, match="left the JSON grammar"):
         bad.run()
-    assert good.run().raw_text == '{"currency": "GBP"} and more'
+    assert good.run().text == '{"currency": "GBP"} and more'
 
 
 def test_json_spec_needs_a_grammar(engine: Engine, image_prompt: PreparedInputs) -> None:
-    loop = GenerationLoop(engine.backend, engine.tokenizer)  # no constraint factory
+    core = lent_core(backend_of(engine), engine.tokenizer)  # no constraint factory
     with pytest.raises(InputError, match="structured output"):
-        loop.submit(image_prompt, params(SCHEMAS["enums"]))
+        core.submit(image_prompt, params(SCHEMAS["enums"]))
+    core.close()
 
 
 def test_engine_builds_its_grammar_once_and_compiles_ahead(engine: Engine) -> None:
@@ -332,26 +349,28 @@ def test_mlx_backend_applies_the_masks_with_the_forward_queued_first(
     # MLX runs asynchronously: the loop queues the forward pass before it consumes the previous tokens and fills
     # the next masks (the overlap path). Greedy JSON there equals the torch backend's.
     pytest.importorskip("mlx.core")
-    from dsocr_mlx import backend as mlx_backend
+    from common.engine.backend import load_backend
 
-    loaded = mlx_backend.load(MODEL_DIR, device="cpu", dtype="float32", max_batch=8, kv_cache_gib=1.0)
+    mlx_engine = Engine(MODEL_DIR, engine.tokenizer, engine.config).start(  # loaded on its core's thread
+        lambda: load_backend("mlx", MODEL_DIR, "cpu", "float32", max_batch=8, kv_cache_gib=1.0))
     try:
-        assert loaded.asynchronous
-        mlx_engine = Engine(MODEL_DIR, engine.tokenizer, engine.config, loaded)
+        assert backend_of(mlx_engine).asynchronous
         jobs = [params(SCHEMAS[name], sampler=sampler) for name, sampler in
                 (("enums", "greedy"), ("string_patterns", "greedy"), ("nested_objects", "sampled"))]
         jobs.append(params(None, max_new=20))
-        alone = mlx_engine.generate(image_prompt, jobs[-1]).run().token_ids
-        generations = [mlx_engine.generate(image_prompt, p) for p in jobs]
+        alone = mlx_engine.submit(image_prompt, jobs[-1]).run().token_ids
+        assert mlx_engine.core is not None
+        with mlx_engine.core.paused():
+            generations = [mlx_engine.submit(image_prompt, p) for p in jobs]
         results = [g.run() for g in generations]
         assert results[-1].token_ids == alone
         for p, result in zip(jobs[:-1], results, strict=False):
             assert result.finish_reason == FINISH_STOP
             validated(result.text, p.json_spec.schema)
         for p, result in zip(jobs[:2], results, strict=False):
-            assert result.token_ids == engine.generate(image_prompt, p).run().token_ids
+            assert result.token_ids == engine.submit(image_prompt, p).run().token_ids
     finally:
-        loaded.close()
+        mlx_engine.close()
 
 
 # ------------------------------------------------------------------------------------------ StepMasks
@@ -422,7 +441,7 @@ def test_an_engine_panic_fails_only_its_sequence(engine: Engine, image_prompt: P
     assert not matcher.finished and not matcher.eos_allowed
     row = np.zeros(engine.grammar().mask_width, dtype=np.int32)
     matcher.fill_mask(row)
-    assert allowed_ids(row, engine.backend.vocab_size).tolist() == [engine.tokenizer.eos_id]  # it can only end
+    assert allowed_ids(row, engine.config.language.vocab_size).tolist() == [engine.tokenizer.eos_id]  # it can only end
 
     def constraints(spec: Any) -> Any:
         made = engine.constraint_for(spec)
@@ -430,9 +449,11 @@ def test_an_engine_panic_fails_only_its_sequence(engine: Engine, image_prompt: P
             made._matcher = PanickingEngine()
         return made
 
-    loop = GenerationLoop(engine.backend, engine.tokenizer, constraints=constraints)
-    bad = loop.submit(image_prompt, params(SCHEMAS["enums"]))
-    good = loop.submit(image_prompt, params(SCHEMAS["string_patterns"]))
+    core = core_on(engine, constraints=constraints)
+    with core.paused():
+        bad = core.submit(image_prompt, params(SCHEMAS["enums"]))
+        good = core.submit(image_prompt, params(SCHEMAS["string_patterns"]))
     with pytest.raises(StructuredOutputError, match="grammar engine failed"):
         bad.run()
     validated(good.run().text, SCHEMAS["string_patterns"])
+    core.close()

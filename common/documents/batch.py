@@ -1,13 +1,16 @@
-"""A batch run: every work item prepared (ahead, on a thread), generated, and written; finished items skipped.
+"""A batch run: every work item prepared (ahead, on a thread), submitted to the engine, and written the moment it
+finishes; items already finished in -o DIR are skipped (resume).
 
-Presentation is the caller's: it passes a `Progress` (start / token / finish per item) and, for a terminal, gets
-the text streamed to `stdout` without grounding markup.
+One code path for one page or ten thousand: up to `max_batch` items generate together while the next ones are
+prepared. Text streamed to a terminal goes one item at a time (interleaved pages would be unreadable).
+Presentation is the caller's: it passes a `Progress` (start / token / finish per item).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
 import time
 import traceback
@@ -15,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from common.documents.outputs import result_record, stored_record, write_combined, write_outputs
+from common.documents.outputs import page_record, stored_record, write_combined, write_outputs
 from common.documents.postprocess import GroundingStripper
-from common.documents.workitems import DEFAULT_DPI, Prefetcher, Prepared, WorkItem, prepared_stream
-from common.engine.sampling import SamplingParams, fit_max_tokens
+from common.documents.workitems import DEFAULT_DPI, Prepared, WorkItem, prepared_items
+from common.engine.requests import RequestHandle
+from common.engine.sampling import SamplingParams
 from common.errors import DsocrError
 from common.model.modes import Mode
 
@@ -41,6 +45,7 @@ class Outcome:
     seconds: float = 0.0
     message: str = ""
     record: dict[str, Any] | None = None  # the item's JSON object (ok and skipped items)
+    refused: bool = False  # the engine refused it before it ran (bad input, a token budget that does not fit)
 
 
 @dataclass
@@ -50,13 +55,12 @@ class BatchOptions:
     params: SamplingParams
     out_dir: Path | None = None
     json_lines: bool = False
-    stream_text: bool = False  # print text deltas to stdout as they arrive
+    stream_text: bool = False  # print text to stdout as it is generated (one item at a time)
     overwrite: bool = False
     dpi: int = DEFAULT_DPI
-    prefetch: int = 2
+    prefetch: int = 2  # items prepared ahead of the ones generating
     verbose: int = 0
-    max_tokens_given: bool = False  # the user chose params.max_new_tokens (else it shrinks to fit the context)
-    max_batch: int = 1  # items generated at once (text streamed to a terminal always goes one at a time)
+    max_batch: int = 1  # items generated at once
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
 
 
@@ -125,95 +129,43 @@ def split_done(items: list[WorkItem], opts: BatchOptions, progress: Progress) ->
     return skipped, todo
 
 
-def report_outcome(outcome: Outcome, opts: BatchOptions, progress: Progress) -> None:
-    """Progress, then the item's --json line (its record, or its error)."""
-    progress.finish(outcome.item, outcome.status, outcome.tokens, outcome.seconds, outcome.message)
-    if outcome.status == "failed":
-        emit_json(opts, {"source": outcome.item.source, "page": outcome.item.page, "error": outcome.message})
-    elif outcome.record is not None:
-        emit_json(opts, outcome.record)
+class BatchRun:
+    """One run's outcomes as they come: items already done are skipped (`todo` is the rest), every outcome is
+    reported (progress, then its --json line) and a document's combined file is written after its last page."""
+
+    def __init__(self, items: list[WorkItem], opts: BatchOptions, progress: Progress) -> None:
+        self.opts, self.progress = opts, progress
+        self.outcomes, self.todo = split_done(items, opts, progress)
+        self.groups = DocumentGroups(items, self.todo, opts)
+        self.report(self.groups.write_missing())
+
+    def report(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self.outcomes.append(outcome)
+            self.progress.finish(outcome.item, outcome.status, outcome.tokens, outcome.seconds, outcome.message)
+            if outcome.status == "failed":
+                emit_json(self.opts, {"source": outcome.item.source, "page": outcome.item.page,
+                                      "error": outcome.message})
+            elif outcome.record is not None:
+                emit_json(self.opts, outcome.record)
+
+    def item_done(self, outcome: Outcome) -> None:
+        """An item of `todo` has its outcome: reported, and its document's combined file written if it was the
+        document's last page of this run."""
+        self.report([outcome])
+        self.report(self.groups.step(outcome.item))
 
 
-def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: Progress) -> list[Outcome]:
-    """Generates every item (skipping finished ones) and writes outputs; Ctrl-C propagates after cleanup."""
-    outcomes, todo = split_done(items, opts, progress)
-    groups = DocumentGroups(items, todo, opts)
-
-    def report(new: list[Outcome]) -> None:
-        for outcome in new:
-            outcomes.append(outcome)
-            report_outcome(outcome, opts, progress)
-
-    report(groups.write_missing())
-    if opts.max_batch > 1 and not opts.stream_text:
-        _run_batched(engine, todo, opts, progress, report, groups)
-        return outcomes
-    for prepared in prepared_stream(engine, todo, opts.prompt, opts.mode, opts.dpi, opts.prefetch):
-        progress.start(prepared.item)
-        report([_run_item(engine, prepared, opts, progress, many=len(items) > 1)])
-        report(groups.step(prepared.item))
-    return outcomes
-
-
-def _run_batched(
-    engine: Any, todo: list[WorkItem], opts: BatchOptions, progress: Progress, report: Any, groups: DocumentGroups
-) -> None:
-    """Up to `max_batch` items in the generation loop at once; each is written the moment it finishes."""
-    feed = Prefetcher(engine, todo, opts.prompt, opts.mode, opts.dpi, max(opts.prefetch, opts.max_batch))
-    running: list[tuple[Prepared, Any, float]] = []
-    t0 = time.perf_counter()
-    tokens_before = _tokens_decoded(engine.loop)
-    try:
-        while True:
-            while len(running) < opts.max_batch and not feed.finished:
-                prepared = feed.get(block=not running)  # wait for work only when nothing else runs
-                if prepared is None:
-                    break
-                progress.start(prepared.item)
-                try:
-                    if prepared.error is not None:
-                        raise prepared.error
-                    running.append((prepared, engine.generate(prepared.inputs, params_for(engine, prepared, opts)),
-                                    time.perf_counter()))
-                except Exception as exc:
-                    report([Outcome(prepared.item, "failed", message=describe_error(exc))])
-                    report(groups.step(prepared.item))
-            if not running:
-                if feed.finished:
-                    return
-                continue
-            engine.loop.step()
-            progress.token(_tokens_decoded(engine.loop) - tokens_before, time.perf_counter() - t0)
-            still = []
-            for prepared, generation, started in running:
-                if not generation.done:
-                    still.append((prepared, generation, started))
-                    continue
-                report([finish_item(prepared, generation, opts, started)])
-                report(groups.step(prepared.item))
-            running = still
-    except KeyboardInterrupt:
-        for _, generation, _ in running:
-            generation.cancel()
-        raise
-    finally:
-        feed.close()
-
-
-def _tokens_decoded(loop: Any) -> int:
-    return sum(size * steps for size, steps in loop.batch_sizes.items())
-
-
-def finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started: float) -> Outcome:
-    """The outcome of a finished generation, its outputs written to -o DIR (a failure is the item's, never raised)."""
+def finish_item(prepared: Prepared, handle: RequestHandle, opts: BatchOptions, started: float) -> Outcome:
+    """The outcome of a finished request, its outputs written to -o DIR (a failure is the item's, never raised)."""
     item = prepared.item
     try:
-        if generation.error is not None:
-            raise generation.error
-        result = generation.result
-        record = result_record(item, prepared, result, opts.mode.name, json_output=opts.params.json_spec is not None)
-        if opts.out_dir is not None:
-            record = write_outputs(opts.out_dir, item, prepared, record)
+        if handle.error is not None:
+            raise handle.error
+        result = handle.result
+        assert result is not None
+        page = page_record(item, prepared, result, opts.mode.name, opts.params.json_spec is not None, opts.out_dir)
+        record = write_outputs(opts.out_dir, item, prepared, page) if opts.out_dir is not None else page.record
     except Exception as exc:
         if opts.verbose and not isinstance(exc, DsocrError):
             traceback.print_exception(exc)
@@ -221,69 +173,99 @@ def finish_item(prepared: Prepared, generation: Any, opts: BatchOptions, started
     return Outcome(item, "ok", result.completion_tokens, time.perf_counter() - started, record=record)
 
 
-def _run_item(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress, many: bool) -> Outcome:
-    item = prepared.item
-    t0 = time.perf_counter()
+def run_batch(engine: Any, items: list[WorkItem], opts: BatchOptions, progress: Progress) -> list[Outcome]:
+    """Generates every item (skipping finished ones) and writes outputs; Ctrl-C cancels what runs, then propagates."""
+    run = BatchRun(items, opts, progress)
+    at_once = 1 if opts.stream_text else max(1, opts.max_batch)
+    finished: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
+    running: dict[int, tuple[Prepared, RequestHandle, float]] = {}  # by handle id, in submission order
+    feed = prepared_items(engine, run.todo, opts.prompt, opts.mode, opts.dpi, max(opts.prefetch, at_once))
+    tokens = _TokenRate(engine)
+
+    def collect() -> None:
+        handle = _next(finished)
+        prepared, _, started = running.pop(handle.id)
+        progress.token(*tokens.live())
+        run.item_done(finish_item(prepared, handle, opts, started))
+
     try:
-        if prepared.error is not None:
-            raise prepared.error
-        if opts.stream_text and many:
-            opts.stdout.write(f"==> {item.label} <==\n")
-            opts.stdout.flush()
-        generation = _generate(engine, prepared, opts, progress)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        if opts.verbose and not isinstance(exc, DsocrError):
-            traceback.print_exception(exc)
-        return Outcome(item, "failed", message=describe_error(exc))
-    return finish_item(prepared, generation, opts, t0)
-
-
-def params_for(engine: Any, prepared: Prepared, opts: BatchOptions) -> SamplingParams:
-    """The run's sampling parameters with max_new_tokens fitted to this prompt's room in the context."""
-    context = engine.config.language.max_position_embeddings
-    budget = fit_max_tokens(
-        prepared.inputs.prompt_tokens,
-        opts.params.max_new_tokens if opts.max_tokens_given else None,
-        opts.params.max_new_tokens,
-        context,
-    )
-    return opts.params if budget == opts.params.max_new_tokens else _with_max(opts.params, budget)
-
-
-def _generate(engine: Any, prepared: Prepared, opts: BatchOptions, progress: Progress) -> Any:
-    params = params_for(engine, prepared, opts)
-    generation = engine.generate(prepared.inputs, params)
-    out = opts.stdout
-    t0 = time.perf_counter()
-    deltas = 0
-    wrote_text = False
-    # The terminal cannot show boxes: drop the grounding markup there (-o / --json keep it). JSON goes as is.
-    stripper = GroundingStripper() if opts.params.json_spec is None else None
-    try:
-        for delta in generation:
-            deltas += 1
-            shown = stripper.feed(delta) if stripper is not None else delta
-            if opts.stream_text and shown:
-                out.write(shown)
-                out.flush()
-                wrote_text = True
-            progress.token(deltas, time.perf_counter() - t0)
-        if opts.stream_text and stripper is not None and (tail := stripper.flush()):
-            out.write(tail)
-            wrote_text = True
-    except KeyboardInterrupt:
-        generation.cancel()
+        for prepared in feed:
+            progress.start(prepared.item)
+            try:
+                if prepared.error is not None:
+                    raise prepared.error
+                handle = engine.submit(prepared.inputs, opts.params)
+            except Exception as exc:  # refused (bad input, a budget that does not fit): this item only
+                refused = prepared.error is None and isinstance(exc, DsocrError)
+                run.item_done(Outcome(prepared.item, "failed", message=describe_error(exc), refused=refused))
+                continue
+            running[handle.id] = (prepared, handle, time.perf_counter())
+            handle.add_done_callback(finished.put)
+            if opts.stream_text:
+                _stream(prepared, handle, opts, progress, many=len(items) > 1)
+            while len(running) >= at_once:
+                collect()
+        while running:
+            collect()
+    except BaseException:  # Ctrl-C (or a bug): nothing half-written; what finished is kept
+        for _, handle, _ in running.values():
+            handle.cancel()
         raise
     finally:
-        if wrote_text:
+        feed.close()
+    return run.outcomes
+
+
+def _next(finished: queue.SimpleQueue[RequestHandle]) -> RequestHandle:
+    while True:  # a bounded wait keeps Ctrl-C prompt
+        try:
+            return finished.get(timeout=0.25)
+        except queue.Empty:
+            continue
+
+
+def _stream(prepared: Prepared, handle: RequestHandle, opts: BatchOptions, progress: Progress, many: bool) -> None:
+    """Prints the item's text as it is generated (grounding markup dropped: a terminal cannot show boxes)."""
+    out = opts.stdout
+    if many:
+        out.write(f"==> {prepared.item.label} <==\n")
+        out.flush()
+    stripper = GroundingStripper() if opts.params.json_spec is None else None
+    wrote = False
+    t0 = time.perf_counter()
+    pieces = 0
+    try:
+        for piece in handle:
+            pieces += 1
+            shown = stripper.feed(piece) if stripper is not None else piece
+            if shown:
+                out.write(shown)
+                out.flush()
+                wrote = True
+            progress.token(pieces, time.perf_counter() - t0)
+        if stripper is not None and (tail := stripper.flush()):
+            out.write(tail)
+            wrote = True
+    except Exception:  # the item's failure is reported by finish_item
+        pass
+    finally:
+        if wrote:
             out.write("\n")
             out.flush()
-    return generation
 
 
-def _with_max(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
-    from dataclasses import replace
+class _TokenRate:
+    """Tokens decoded so far in this run, from the engine core's step counts (for the progress bar's rate)."""
 
-    return replace(params, max_new_tokens=max_new_tokens)
+    def __init__(self, engine: Any) -> None:
+        self._core = getattr(engine, "core", None)
+        self._start = self._decoded()
+        self._t0 = time.perf_counter()
+
+    def _decoded(self) -> int:
+        sizes = getattr(self._core, "batch_sizes", None) or {}
+        return sum(size * steps for size, steps in sizes.items())
+
+    def live(self) -> tuple[int, float]:
+        return self._decoded() - self._start, time.perf_counter() - self._t0
+

@@ -2,14 +2,14 @@
 
 One row per page flows through:
 
-1. the driver: inputs expanded into work items, finished pages left out (`batch.split_done`, as a local run);
+1. the driver: inputs expanded into work items, finished pages left out (`batch.BatchRun`, as a local run);
 2. CPU tasks: decode / render the page and tile it (`workitems.prepare_item` with the weightless engine the
    driver loaded, so CPU nodes need no model files);
-3. an actor pool: each actor holds one Engine whose generation loop runs on its own thread; Ray Data hands an
+3. an actor pool: each actor holds one Engine, whose core runs the model on its own thread; Ray Data hands an
    actor up to --max-batch pages at once (concurrent calls), so they decode together, and each page's outputs
    are written to DIR the moment it finishes (`batch.finish_item`: the local run's atomic writes);
 4. the driver again: one small result row per page gives progress, --json lines, `failed.jsonl` and the combined
-   PDFNAME.md once all of a document's pages are in (`batch.DocumentGroups`).
+   PDFNAME.md once all of a document's pages are in (`batch.BatchRun`).
 
 Faults: a page that fails (bad input, generation or write error) becomes a failed result row, never an exception.
 A killed actor is restarted by Ray and its pages retried (Ray Data's defaults: actors come back, their tasks are
@@ -30,7 +30,6 @@ import os
 import pickle
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +39,16 @@ import numpy as np
 
 from common.documents.batch import (
     BatchOptions,
-    DocumentGroups,
+    BatchRun,
     Outcome,
     Progress,
     describe_error,
     finish_item,
-    params_for,
-    report_outcome,
-    split_done,
 )
 from common.documents.outputs import atomic_write, output_paths, stored_record
 from common.documents.workitems import Prepared, WorkItem, prepare_item
 from common.engine.engine import Engine, ModelOptions
+from common.engine.requests import RequestHandle
 from common.errors import DsocrError
 from common.model.inputs import ImageInput, PreparedInputs
 from common.model.tiling import BF16_LUT
@@ -186,12 +183,8 @@ def prepare_rows(batch: dict[str, Any], *, engine_ref: Any, opts: BatchOptions) 
     return {"index": np.asarray(batch["index"]), "payload": np.array(payloads, dtype=object)}
 
 
-def _ignore_events(kind: str, payload: Any) -> None:
-    """The actor waits for a page's result; its text deltas are not needed."""
-
-
 class PageGenerator:
-    """Generation actor: one Engine, its loop driven on a thread; each call generates and writes its pages.
+    """Generation actor: one Engine (its core runs on its own thread); each call generates and writes its pages.
 
     Calls arrive concurrently (up to --max-batch), so the pages of several calls are decoded in one batch.
     """
@@ -203,10 +196,6 @@ class PageGenerator:
         self.opts = opts
         self.job_started = job_started
         self.engine = model.load(weights=True, show_download_progress=False)
-        self._stop = threading.Event()
-        self._driver = threading.Thread(target=self.engine.loop.run, args=(self._stop,), name="dsocr-loop",
-                                        daemon=True)
-        self._driver.start()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         pages = [unpack_prepared(payload) for payload in batch["payload"]]
@@ -219,7 +208,7 @@ class PageGenerator:
         return {"index": np.asarray(batch["index"]), "result": rows}
 
     def _start(self, prepared: Prepared, error: str | None) -> Any:
-        """The page's Generation, or its Outcome when there is nothing to generate."""
+        """The page's request handle, or its Outcome when there is nothing to generate."""
         item = prepared.item
         if error is not None:
             return Outcome(item, "failed", message=error)
@@ -228,23 +217,25 @@ class PageGenerator:
             log.info("%s: written by an earlier attempt", item.label)
             return Outcome(item, "ok", done.get("usage", {}).get("completion_tokens", 0), record=done)
         try:
-            return self.engine.generate(prepared.inputs, params_for(self.engine, prepared, self.opts),
-                                        listener=self._listener(prepared))
+            handle = self.engine.submit(prepared.inputs, self.opts.params)
         except Exception as exc:
             return Outcome(item, "failed", message=describe_error(exc))
+        self._submitted(prepared, handle)
+        return handle
 
-    def _listener(self, prepared: Prepared) -> Any:
-        return _ignore_events
+    def _submitted(self, prepared: Prepared, handle: RequestHandle) -> None:
+        """Called once a page is queued on the engine (tests hook in here)."""
 
-    def _finish(self, prepared: Prepared, generation: Any, started: float) -> Outcome:
-        while not generation.wait(1.0):
-            if not self._driver.is_alive():  # a bug: fail the task rather than wait forever
-                raise RuntimeError("the generation loop thread stopped")
-        return self._complete(prepared, generation, started)
+    def _finish(self, prepared: Prepared, handle: RequestHandle, started: float) -> Outcome:
+        while not handle.wait(1.0):
+            core = self.engine.core
+            if core is None or not core.ready:  # a bug: fail the task rather than wait forever
+                raise RuntimeError("the engine core stopped")
+        return self._complete(prepared, handle, started)
 
-    def _complete(self, prepared: Prepared, generation: Any, started: float) -> Outcome:
+    def _complete(self, prepared: Prepared, handle: RequestHandle, started: float) -> Outcome:
         """The finished page's outputs written (the one place an actor writes)."""
-        return finish_item(prepared, generation, self.opts, started)
+        return finish_item(prepared, handle, self.opts, started)
 
     def _written_by_this_job(self, item: WorkItem) -> dict[str, Any] | None:
         out_dir = self.opts.out_dir
@@ -261,8 +252,7 @@ class PageGenerator:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self._stop.set()
-            self.engine.loop.wake()
+            self.engine.close()
 
 
 def _result_json(outcome: Outcome) -> str:
@@ -286,25 +276,17 @@ def run_on_ray(
     ray = import_ray()
     if opts.out_dir is None:
         raise ClusterError("--ray writes its outputs to -o DIR; add -o DIR (a folder every node can reach)")
-    outcomes, todo = split_done(items, opts, progress)
-    groups = DocumentGroups(items, todo, opts)
-
-    def report(new: list[Outcome]) -> None:
-        for outcome in new:
-            outcomes.append(outcome)
-            report_outcome(outcome, opts, progress)
-
-    report(groups.write_missing())
-    if todo:
+    run = BatchRun(items, opts, progress)
+    if run.todo:
         with contextlib.redirect_stdout(_RayMessages(verbose)):
             owned = _connect(ray, options.address, verbose)
             try:
-                _run_pipeline(ray, model, engine, todo, opts, options, verbose, report, groups)
+                _run_pipeline(ray, model, engine, run, opts, options, verbose)
             finally:
                 if owned:
                     ray.shutdown()
-    _write_failures(opts.out_dir, outcomes)
-    return outcomes
+    _write_failures(opts.out_dir, run.outcomes)
+    return run.outcomes
 
 
 def _connect(ray: Any, address: str, verbose: int) -> bool:
@@ -329,12 +311,10 @@ def _run_pipeline(
     ray: Any,
     model: ModelOptions,
     engine: Any,
-    todo: list[WorkItem],
+    run: BatchRun,
     opts: BatchOptions,
     options: RayOptions,
     verbose: int,
-    report: Any,
-    groups: DocumentGroups,
 ) -> None:
     assert opts.out_dir is not None
     gpu = _use_gpus(ray, model)
@@ -351,6 +331,7 @@ def _run_pipeline(
 
     job_started = _mark_job(opts.out_dir) if opts.overwrite else None
     worker_opts = dataclasses.replace(opts, json_lines=False, stream_text=False, stdout=None)
+    todo = run.todo
     rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(todo)]
     # One page per block, so pages spread over the CPU tasks and the actors' concurrent calls.
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -379,9 +360,8 @@ def _run_pipeline(
                 continue
             seen.add(index)
             result = json.loads(row["result"])
-            report([Outcome(todo[index], result["status"], result["tokens"], result["seconds"], result["message"],
-                            record=result["record"])])
-            report(groups.step(todo[index]))
+            run.item_done(Outcome(todo[index], result["status"], result["tokens"], result["seconds"],
+                                  result["message"], record=result["record"]))
     except (KeyboardInterrupt, DsocrError):
         raise
     except Exception as exc:  # the job itself failed (e.g. no actor could load the model)
@@ -394,8 +374,7 @@ def _run_pipeline(
                 (opts.out_dir / JOB_MARKER).unlink()
     for index, item in enumerate(todo):
         if index not in seen:
-            report([Outcome(item, "failed", message=NO_RESULT)])
-            report(groups.step(item))
+            run.item_done(Outcome(item, "failed", message=NO_RESULT))
 
 
 def _use_gpus(ray: Any, model: ModelOptions) -> bool:

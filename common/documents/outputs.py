@@ -10,12 +10,15 @@ import contextlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from common.documents.postprocess import MarkdownResult, clean_output, crop_figures, draw_boxes, to_markdown
 from common.documents.workitems import Prepared, WorkItem
+from common.engine.requests import GenerationResult
 
 PAGE_SEPARATOR = "\n\n<!-- page {page} -->\n\n"  # between pages in the combined PDFNAME.md
 
@@ -81,60 +84,61 @@ def parsed_json(text: str) -> Any:
         return None
 
 
-def result_record(
-    item: WorkItem, prepared: Prepared, result: Any, mode_name: str, *, json_output: bool = False
-) -> dict[str, Any]:
-    """The JSON object of one item (--json line and NAME.json); `json_output` adds `data`, the parsed text."""
-    from common.documents.postprocess import to_markdown
+@dataclass
+class Page:
+    """One item's result, post-processed once: its JSON record and, for a page of an image, the Markdown with the
+    figures and boxes its grounding markup names."""
 
-    timings = dict(result.timings)
-    timings["prepare_s"] = prepared.prepare_s
-    boxes = (
-        to_markdown(result.raw_text, prepared.image.size).boxes
-        if prepared.image is not None and not json_output
-        else []
-    )
+    record: dict[str, Any]
+    converted: MarkdownResult | None = None
+
+
+def page_record(item: WorkItem, prepared: Prepared, result: GenerationResult, mode_name: str, json_output: bool,
+                out_dir: Path | None) -> Page:
+    """The item's post-processed result: the --json line and NAME.json. `text` is the Markdown (figure links
+    into NAME_images/ when written to -o DIR); `json_output` keeps the text exactly and adds `data`, the parsed
+    value."""
+    raw = result.text if json_output else (clean_output(result.text) if result.text.strip() else "")
+    converted = None
+    if prepared.image is not None and not json_output:
+        image_dir = output_paths(out_dir, item)["images"].name if out_dir is not None else "images"
+        converted = to_markdown(raw, prepared.image.size, image_dir=image_dir)
+    timings = dict(result.timings, prepare_s=prepared.prepare_s)
     record = {
         "source": item.source,
         "page": item.page,
-        "text": result.text,
-        "raw_text": result.raw_text,
+        "text": converted.markdown if converted is not None else raw,
+        "raw_text": raw,
         "token_ids": list(result.token_ids),
         "finish_reason": result.finish_reason,
         "usage": result.usage(),
         "crop_grid": result.crop_grid,
         "mode": mode_name,
         "image_size": list(prepared.image.size) if prepared.image is not None else None,
-        "boxes": [_box_dict(b) for b in boxes],  # grounding boxes, pixel coordinates of the input image
+        # grounding boxes, pixel coordinates of the input image
+        "boxes": [_box_dict(b) for b in converted.boxes] if converted is not None else [],
         "timings": {k: round(v, 6) for k, v in timings.items()},
     }
     if json_output:
         record["data"] = parsed_json(result.text)
-    return record
+    return Page(record, converted)
 
 
-def write_outputs(out_dir: Path, item: WorkItem, prepared: Prepared, record: dict[str, Any]) -> dict[str, Any]:
-    """NAME_images/*.jpg, NAME.md, NAME.boxes.jpg, then NAME.json (last: it marks the item done).
-
-    Returns the record with `text` = the Markdown of NAME.md (figure links into NAME_images/).
-    """
-    from common.documents.postprocess import crop_figures, draw_boxes, to_markdown
-
+def write_outputs(out_dir: Path, item: WorkItem, prepared: Prepared, page: Page) -> dict[str, Any]:
+    """NAME_images/*.jpg, NAME.md, NAME.boxes.jpg, then NAME.json (last: it marks the item done). Returns the
+    record written."""
     paths = output_paths(out_dir, item)
+    record = page.record
     if "data" in record:  # JSON output: `text` stays the JSON; NAME.md shows it as a code block
         atomic_write(paths["md"], f"```json\n{record['raw_text']}\n```\n")
-        atomic_write(paths["json"], json.dumps(record, ensure_ascii=False, indent=1) + "\n")
-        return record
-    markdown = record["raw_text"]
-    if prepared.image is not None:
-        converted = to_markdown(record["raw_text"], prepared.image.size, image_dir=paths["images"].name)
-        markdown = converted.markdown
-        for index, crop in enumerate(crop_figures(prepared.image, converted.figures) if converted.figures else []):
-            _save_image(paths["images"] / f"{index}.jpg", crop)
-        if converted.boxes:
-            _save_image(paths["boxes"], draw_boxes(prepared.image, converted.boxes))
-    atomic_write(paths["md"], markdown.rstrip() + "\n")
-    record = dict(record, text=markdown)  # links point at NAME_images/ here
+    else:
+        converted = page.converted
+        if converted is not None and prepared.image is not None:
+            for index, crop in enumerate(crop_figures(prepared.image, converted.figures) if converted.figures else []):
+                _save_image(paths["images"] / f"{index}.jpg", crop)
+            if converted.boxes:
+                _save_image(paths["boxes"], draw_boxes(prepared.image, converted.boxes))
+        atomic_write(paths["md"], record["text"].rstrip() + "\n")
     atomic_write(paths["json"], json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     return record
 

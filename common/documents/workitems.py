@@ -6,14 +6,13 @@ batch goes on without them; missing or unsupported inputs are an InputError.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
 import os
-import queue
 import re
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -232,70 +231,24 @@ def prepare_item(engine: Any, item: WorkItem, prompt: str, mode: Mode, dpi: int 
     return Prepared(item, image, inputs, time.perf_counter() - t0)
 
 
-class Prefetcher:
-    """Prepares items on a background thread, up to `ahead` of the consumer, in order.
-
-    `get(block=False)` lets a consumer that has other work (decoding running items) take a prepared item
-    only when one is ready; `close()` stops the thread (also on Ctrl-C in the consumer).
-    """
-
-    _END = object()
-
-    def __init__(self, engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, ahead: int) -> None:
-        self._ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
-        self._stop = threading.Event()
-        self.finished = False
-
-        def worker() -> None:
-            for item in items:
-                result = prepare_item(engine, item, prompt, mode, dpi)
-                if not self._put(result):
-                    return
-            self._put(self._END)
-
-        self._thread = threading.Thread(target=worker, name="dsocr-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, value: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(self, block: bool = True) -> Prepared | None:
-        """The next prepared item; None when there is none yet (block=False) or no more (see `finished`)."""
-        if self.finished:
-            return None
-        try:
-            got = self._ready.get(block=block)
-        except queue.Empty:
-            return None
-        if got is self._END:
-            self.finished = True
-            return None
-        return got
-
-    def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():  # drain so the worker can see `stop`
-            with contextlib.suppress(queue.Empty):
-                self._ready.get(timeout=0.05)
-
-
-def prepared_stream(
-    engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, prefetch: int
-) -> Iterator[Prepared]:
-    """Prepared items in order; with prefetch > 0 a background thread prepares up to `prefetch` ahead."""
-    if prefetch <= 0:
+def prepared_items(
+    engine: Any, items: list[WorkItem], prompt: str, mode: Mode, dpi: int, ahead: int
+) -> Generator[Prepared, None, None]:
+    """The items prepared, in order. With `ahead` > 0 a worker thread prepares up to `ahead` items in advance
+    while the caller generates; closing the generator (or Ctrl-C in the caller) drops what has not started."""
+    if ahead <= 0:
         for item in items:
             yield prepare_item(engine, item, prompt, mode, dpi)
         return
-    feed = Prefetcher(engine, items, prompt, mode, dpi, prefetch)
+    pending: collections.deque[Future[Prepared]] = collections.deque()
+    upcoming = iter(items)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dsocr-prepare")
     try:
-        while (got := feed.get()) is not None:
-            yield got
+        while True:
+            while len(pending) < ahead and (item := next(upcoming, None)) is not None:
+                pending.append(pool.submit(prepare_item, engine, item, prompt, mode, dpi))
+            if not pending:
+                return
+            yield pending.popleft().result()
     finally:
-        feed.close()
+        pool.shutdown(wait=False, cancel_futures=True)

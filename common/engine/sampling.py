@@ -1,4 +1,4 @@
-"""Generation policy shared by every backend: sampling parameters and their validation."""
+"""Sampling parameters, their validation and resolution from user options, and the reference token choice."""
 
 from __future__ import annotations
 
@@ -16,11 +16,22 @@ if TYPE_CHECKING:
 NGRAM_WHITELIST_TOKENS: tuple[str, ...] = ("<td>", "</td>")
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the official infer() value; a dense page needs a few thousand
+# A bound far above any model context, so an absurd value is refused before anything is allocated.
+MAX_NEW_TOKENS_BOUND = 1 << 20
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # all stop strings together
+MAX_SEED = 2**63 - 1  # a signed 64-bit seed, what every backend's generator accepts
+MAX_TOP_K = 2**31 - 1  # top-k travels as int32; anything past the vocabulary means "off" anyway
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
+
+    `max_new_tokens` is what the caller asked for: it must fit the sequence's lane with the prompt, or the
+    request is refused (never shortened). None means "as many as fit, up to `default_max_new_tokens`". The budget
+    is fitted once, when the engine core admits the request (`fit_max_tokens`).
 
     temperature 0 means greedy. `no_repeat_ngram_size` 0 disables the n-gram guard; `ngram_window` 0
     looks at the whole sequence including the prompt (the official Hugging Face `infer()`), a positive
@@ -28,7 +39,8 @@ class SamplingParams:
     the output to JSON (a schema or any object; see common.engine.structured), None = free text.
     """
 
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None
+    default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -37,20 +49,23 @@ class SamplingParams:
     no_repeat_ngram_size: int = 20
     ngram_window: int = 0
     ngram_whitelist: tuple[int, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False  # keep going past EOS until max_new_tokens (benchmarks)
+    ignore_eos: bool = False  # keep going past EOS until the token budget (benchmarks)
     json_spec: JsonSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", param="max_tokens")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InputError(f"temperature must be between 0 and 100, got {self.temperature}", param="temperature")
+        for name, value in (("max_tokens", self.max_new_tokens), ("default_max_tokens", self.default_max_new_tokens)):
+            if value is not None and not 1 <= value <= MAX_NEW_TOKENS_BOUND:
+                raise InputError(f"{name} must be between 1 and {MAX_NEW_TOKENS_BOUND}, got {value}",
+                                 param="max_tokens")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InputError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}",
+                             param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}", param="top_k")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InputError(f"seed must be between 0 and {2**63 - 1}, got {self.seed}", param="seed")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise InputError(f"top_k must be between 0 and {MAX_TOP_K}, got {self.top_k}", param="top_k")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", param="seed")
         if self.no_repeat_ngram_size < 0:
             raise InputError(
                 f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}", param="no_repeat_ngram_size"
@@ -63,10 +78,87 @@ class SamplingParams:
                 f"({self.no_repeat_ngram_size})",
                 param="ngram_window",
             )
+        check_stop_strings(self.stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def fit_max_tokens(prompt_tokens: int, params: SamplingParams, capacity: int, model_context: int) -> int:
+    """The token budget of a prompt in a lane of `capacity` positions (the model's context, or less with
+    --max-context): an explicit max_tokens must fit, the default shrinks to fit. InputError when the prompt
+    alone fills the lane or an explicit max_tokens does not fit."""
+    room = capacity - prompt_tokens
+    where = "the model's context" if capacity >= model_context else "each sequence's context (--max-context)"
+    if room < 1:
+        raise InputError(
+            f"the prompt is {prompt_tokens} tokens; {where} is {capacity} tokens "
+            "(shorten the text, or use fewer images or a smaller mode)",
+            param="messages",
+        )
+    if params.max_new_tokens is not None:
+        if params.max_new_tokens > room:
+            raise InputError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_new_tokens}) exceeds {where} of "
+                f"{capacity} tokens; ask for at most {room}",
+                param="max_tokens",
+            )
+        return params.max_new_tokens
+    return min(params.default_max_new_tokens, room)
+
+
+def check_stop_strings(stop: tuple[str, ...]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InputError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(stop)}", param="stop")
+    total = sum(len(s) for s in stop)
+    if total > MAX_STOP_CHARS:
+        raise InputError(
+            f"the stop strings are {total} characters together; at most {MAX_STOP_CHARS} are accepted", param="stop"
+        )
+
+
+def stop_strings(stop: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Stop strings as given, empty ones left out (an empty string would stop at once), within the limits."""
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else tuple(stop)
+    return tuple(s for s in items if s)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Generation options as users give them; None = the default (greedy, as the official code)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | tuple[str, ...] | None = None
+    no_repeat_ngram_size: int | None = None
+    ngram_window: int | None = None
+    json_spec: JsonSpec | None = None  # JSON output (common.engine.structured); None = free text
+
+    def resolve(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
+        """SamplingParams (`default_max_tokens` when no max_tokens is given); InputError naming the option for a
+        bad value."""
+        extra: dict[str, int] = {}
+        if self.no_repeat_ngram_size is not None:
+            extra["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.ngram_window is not None:
+            extra["ngram_window"] = self.ngram_window
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            default_max_new_tokens=default_max_tokens,
+            temperature=0.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=stop_strings(self.stop),
+            json_spec=self.json_spec,
+            **extra,
+        )
 
 
 # ---- the token choice every backend implements on its device ------------------------------------------------
@@ -135,96 +227,3 @@ def with_ngram_whitelist(params: SamplingParams, whitelist: tuple[int, ...]) -> 
     if params.ngram_window > 0 and params.no_repeat_ngram_size > 0 and not params.ngram_whitelist:
         return replace(params, ngram_whitelist=whitelist)
     return params
-
-MAX_STOP_STRINGS = 4  # as OpenAI
-
-MAX_STOP_CHARS = 1024  # all stop strings together
-
-MAX_SEED = 2**63 - 1  # a signed 64-bit seed, what every backend's generator accepts
-
-
-def fit_max_tokens(prompt_tokens: int, requested: int | None, default: int, context: int) -> int:
-    """The completion budget for a prompt: `requested` must fit the context; the default shrinks to fit.
-
-    InputError when the prompt alone fills the context, or when an explicit request does not fit.
-    """
-    room = context - prompt_tokens
-    if room < 1:
-        raise InputError(
-            f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens "
-            "(shorten the text, or use fewer images or a smaller mode)",
-            param="messages",
-        )
-    if requested is not None and requested > room:
-        raise InputError(
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the model's context of "
-            f"{context} tokens; ask for at most {room}",
-            param="max_tokens",
-        )
-    return min(requested if requested is not None else default, room)
-
-
-def check_stop_strings(stop: tuple[str, ...]) -> None:
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InputError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(stop)}", param="stop")
-    total = sum(len(s) for s in stop)
-    if total > MAX_STOP_CHARS:
-        raise InputError(
-            f"the stop strings are {total} characters together; at most {MAX_STOP_CHARS} are accepted", param="stop"
-        )
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be between 0 and {MAX_SEED}, got {seed}", param="seed")
-
-
-# A bound far above any model context, so an absurd value is refused before anything is allocated.
-MAX_NEW_TOKENS_BOUND = 1 << 20
-
-
-def stop_strings(stop: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Stop strings as given, empty ones left out (an empty string would stop at once), within the limits."""
-    if stop is None:
-        return ()
-    items = (stop,) if isinstance(stop, str) else tuple(stop)
-    kept = tuple(s for s in items if s)
-    check_stop_strings(kept)
-    return kept
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Generation options as users give them; None = the default (greedy, as the official code)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | tuple[str, ...] | None = None
-    no_repeat_ngram_size: int | None = None
-    ngram_window: int | None = None
-    json_spec: JsonSpec | None = None  # JSON output (common.engine.structured); None = free text
-
-    def resolve(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
-        """SamplingParams; InputError naming the option for a bad value. max_tokens is capped by the default."""
-        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_NEW_TOKENS_BOUND:
-            raise InputError(
-                f"max_tokens must be between 1 and {MAX_NEW_TOKENS_BOUND}, got {self.max_tokens}", param="max_tokens"
-            )
-        extra: dict[str, int] = {}
-        if self.no_repeat_ngram_size is not None:
-            extra["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        if self.ngram_window is not None:
-            extra["ngram_window"] = self.ngram_window
-        return SamplingParams(
-            max_new_tokens=min(self.max_tokens or default_max_tokens, default_max_tokens),
-            temperature=0.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            seed=self.seed,
-            stop=stop_strings(self.stop),
-            json_spec=self.json_spec,
-            **extra,
-        )

@@ -1,64 +1,101 @@
-"""Model options shared by the command-line tools: the flags, their `DSOCR_*` variables, and loading the engine."""
+"""The flags both programs share, and their DSOCR_* variables: every long flag of either parser reads the
+variable named after it (--max-queue: DSOCR_MAX_QUEUE), parsed and checked by the flag's own type, the flag
+winning over the variable. A bad value is a usage error naming the variable."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from common.engine.backend import BACKENDS, DTYPES
+from common.engine.engine import ModelOptions
+from common.files import read_capped_text
+from common.model.device import DEVICES
+from common.model.families import all_mode_names
+from common.model.prompt import TASKS
 from common.options.argtypes import boolean, finite_float, int_in_range, positive_int
-from common.options.choices import choices
+
+ENV_PREFIX = "DSOCR"
+MAX_PROMPT_FILE_BYTES = 1 << 20
+# Flags with no variable: what only makes sense typed for one run (or lists, which a variable cannot hold).
+_NO_VARIABLE = (argparse._HelpAction, argparse._VersionAction, argparse._AppendAction)
 
 
-def env_default(name: str, default: Any) -> Any:
-    """The value of environment variable `name` (parsed later by the flag's type), else `default`."""
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
+def choices(option: str) -> tuple[str, ...]:
+    """The values a user may give for `option` ("mode", "task", "backend", "device", "dtype")."""
+    table = {
+        "mode": all_mode_names(),  # every family's presets; the loaded model decides which are valid
+        "task": tuple(TASKS),
+        "backend": ("auto", *BACKENDS),
+        "device": DEVICES,
+        "dtype": DTYPES,
+    }
+    return table[option]
 
 
-def add_model_arguments(group: Any, env_prefix: str | None = None) -> None:
-    """--model, --revision, --offline, --backend, --device, --dtype; with `env_prefix`, each reads PREFIX_NAME too."""
+def variable_of(action: argparse.Action, prefix: str = ENV_PREFIX) -> str | None:
+    """The environment variable of a flag (None for positionals and flags that have none)."""
+    long = [o for o in action.option_strings if o.startswith("--")]
+    if not long or isinstance(action, _NO_VARIABLE):
+        return None
+    return f"{prefix}_{long[0][2:].upper().replace('-', '_')}"
 
-    def default(name: str, value: Any) -> Any:
-        return env_default(f"{env_prefix}_{name}", value) if env_prefix else value
 
-    def env_note(name: str) -> str:
-        return f"; ${env_prefix}_{name}" if env_prefix else ""
+def _parse(action: argparse.Action, text: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction):
+        value = boolean(text)
+        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+    if isinstance(action, argparse._CountAction):
+        return int_in_range(0)(text)
+    value = action.type(text) if callable(action.type) else text
+    if action.choices is not None and value not in action.choices:
+        allowed = ", ".join(map(str, action.choices))
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {allowed})")
+    return value
 
-    group.add_argument(
-        "--model",
-        metavar="DIR|REPO",
-        default=default("MODEL", None),
-        help="local model directory or Hugging Face repo id (default deepseek-ai/DeepSeek-OCR, downloaded on "
-        f"first use{env_note('MODEL')})",
-    )
-    group.add_argument("--revision", metavar="REV", default=default("REVISION", None),
-                       help=f"Hub revision: branch, tag or commit{env_note('REVISION')}")
-    offline = default("OFFLINE", "")
-    group.add_argument("--offline", action="store_true", default=str(offline).lower() in ("1", "true", "yes", "on"),
-                       help=f"never touch the network (use the Hugging Face cache){env_note('OFFLINE')}=1")
+
+def read_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Makes each flag's DSOCR_* variable its default (and names it in --help)."""
+    environ = os.environ if environ is None else environ
+    for action in parser._actions:  # argparse offers no public way to walk a parser's flags
+        name = variable_of(action)
+        if name is None:
+            continue
+        if action.help and action.help != argparse.SUPPRESS:
+            action.help += f" [${name}]"
+        raw = environ.get(name, "")
+        if raw == "":
+            continue
+        try:
+            action.default = _parse(action, raw)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"${name}: {exc}")
+
+
+def add_model_arguments(group: Any) -> None:
+    """--model, --revision, --offline, --backend, --device, --dtype and the engine's bounds."""
+    group.add_argument("--model", metavar="DIR|REPO", default=None,
+                       help="local model directory or Hugging Face repo id (default deepseek-ai/DeepSeek-OCR, "
+                       "downloaded on first use)")
+    group.add_argument("--revision", metavar="REV", default=None, help="Hub revision: branch, tag or commit")
+    group.add_argument("--offline", action="store_true", help="never touch the network (use the Hugging Face cache)")
     for name, what in (("backend", "inference backend"), ("device", "device"),
                        ("dtype", "compute dtype; auto = bfloat16 where the device supports it")):
-        group.add_argument(f"--{name}", choices=choices(name), default=default(name.upper(), "auto"),
-                           help=f"{what} (default auto{env_note(name.upper())})")
-    group.add_argument(
-        "--max-batch", metavar="N", type=int_in_range(1, 1024), default=default("MAX_BATCH", None),
-        help="most sequences decoded together (default 8 on CPUs and MLX, 32 on CUDA; bounded by the KV cache)"
-        f"{env_note('MAX_BATCH')}",
-    )
-    group.add_argument(
-        "--kv-cache-gib", metavar="GIB", type=finite_float(0.0, exclusive=True), default=default("KV_CACHE_GIB", None),
-        help="memory for the KV cache, which bounds the sequences decoded together (default: CPU half the RAM, "
-        f"committed as used; CUDA 60%% of free memory; MLX a quarter of the memory){env_note('KV_CACHE_GIB')}",
-    )
-    group.add_argument(
-        "--max-context", metavar="N", type=int_in_range(16), default=default("MAX_CONTEXT", None),
-        help="positions per sequence, prompt + output (default: the model's context); smaller fits more sequences"
-        f"{env_note('MAX_CONTEXT')}",
-    )
-    group.add_argument(
-        "--cuda-graphs", type=boolean, metavar="on|off", default=default("CUDA_GRAPHS", None),
-        help=f"capture decode steps as CUDA graphs (default on with CUDA){env_note('CUDA_GRAPHS')}",
-    )
+        group.add_argument(f"--{name}", choices=choices(name), default="auto", help=f"{what} (default auto)")
+    group.add_argument("--max-batch", metavar="N", type=int_in_range(1, 1024), default=None,
+                       help="most sequences decoded together (default 8 on CPUs and MLX, 32 on CUDA; bounded by "
+                       "the KV cache)")
+    group.add_argument("--kv-cache-gib", metavar="GIB", type=finite_float(0.0, exclusive=True), default=None,
+                       help="memory for the KV cache, which bounds the sequences decoded together (default: CPU "
+                       "half the RAM, committed as used; CUDA 60%% of free memory; MLX a quarter of the memory)")
+    group.add_argument("--max-context", metavar="N", type=int_in_range(16), default=None,
+                       help="positions per sequence, prompt + output (default: the model's context); smaller fits "
+                       "more sequences")
+    group.add_argument("--cuda-graphs", type=boolean, metavar="on|off", default=None,
+                       help="capture decode steps as CUDA graphs (default on with CUDA)")
 
 
 def add_ray_arguments(group: Any) -> None:
@@ -71,3 +108,14 @@ def add_ray_arguments(group: Any) -> None:
                        help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
     group.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
                        help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The ModelOptions of parsed --model ... flags."""
+    return ModelOptions(args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
+                        args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs)
+
+
+def read_prompt_file(path: Path, max_bytes: int = MAX_PROMPT_FILE_BYTES) -> str:
+    """A prompt file's text, read with a cap."""
+    return read_capped_text(path, max_bytes, param="prompt_file", kind="a prompt")

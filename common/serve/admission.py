@@ -1,307 +1,246 @@
-"""The inference worker: one thread owns the engine and drives its generation loop (continuous batching).
+"""From a parsed request to a running generation, refusing before the expensive work.
 
-MLX streams are thread-local and CUDA likes one owner, so only this thread touches the model (it also loads
-it). HTTP handlers prepare requests (off the event loop) and `submit` them to a `RequestQueue` (ordering,
-bounds, Retry-After); the worker moves requests from that queue into the generation loop as long as the loop
-has room for them (`max_batch` sequences decode together), steps the loop, and sends each sequence's events
-(text deltas, then the final result) back to the event loop.
+The order: the model must be ready (503 otherwise) and the engine's queue must have room (429 with Retry-After);
+remote media are fetched on the fetch executor within one deadline; then, on the small prepare executor, the chat's
+media become images (limits first, decoding last), the images become model inputs, and the request is submitted
+to the engine core (which fits its token budget to a lane or refuses it). Nothing proportional to a request's size
+runs on the event loop; the generated text comes back through the request's handle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from common.documents.postprocess import GroundingStripper
-from common.engine.queue import QueueFullError, RequestQueue
-from common.engine.sampling import SamplingParams
-from common.memory import trim_heap
-from common.serve.errors import APIError, api_error_for
+from common.engine.backend import ProgressCallback
+from common.engine.engine import Engine
+from common.engine.requests import RequestHandle
+from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, SamplingParams
+from common.engine.scheduler import QueueFullError
+from common.engine.sequence import BACKGROUND, INTERACTIVE
+from common.engine.structured import JsonSpec, spec_from_response_format, spec_from_text_param
+from common.model.families import DEEPSEEK_OCR, ModelFamily, ModeOptions
+from common.model.modes import Mode
+from common.serve.chat import FoldedChat, fold_chat, turn_of, widen_placeholders
+from common.serve.errors import APIError
+from common.serve.limits import RequestLimits, check_prompt_chars
+from common.serve.media import FetchPolicy, is_remote, load_media, media_bytes
 from common.serve.metrics import Metrics
-from common.serve.schema import new_id
+from common.serve.schema import MODEL_ID, ChatCompletionRequest, ResponsesRequest
 
 log = logging.getLogger("dsocr.server")
 
-ProgressCallback = Callable[[str, int, int], None]
-# After a request whose inputs held this much, freed heap is handed back to the system.
-TRIM_AFTER_BYTES = 16 * 1024 * 1024
+
+@dataclass
+class ServerSettings:
+    model_ids: tuple[str, ...] = (MODEL_ID,)  # first is advertised; all are accepted (case-insensitive)
+    mode: str | None = None  # None: the model family's default preset
+    family: ModelFamily = DEEPSEEK_OCR  # the loaded model's (set when it is ready): its presets are the valid modes
+    max_queue: int = 16  # requests allowed to wait for a lane
+    max_queued_mb: float = 1024.0  # bytes of prepared views the waiting requests may hold
+    max_body_mb: float = 64.0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # default and upper bound of a request's max_tokens
+    keepalive_s: float = 5.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    prepare_workers: int = 2  # images decoded and tiled at once (fetches have their own threads)
+    fetch_workers: int = 8
+    on_load_error: Any = None  # Callable[[BaseException], None]
 
 
-class GenerationLike(Protocol):
-    result: Any
-
-    def __iter__(self) -> Iterator[str]: ...
-
-    def cancel(self) -> None: ...
+# ------------------------------------------------------------------------------------------------ the model
 
 
-class EngineLike(Protocol):
-    """What the server needs from `common.engine.engine.Engine` (tests may pass a stand-in)."""
+class ModelService:
+    """The engine the server serves: loaded on a thread of its own while /health says "loading", then ready (or
+    failed, with the reason). Wires the engine core's hooks to the metrics."""
 
-    def prepare(self, prompt: str, images: list[Any], mode: Any) -> Any: ...
-
-    loop: Any  # common.engine.loop.GenerationLoop
-
-    def generate(self, prepared: Any, params: SamplingParams, **kwargs: Any) -> GenerationLike: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def compile_json_spec(self, spec: Any) -> None: ...
-
-    def close(self) -> None: ...
-
-
-EngineLoader = Callable[[ProgressCallback], EngineLike]
-
-
-class ShuttingDownError(Exception):
-    pass
-
-
-def inputs_nbytes(prepared: Any) -> int:
-    """Bytes the prepared views hold (what a waiting request keeps in memory)."""
-    total = 0
-    for image in getattr(prepared, "images", []) or []:
-        total += image.global_view.nbytes + (image.local_views.nbytes if image.local_views is not None else 0)
-    return total
-
-
-@dataclass(eq=False)
-class InferenceRequest:
-    """One generation job. Events go back to the event loop: ("delta", str), ("done", result), ("error", exc)."""
-
-    prepared: Any
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    background: bool = False  # text-only: served after waiting image requests
-    strip_grounding: bool = True
-    id: str = field(default_factory=lambda: new_id("req"))
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-    generation: GenerationLike | None = None
-    on_cancel: Callable[[InferenceRequest], None] | None = None
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def nbytes(self) -> int:
-        return inputs_nbytes(self.prepared)
-
-    def cancel(self) -> None:
-        """Thread-safe: a waiting request leaves the queue at once; a running one stops before its next step."""
-        if self._cancelled.is_set():
-            return
-        self._cancelled.set()
-        generation = self.generation
-        if generation is not None:
-            generation.cancel()
-        if self.on_cancel is not None:
-            self.on_cancel(self)
-
-    def emit(self, kind: str, payload: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-
-class Scheduler:
-    """Owns the engine on one worker thread and serves queued requests, many at a time (continuous batching)."""
-
-    def __init__(
-        self,
-        engine_or_loader: EngineLike | EngineLoader,
-        max_queue: int,
-        metrics: Metrics,
-        on_load_error: Callable[[BaseException], None] | None = None,
-        max_queued_bytes: int | None = None,
-    ) -> None:
-        self._source = engine_or_loader
-        self.engine: EngineLike | None = None
-        self.metrics = metrics
+    def __init__(self, source: Engine | Callable[[ProgressCallback], Engine], settings: ServerSettings,
+                 metrics: Metrics, on_ready: Callable[[Engine], None] | None = None) -> None:
+        self._source, self.settings, self.metrics, self._on_ready = source, settings, metrics, on_ready
+        self.engine: Engine | None = None
         self.state = "loading"
         self.load_error: str | None = None
         self.progress: dict[str, Any] = {}
-        self._on_load_error = on_load_error
-        self._queue: RequestQueue[InferenceRequest] = RequestQueue(max_queue, max_queued_bytes)
-        self._cond = threading.Condition()
-        self._running: list[InferenceRequest] = []
-        self._stopping = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dsocr-inference", daemon=True)
-        self._ready_listeners: list[Callable[[EngineLike], None]] = []
-
-    # --- public (event-loop side)
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready"
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    def on_ready(self, listener: Callable[[EngineLike], None]) -> None:
-        self._ready_listeners.append(listener)
+        self._thread = threading.Thread(target=self._load, name="dsocr-load", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def full(self) -> bool:
-        return self._queue.full()
-
-    def retry_after_s(self) -> int:
-        return max(1, round(self._queue.wait_estimate_s()))
-
-    def submit(self, request: InferenceRequest) -> None:
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDownError()
-            request.on_cancel = self._withdraw
-            try:
-                self._queue.push(request, background=request.background, nbytes=request.nbytes)
-            except QueueFullError:
-                request.on_cancel = None
-                self.metrics.record_rejected()
-                raise
-        self._wake()
-
-    def _withdraw(self, request: InferenceRequest) -> None:
-        if self._queue.remove(request):
-            request.emit("error", APIError(499, "cancelled before it started"))
-            if request.nbytes >= TRIM_AFTER_BYTES:
-                trim_heap()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuses queued requests, cancels running ones and waits for the worker to finish."""
-        with self._cond:
-            already_stopping, self._stopping = self._stopping, True
-            queued = self._queue.clear()
-            running = list(self._running)
-        self._stop.set()
-        self._wake()
-        for request in queued:
-            request.emit("error", APIError(503, "the server is shutting down"))
-            request.cancel()
-        for request in running:
-            request.cancel()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        if already_stopping or self._thread.is_alive():
-            return  # closed by the first caller, or the worker is stuck: leave the engine to process exit
+    def stop(self) -> None:
+        """Refuses new requests, ends waiting and running ones (cancelled) and closes the engine."""
+        self.state = "stopping" if self.state == "ready" else self.state
         if self.engine is not None:
-            try:
-                self.engine.close()
-            except Exception:  # closing is best effort at exit
-                log.exception("error closing the engine")
+            self.engine.close()
 
-    def _wake(self) -> None:
-        """The worker looks at the queue again (a request arrived, finished or the server stops)."""
-        engine = self.engine
-        loop = getattr(engine, "loop", None) if engine is not None else None
-        if loop is not None:
-            loop.wake()
-
-    # --- worker thread
     def _progress(self, what: str, done: int, total: int) -> None:
         self.progress = {"what": what, "done": done, "total": total}
         if total and (done == total or done % max(1, total // 10) == 0):
             log.info("loading %s: %d/%d", what, done, total)
 
-    def _run(self) -> None:
-        if callable(self._source) and not hasattr(self._source, "generate"):
-            try:
-                self.engine = self._source(self._progress)
-            except BaseException as exc:  # report, never crash silently
-                self.state, self.load_error = "error", str(exc) or type(exc).__name__
-                log.error("model failed to load: %s", self.load_error)
-                if self._on_load_error is not None:
-                    self._on_load_error(exc)
-                return
-        else:
-            self.engine = self._source  # type: ignore[assignment]
-        assert self.engine is not None
-        loop = self.engine.loop
-        loop.on_step = self.metrics.record_batch
-        self._queue.concurrency = loop.max_batch
-        for listener in self._ready_listeners:
-            listener(self.engine)
-        self.state = "ready"
-        log.info("model ready: %s (up to %d sequences per decode step)", self.engine.describe(), loop.max_batch)
-        loop.run(self._stop, admit=lambda: self._admit(loop))
-
-    def _admit(self, loop: Any) -> None:
-        """Moves waiting requests into the generation loop while it has room (runs on the worker thread)."""
-        with self._cond:
-            while loop.running + loop.waiting < loop.max_batch and (request := self._queue.pop()) is not None:
-                self._running.append(request)
-                self._start(request)
-        self.metrics.running_sequences = loop.running
-
-    def _start(self, request: InferenceRequest) -> None:
-        """Submits one request to the generation loop, its events going straight back to the event loop."""
-        assert self.engine is not None
-        if request.cancelled:
-            self._finished(request, error=APIError(499, "cancelled before it started"))
-            return
-        started = time.perf_counter()
-        stripper = GroundingStripper() if request.strip_grounding else None
-        first = [True]
-
-        def on_event(kind: str, payload: Any) -> None:
-            if kind == "delta":
-                if first[0]:
-                    self.metrics.record_ttft(time.perf_counter() - started)
-                    first[0] = False
-                delta = stripper.feed(payload) if stripper is not None else payload
-                if delta:
-                    request.emit("delta", delta)
-            elif kind == "done":
-                if stripper is not None and (tail := stripper.flush()):
-                    request.emit("delta", tail)
-                if first[0] and payload.completion_tokens:
-                    self.metrics.record_ttft(time.perf_counter() - started)
-                cancelled = payload.finish_reason == "cancelled"
-                self.metrics.record_generation(payload.prompt_tokens, payload.completion_tokens, cancelled)
-                self._finished(request, result=payload)
-            else:
-                self.metrics.record_failed()
-                error = api_error_for(payload)
-                if error.status >= 500:
-                    log.error("generation failed: %s", payload, exc_info=payload)
-                self._finished(request, error=error)
-
+    def _load(self) -> None:
         try:
-            generation = self.engine.generate(
-                request.prepared, request.params, priority=int(request.background), listener=on_event
-            )
-        except Exception as exc:  # refused before it ran (bad input the loop caught)
-            self.metrics.record_failed()
-            self._finished(request, error=api_error_for(exc))
+            engine = self._source if isinstance(self._source, Engine) else self._source(self._progress)
+            core = engine.core
+            if core is None:
+                raise RuntimeError("the server needs an engine loaded with weights")
+            core.limit_queue(self.settings.max_queue, int(self.settings.max_queued_mb * 1024 * 1024))
+            core.on_step = self._on_step
+            core.on_finish = self._on_finish
+        except BaseException as exc:  # reported on /health and by main(), never lost
+            self.state, self.load_error = "error", str(exc) or type(exc).__name__
+            log.error("model failed to load: %s", self.load_error)
+            if self.settings.on_load_error is not None:
+                self.settings.on_load_error(exc)
             return
-        request.generation = generation
-        if request.cancelled:  # cancel() raced with submission: make sure the generation sees it
-            generation.cancel()
+        self.engine = engine
+        if self._on_ready is not None:
+            self._on_ready(engine)
+        self.state = "ready"
+        log.info("model ready: %s (up to %d sequences per decode step)", engine.describe(), core.max_batch)
 
-    def _finished(self, request: InferenceRequest, *, result: Any = None, error: APIError | None = None) -> None:
-        if error is not None:
-            request.emit("error", error)
-        else:
-            request.emit("done", result)
-        self._queue.done(request)
-        with self._cond:
-            if request in self._running:
-                self._running.remove(request)
-        self._wake()
-        if request.nbytes >= TRIM_AFTER_BYTES:
-            request.prepared = request.generation = None  # the views are no longer needed: free them first
-            trim_heap()
+    def _on_step(self, batch: int) -> None:
+        self.metrics.record_batch(batch)
+        self.metrics.running_sequences = self.running
+
+    def _on_finish(self, handle: RequestHandle) -> None:
+        result = handle.result
+        if result is None:
+            self.metrics.record_failed()
+            return
+        if result.completion_tokens:
+            self.metrics.record_ttft(result.timings.get("ttft_s", 0.0))
+        self.metrics.record_generation(result.prompt_tokens, result.completion_tokens,
+                                       result.finish_reason == "cancelled")
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def waiting(self) -> int:
+        return self.engine.core.waiting if self.engine is not None and self.engine.core is not None else 0
+
+    @property
+    def running(self) -> int:
+        return self.engine.core.running if self.engine is not None and self.engine.core is not None else 0
+
+    def ready_engine(self) -> Engine:
+        if self.state == "error":
+            raise APIError(503, f"the model failed to load: {self.load_error}")
+        if self.state == "stopping":
+            raise APIError(503, "the server is shutting down")
+        if not self.ready or self.engine is None:
+            raise APIError(503, "the model is still loading; try again shortly", headers={"Retry-After": "5"})
+        return self.engine
+
+    def queue_full(self) -> APIError:
+        self.metrics.record_rejected()
+        core = self.engine.core if self.engine is not None else None
+        retry = max(1, round(core.wait_estimate_s())) if core is not None else 5
+        return APIError(429, "the server is busy (request queue full); retry later", code="queue_full",
+                        headers={"Retry-After": str(retry)})
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+@dataclass
+class Job:
+    """What a request asks the model for, checked and resolved, before any media is read."""
+
+    folded: FoldedChat
+    mode: Mode
+    params: SamplingParams
+    strip_grounding: bool = True
+
+    @property
+    def priority(self) -> int:
+        # Text-only requests (titles, tags, follow-ups) wait behind image requests: a user watches those.
+        return BACKGROUND if self.folded.text_only else INTERACTIVE
+
+
+def _job(body: ChatCompletionRequest | ResponsesRequest, folded: FoldedChat, max_tokens: int | None,
+         settings: ServerSettings, json_spec: JsonSpec | None) -> Job:
+    """Both APIs share the sampling and DeepSeek-OCR fields; only the messages and the token limit differ."""
+    mode = ModeOptions(body.mode or settings.mode, body.base_size, body.image_size, body.crop_mode,
+                       body.min_crops, body.max_crops).resolve(settings.family)
+    if folded.text_only:
+        # Text-only requests are background work: capped so they never hold a lane for long.
+        cap = settings.limits.max_text_tokens
+        max_tokens = min(max_tokens, cap) if max_tokens is not None else None
+    else:
+        cap = settings.max_new_tokens
+        if max_tokens is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {cap} "
+                                "(--max-new-tokens)", param="max_tokens")
+    params = SamplingOptions(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop,
+                             body.no_repeat_ngram_size, body.ngram_window, json_spec).resolve(cap)
+    # JSON text goes out exactly as generated (grounding markup cannot occur in it).
+    return Job(folded, mode, params, body.grounding != "keep" and json_spec is None)
+
+
+def chat_job(body: ChatCompletionRequest, settings: ServerSettings) -> Job:
+    turns = [turn_of(m.role, m.content, f"messages.{i}") for i, m in enumerate(body.messages)]
+    spec = spec_from_response_format(body.response_format)
+    return _job(body, fold_chat(turns), body.max_completion_tokens or body.max_tokens, settings, spec)
+
+
+def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
+    if isinstance(body.input, str):
+        turns = [turn_of("user", body.input)]
+    else:
+        turns = [turn_of(item.role, item.content, f"input.{i}") for i, item in enumerate(body.input)]
+    return _job(body, fold_chat(turns), body.max_output_tokens, settings, spec_from_text_param(body.text))
+
+
+def prepare_and_submit(engine: Engine, job: Job, fetched: dict[int, tuple[str, bytes]],
+                       settings: ServerSettings) -> RequestHandle:
+    """Media to images (limits first), model inputs, then the engine's queue. Runs on the prepare executor."""
+    folded = job.folded
+    check_prompt_chars(len(folded.prompt), engine.config.language.max_position_embeddings)
+    if job.params.json_spec is not None:  # compiled here, so a bad grammar is refused before the images are read
+        engine.compile_json_spec(job.params.json_spec)
+    blobs = [fetched[i] if i in fetched else media_bytes(ref, settings.fetch) for i, ref in enumerate(folded.media)]
+    pages = load_media(blobs, job.mode, settings.limits)
+    prompt = widen_placeholders(folded.prompt, [len(group) for group in pages])
+    prepared = engine.prepare(prompt, [image for group in pages for image in group], job.mode)
+    return engine.submit(prepared, job.params, priority=job.priority)
+
+
+async def fetch_remote(job: Job, settings: ServerSettings, pool: Executor) -> dict[int, tuple[str, bytes]]:
+    """The request's http(s) media, fetched in parallel on the fetch executor, within one overall deadline."""
+    remote = [(i, ref) for i, ref in enumerate(job.folded.media) if is_remote(ref)]
+    if not remote:
+        return {}
+    loop = asyncio.get_running_loop()
+    tasks = [loop.run_in_executor(pool, media_bytes, ref, settings.fetch) for _, ref in remote]
+    try:
+        blobs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=settings.fetch.timeout_s + 1.0)
+    except TimeoutError:
+        raise APIError(400, f"fetching the image URLs took longer than {settings.fetch.timeout_s:g} s",
+                       param="messages") from None
+    return {i: blob for (i, _), blob in zip(remote, blobs, strict=True)}
+
+
+async def admit(service: ModelService, job: Job, fetch_pool: Executor, prepare_pool: Executor) -> RequestHandle:
+    """The job's generation, started; APIError (503, 429, 400) when it is refused."""
+    engine = service.ready_engine()
+    assert engine.core is not None
+    if engine.core.full():  # refuse before spending time on images
+        raise service.queue_full()
+    settings = service.settings
+    fetched = await fetch_remote(job, settings, fetch_pool)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(prepare_pool, prepare_and_submit, engine, job, fetched, settings)
+    except QueueFullError:
+        raise service.queue_full() from None
+

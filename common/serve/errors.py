@@ -5,6 +5,10 @@ Bad input is 400, a missing model or backend 503, anything else (a bug) 500.
 
 from __future__ import annotations
 
+import json
+import re
+
+from common.engine.core import EngineUnavailableError
 from common.errors import BackendUnavailableError, CheckpointError, ConfigError, DsocrError, ModelNotFoundError
 
 STATUS_TYPES = {
@@ -18,7 +22,7 @@ STATUS_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-_UNAVAILABLE = (ModelNotFoundError, BackendUnavailableError, ConfigError, CheckpointError)
+_UNAVAILABLE = (ModelNotFoundError, BackendUnavailableError, ConfigError, CheckpointError, EngineUnavailableError)
 
 
 def error_type(status: int) -> str:
@@ -53,3 +57,28 @@ def api_error_for(exc: BaseException) -> APIError:
     if isinstance(exc, DsocrError):
         return APIError(400, str(exc), code=type(exc).__name__, param=exc.param)
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def bad_json_message(body: bytes, decoder_message: str) -> str:
+    """What is wrong with a request body the JSON decoder refused, in words a client can act on (only ever run on a
+    body already refused, so its cost is the bad request's)."""
+    if not body.strip():
+        return "the request body is empty; send a JSON object"
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        json.loads(body, parse_constant=no_constants)
+    except RecursionError:
+        return "the JSON body is nested too deeply"
+    except UnicodeDecodeError as exc:
+        return f"the body is not UTF-8 text ({exc.reason} at byte {exc.start}); send JSON encoded as UTF-8"
+    except ValueError as exc:
+        return f"the body is not valid JSON: {exc}"
+    if _SURROGATE_ESCAPE.search(body):
+        return "the body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode text"
+    return f"the body is not valid JSON: {decoder_message}"

@@ -1,7 +1,9 @@
-"""OpenAI reply bodies from a request's events: chat completions and Responses API objects, streamed as
-Server-Sent Events or collected whole. Framework-free: the ASGI `receive` callable is the only link to HTTP.
+"""OpenAI reply bodies from a request's handle: chat completions and Responses API objects, streamed as
+Server-Sent Events (Litestar frames them) or collected whole.
 
-Events come from `common.serve.admission.InferenceRequest`: ("delta", text), then ("done", result) or ("error", exc).
+Streams read the handle on the event loop (`RequestHandle.stream`): text arrives in pieces as large as what was
+generated since the last read, and a keep-alive comment goes out after `keepalive_s` of silence. Grounding markup
+(`<|ref|>…<|det|>…`) is removed here when the request asks for it: chat clients cannot show boxes.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from common.serve.admission import InferenceRequest
-from common.serve.errors import APIError
+from litestar.response import ServerSentEventMessage
+
+from common.documents.postprocess import GroundingStripper
+from common.engine.requests import GenerationResult, RequestHandle
+from common.serve.errors import APIError, api_error_for
 from common.serve.schema import (
     AssistantMessage,
     ChatChoice,
@@ -32,49 +37,58 @@ from common.serve.schema import (
     response_usage,
 )
 
-KEEPALIVE = b": keep-alive\n\n"
-Event = tuple[str, Any]
+KEEPALIVE = ServerSentEventMessage(data=None, comment="keep-alive")
 
 
-def sse(payload: bytes, event: str | None = None) -> bytes:
-    prefix = f"event: {event}\n".encode() if event else b""
-    return prefix + b"data: " + payload + b"\n\n"
+def _message(payload: Any, event: str | None = None) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=encode(payload).decode(), event=event)
 
 
-async def event_stream(inference: InferenceRequest, keepalive_s: float) -> AsyncIterator[Event | None]:
-    """Events until done/error, and None every `keepalive_s` of silence; cancels the job if abandoned."""
+class Shown:
+    """The text a client is shown: the generated text, without grounding markup unless the request keeps it."""
+
+    def __init__(self, strip_grounding: bool) -> None:
+        self._stripper = GroundingStripper() if strip_grounding else None
+
+    def feed(self, text: str) -> str:
+        return self._stripper.feed(text) if self._stripper is not None else text
+
+    def flush(self) -> str:
+        return self._stripper.flush() if self._stripper is not None else ""
+
+    def whole(self, text: str) -> str:
+        return self.feed(text) + self.flush()
+
+
+async def texts(handle: RequestHandle, shown: Shown, keepalive_s: float) -> AsyncIterator[str | None]:
+    """Shown text as it is generated, None after `keepalive_s` of silence; the request is cancelled if the reader
+    leaves early. Ends when the request does (raising its error)."""
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(inference.events.get(), timeout=keepalive_s)
-            except TimeoutError:
-                event = None
-            yield event
-            if event is not None and event[0] != "delta":
-                return
+        async for piece in handle.stream(keepalive_s):
+            if piece is None:
+                yield None
+            elif text := shown.feed(piece):
+                yield text
+        if tail := shown.flush():
+            yield tail
     finally:
-        inference.cancel()  # no-op once finished; stops the generation (or leaves the queue) if the client left
+        handle.cancel()  # a no-op once finished; stops the generation if the client left
 
 
-async def collect(receive: Callable[[], Awaitable[dict[str, Any]]], inference: InferenceRequest) -> tuple[str, Any]:
-    """The whole text and result of a non-streamed request; a client that hangs up cancels it."""
+async def collect(receive: Callable[[], Awaitable[dict[str, Any]]], handle: RequestHandle) -> GenerationResult:
+    """The result of a non-streamed request; a client that hangs up cancels it."""
 
-    async def gather() -> tuple[str, Any]:
-        pieces: list[str] = []
-        while True:
-            kind, payload = await inference.events.get()
-            if kind == "delta":
-                pieces.append(payload)
-            elif kind == "done":
-                return "".join(pieces), payload
-            else:
-                raise payload
+    async def finished() -> GenerationResult:
+        async for _ in handle.stream():
+            pass
+        assert handle.result is not None
+        return handle.result
 
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    result_task = asyncio.ensure_future(gather())
+    result_task = asyncio.ensure_future(finished())
     disconnect_task = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({result_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -84,14 +98,13 @@ async def collect(receive: Callable[[], Awaitable[dict[str, Any]]], inference: I
     finally:
         disconnect_task.cancel()
         if not result_task.done():
-            inference.cancel()
+            handle.cancel()
             result_task.cancel()
 
 
-def error_event(exc: BaseException) -> bytes:
-    if isinstance(exc, APIError):
-        return encode(error_body(exc.message, exc.type, code=exc.code, param=exc.param))
-    return encode(error_body(str(exc), "server_error"))
+def error_payload(exc: BaseException) -> Any:
+    error = api_error_for(exc)
+    return error_body(error.message, error.type, code=error.code, param=error.param)
 
 
 class ChatReply:
@@ -100,31 +113,30 @@ class ChatReply:
     def __init__(self, model: str) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), model
 
-    def completion(self, text: str, result: Any) -> ChatCompletion:
+    def completion(self, text: str, result: GenerationResult) -> ChatCompletion:
         return ChatCompletion(id=self.id, created=self.created, model=self.model,
                               choices=[ChatChoice(0, AssistantMessage(text), result.finish_reason)],
                               usage=completion_usage(result))
 
-    def _chunk(self, delta: ChunkDelta, finish: str | None = None) -> bytes:
-        return sse(encode(ChatCompletionChunk(self.id, self.created, self.model, [ChunkChoice(0, delta, finish)])))
+    def _chunk(self, delta: ChunkDelta, finish: str | None = None) -> ServerSentEventMessage:
+        return _message(ChatCompletionChunk(self.id, self.created, self.model, [ChunkChoice(0, delta, finish)]))
 
-    async def chunks(self, events: AsyncIterator[Event | None], include_usage: bool) -> AsyncIterator[bytes]:
+    async def chunks(self, handle: RequestHandle, shown: Shown, keepalive_s: float,
+                     include_usage: bool) -> AsyncIterator[ServerSentEventMessage]:
         yield self._chunk(ChunkDelta(role="assistant", content=""))
-        async for event in events:
-            if event is None:
-                yield KEEPALIVE
-                continue
-            kind, payload = event
-            if kind == "delta":
-                yield self._chunk(ChunkDelta(content=payload))
-            elif kind == "done":
-                yield self._chunk(ChunkDelta(), payload.finish_reason)
-                if include_usage:
-                    usage = completion_usage(payload)
-                    yield sse(encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage=usage)))
-            else:
-                yield sse(error_event(payload))
-        yield b"data: [DONE]\n\n"
+        try:
+            async for text in texts(handle, shown, keepalive_s):
+                yield KEEPALIVE if text is None else self._chunk(ChunkDelta(content=text))
+        except Exception as exc:  # the generation failed after the stream began: say so in the stream
+            yield _message(error_payload(exc))
+        else:
+            result = handle.result
+            assert result is not None
+            yield self._chunk(ChunkDelta(), result.finish_reason)
+            if include_usage:
+                usage = completion_usage(result)
+                yield _message(ChatCompletionChunk(self.id, self.created, self.model, [], usage=usage))
+        yield ServerSentEventMessage(data="[DONE]")
 
 
 class ResponsesReply:
@@ -135,7 +147,7 @@ class ResponsesReply:
         self.id, self.message_id, self.created = new_id("resp"), new_id("msg"), now()
         self._sequence = 0
 
-    def response(self, text: str, result: Any | None) -> ResponseObject:
+    def response(self, text: str, result: GenerationResult | None) -> ResponseObject:
         status, incomplete, usage = "in_progress", None, None
         if result is not None:
             status = "completed" if result.finish_reason != "length" else "incomplete"
@@ -148,15 +160,16 @@ class ResponsesReply:
                               temperature=body.temperature, top_p=body.top_p,
                               max_output_tokens=body.max_output_tokens)
 
-    def _event(self, kind: str, **fields: Any) -> bytes:
+    def _event(self, kind: str, **fields: Any) -> ServerSentEventMessage:
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        return sse(encode(payload), event=kind)
+        return _message(payload, event=kind)
 
-    def _text_event(self, kind: str, **fields: Any) -> bytes:
+    def _text_event(self, kind: str, **fields: Any) -> ServerSentEventMessage:
         return self._event(kind, item_id=self.message_id, output_index=0, content_index=0, **fields)
 
-    async def events(self, events: AsyncIterator[Event | None]) -> AsyncIterator[bytes]:
+    async def events(self, handle: RequestHandle, shown: Shown, keepalive_s: float
+                     ) -> AsyncIterator[ServerSentEventMessage]:
         started = self.response("", None)
         yield self._event("response.created", response=started)
         yield self._event("response.in_progress", response=started)
@@ -165,25 +178,24 @@ class ResponsesReply:
         yield self._text_event("response.content_part.added", part={"type": "output_text", "text": "",
                                                                      "annotations": []})
         pieces: list[str] = []
-        async for event in events:
-            if event is None:
-                yield KEEPALIVE
-                continue
-            kind, payload = event
-            if kind == "delta":
-                pieces.append(payload)
-                yield self._text_event("response.output_text.delta", delta=payload, logprobs=[])
-            elif kind == "done":
-                text = "".join(pieces)
-                final = self.response(text, payload)
-                yield self._text_event("response.output_text.done", text=text, logprobs=[])
-                yield self._text_event("response.content_part.done", part=OutputText(text))
-                yield self._event("response.output_item.done", output_index=0, item=final.output[0])
-                done_kind = "response.completed" if final.status == "completed" else "response.incomplete"
-                yield self._event(done_kind, response=final)
-            else:
-                message = payload.message if isinstance(payload, APIError) else str(payload)
-                failed = self.response("".join(pieces), None)
-                failed.status = "failed"
-                failed.error = error_body(message, "server_error").error
-                yield self._event("response.failed", response=failed)
+        try:
+            async for text in texts(handle, shown, keepalive_s):
+                if text is None:
+                    yield KEEPALIVE
+                    continue
+                pieces.append(text)
+                yield self._text_event("response.output_text.delta", delta=text, logprobs=[])
+        except Exception as exc:
+            failed = self.response("".join(pieces), None)
+            failed.status = "failed"
+            failed.error = error_payload(exc).error
+            yield self._event("response.failed", response=failed)
+            return
+        assert handle.result is not None
+        text = "".join(pieces)
+        final = self.response(text, handle.result)
+        yield self._text_event("response.output_text.done", text=text, logprobs=[])
+        yield self._text_event("response.content_part.done", part=OutputText(text))
+        yield self._event("response.output_item.done", output_index=0, item=final.output[0])
+        yield self._event("response.completed" if final.status == "completed" else "response.incomplete",
+                          response=final)
