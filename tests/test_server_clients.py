@@ -170,3 +170,26 @@ def test_health_and_metrics_shapes(served) -> None:
     metrics = httpx.get(f"{server.base}/metrics", timeout=10)
     assert metrics.headers["content-type"].count("charset") == 1
     assert "dsocr_resident_memory_bytes" in metrics.text
+
+
+def test_max_tokens_must_fit_the_lane_not_only_the_model_context() -> None:
+    """--max-context 64: a request whose prompt plus max_tokens fits the model's 8k context but not the lane is
+    refused, naming max_tokens (it used to be accepted and silently shortened to the lane)."""
+    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    engine = fakes.fixture_engine(fakes.ScriptedBackend(tokenizer.encode(REPLY), tokenizer.eos_id, lane_capacity=64))
+    with LiveServer(create_app(engine, ServerSettings(mode=MODE))) as server:
+        prompt_tokens = len(engine.prepare("Hello there.", [], resolve_mode(MODE)).input_ids)
+        room = 64 - prompt_tokens
+
+        def ask(max_tokens: int) -> httpx.Response:
+            body = {"model": "deepseek-ocr", "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": "Hello there."}]}
+            return httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60)
+
+        refused = ask(room + 1)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "max_tokens" and f"ask for at most {room}" in error["message"]
+        assert "--max-context" in error["message"]
+        fits = ask(room)
+        assert fits.status_code == 200 and fits.json()["choices"][0]["message"]["content"] == REPLY
