@@ -93,6 +93,7 @@ class EngineCore:
         self._stopping = False
         self._stepping = threading.Lock()  # held for each iteration; `paused()` holds it from outside
         self._tokens: Any = None  # device tokens chosen for the decoding lanes, not yet read
+        self._trim = False  # a large request ended: trim the heap after this iteration
         self._calls: list[tuple[Callable[[Backend], Any], Future[Any]]] = []  # see call()
         self._masks: StepMasks | None = None
         self._thread = threading.Thread(target=self._main, name="dsocr-engine", daemon=True)
@@ -214,7 +215,6 @@ class EngineCore:
         seq = self.scheduler.remove(handle) if self.scheduler is not None else None
         if seq is not None:
             self._finish(seq, FINISH_CANCELLED)
-            return
         with self._wake:
             self._woken = True
             self._wake.notify_all()
@@ -270,6 +270,9 @@ class EngineCore:
                 self._run_calls()
                 if scheduler.busy:
                     self._step()
+                if self._trim:
+                    self._trim = False
+                    trim_heap()
 
     def _run_calls(self) -> None:
         with self._wake:
@@ -377,8 +380,8 @@ class EngineCore:
                 self.on_finish(seq.handle)
             except Exception:  # a broken hook must not take the core down
                 log.exception("on_finish hook failed")
-        if seq.nbytes >= TRIM_AFTER_BYTES:
-            trim_heap()  # its views were freed: hand that memory back to the system
+        if seq.nbytes >= TRIM_AFTER_BYTES:  # its views were freed: the core's thread hands that memory back
+            self._trim = True
 
     def _fail_decoding(self, exc: Exception) -> None:
         assert self.scheduler is not None
