@@ -11,6 +11,10 @@ Two semantics, both framework-free (backends turn the ids into -inf logits):
   its logits processors the generated tokens only, so `NGramGuard` leaves the prompt out in this mode.
 
 ``n == 0`` disables the guard.
+
+Written here rather than taken from transformers or vLLM: theirs are logits processors over framework tensors, and
+this one must run on the host for every lane of a batch, in both backends, incrementally (a push per token, the
+ban list per step) instead of rescanning the sequence each step.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ forms), and the connection is then made to one of those vetted addresses, so a D
 check and the connect (rebinding) cannot redirect it. Redirects are followed by hand, a few at most, and each new
 location is checked the same way. The body is read with a deadline and a byte cap; the content type must be an
 image (or a PDF when the caller allows it). Standard library only.
+
+Written here rather than taken from an HTTP client: the clients (httpx, requests, urllib3) resolve and connect in
+one step, so checking the addresses first and then connecting would let a rebinding DNS answer slip between the
+two; pinning the connection to the vetted address needs the connection classes below.
 """
 
 from __future__ import annotations

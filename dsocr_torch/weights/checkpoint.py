@@ -4,6 +4,10 @@ A view of a mapped file costs no memory of its own: its pages are the page cache
 process that reads the file, and are mapped in on first touch. Tensors that are only a source (copied,
 converted or packed elsewhere) are released after use, so their pages stop counting in this process's
 resident memory.
+
+Written here rather than with safetensors' own loader: loading needs zero-copy views into one shared mapping per
+file that it can prefetch and release tensor by tensor (madvise), which safetensors does not expose; the format
+is a JSON header and raw little-endian buffers, so the index is a few lines.
 """
 
 from __future__ import annotations
