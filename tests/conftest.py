@@ -23,6 +23,23 @@ FIXTURES_V2 = ROOT / "tests" / "fixtures" / "deepseek-ocr-2"
 MODEL_DIR_V2 = FIXTURES_V2 / "model"
 
 
+def fixture_tokenizer(model_dir: Path | str = MODEL_DIR) -> Any:
+    """The model's Tokenizer, loaded once per process (it holds no state; loading it takes a third of a second)."""
+    return _tokenizer(Path(model_dir).resolve())
+
+
+@cache
+def _tokenizer(model_dir: Path) -> Any:
+    from common.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+def model_context(model_dir: Path = MODEL_DIR) -> int:
+    """The model's context in tokens: max_position_embeddings of its config.json."""
+    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+
+
 @cache
 def cases_manifest() -> dict[str, Any]:
     return json.loads((FIXTURES / "cases.json").read_text())
@@ -47,6 +64,14 @@ def case_by_id(case_id: str) -> dict[str, Any]:
 
 _NP_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
               "U8": "u1", "BOOL": "?"}
+
+
+def safetensors_names(path: Path) -> set[str]:
+    """The tensor names of a safetensors file, from its header alone (no tensor is read)."""
+    with path.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    return set(header) - {"__metadata__"}
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ scripted token is replaced by the next id that is not banned. Counters let tests
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ from common.model.inputs import PreparedInputs
 from common.model.tokenizer import Tokenizer
 
 Script = Sequence[int] | Callable[[PreparedInputs], Sequence[int]]
+# The tiny fixture model (tests/conftest.MODEL_DIR; spelled out here so that benchmarks can use these fakes
+# without the test configuration).
+FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "deepseek-ocr" / "model"
+
+
+@functools.cache
+def _fixture_language() -> Any:
+    return load_config(FIXTURE_MODEL).language
 
 
 @dataclass
@@ -42,14 +51,18 @@ class ScriptedBackend:
         eos_token_id: int,
         *,
         lanes: int = 8,
-        lane_capacity: int = 8192,
-        vocab_size: int = 129280,
+        lane_capacity: int | None = None,
+        vocab_size: int | None = None,
         prefill_s: float = 0.0,
         step_s: float = 0.0,
         interrupt_on: int | None = None,
     ) -> None:
         self.script, self.eos_token_id = script, eos_token_id
-        self.lanes, self.lane_capacity, self.vocab_size = lanes, lane_capacity, vocab_size
+        # The fixture model's context and vocabulary unless a test asks for others.
+        language = _fixture_language()
+        self.lane_capacity = language.max_position_embeddings if lane_capacity is None else lane_capacity
+        self.vocab_size = language.vocab_size if vocab_size is None else vocab_size
+        self.lanes = lanes
         self.prefill_s, self.step_s, self.interrupt_on = prefill_s, step_s, interrupt_on
         self.cursors: list[_Cursor | None] = [None] * lanes
         self.requests = 0  # prompts started
@@ -171,18 +184,18 @@ class RecordingEngine(Engine):
 
 def fixture_engine(backend: Any, model_dir: Path | None = None, *, cls: type[Engine] = Engine, **core: Any) -> Engine:
     """An Engine with the tiny fixture model's tokenizer and config whose core runs `backend`."""
-    from tests.conftest import MODEL_DIR
+    from tests.conftest import MODEL_DIR, fixture_tokenizer
 
     model_dir = model_dir or MODEL_DIR
-    engine = cls(model_dir, Tokenizer.from_dir(model_dir), load_config(model_dir))
+    engine = cls(model_dir, fixture_tokenizer(model_dir), load_config(model_dir))
     return engine.start(lambda: backend, **core)
 
 
 def script_engine(text: str, *, interrupt_on: int | None = None, **core: Any) -> Engine:
     """An Engine whose every request answers `text` (then EOS), on the fixture model's tokenizer."""
-    from tests.conftest import MODEL_DIR
+    from tests.conftest import fixture_tokenizer
 
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     return fixture_engine(ScriptedBackend(tokenizer.encode(text), tokenizer.eos_id, interrupt_on=interrupt_on),
                           **core)
 

@@ -21,16 +21,20 @@ from common.engine.engine import Engine
 from tests.conftest import MODEL_DIR
 from tests.fakes import Lent
 
+# Real generation in the CLI tests: torch on the CPU in float32, a few tokens.
+GEN_FLAGS = ["--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
+FAST = ["--mode", "tiny", *GEN_FLAGS]  # 512 px global view, no tiles: DeepSeek-OCR's cheapest real run
+
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-            engine: Any = None) -> tuple[int, str, str]:
-    """cli.main(argv) in-process with `engine` injected (None: main loads the model itself)."""
+            engine: Any = None, model: Path | str = MODEL_DIR) -> tuple[int, str, str]:
+    """cli.main(["--model", model, *argv]) in-process with `engine` injected (None: main loads the model itself)."""
     import cli
 
     if engine is not None:
         shared = Lent(engine) if isinstance(engine, Engine) else engine  # main() closes its engine: not this one
         monkeypatch.setattr(cli, "load_engine", lambda args, weights, reporter: shared)
-    code = cli.main(["--model", str(MODEL_DIR), *argv])
+    code = cli.main(["--model", str(model), *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from tests.conftest import (
     V2_MODE_NAMES,
     case_tensors,
     case_tensors_v2,
+    cases_manifest,
+    cases_manifest_v2,
+    fixture_tokenizer,
     model_cases,
     model_cases_v2,
     rel_err,
@@ -57,6 +61,7 @@ class FamilyFixtures:
     tolerance: float  # max|diff| <= tolerance x max|ref|, per tensor
     cases: Callable[[], list[dict[str, Any]]]
     tensors: Callable[[str], dict[str, np.ndarray]]
+    manifest: Callable[[], dict[str, Any]]
 
     @property
     def name(self) -> str:
@@ -64,6 +69,24 @@ class FamilyFixtures:
 
     def case(self, case_id: str) -> dict[str, Any]:
         return next(c for c in self.cases() if c["id"] == case_id)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The preprocessing entries (every image x setting, plus text before the image)."""
+        return list(self.manifest()["preprocess"]["entries"])
+
+    def entry(self, entry_id: str) -> dict[str, Any]:
+        return next(e for e in self.entries() if e["id"] == entry_id)
+
+    def mode_name(self, entry: dict[str, Any]) -> str:
+        """The dsocr preset of an entry or case: v1's fixtures name its modes, v2's infer()'s three settings."""
+        return V2_MODE_NAMES[entry["mode"]] if self.family is DEEPSEEK_OCR_2 else entry["mode"]
+
+    def preset(self, entry: dict[str, Any]) -> Mode:
+        """The family's preset of that name, checked against the sizes the entry was made with."""
+        mode = resolve_mode(self.mode_name(entry), family=self.family)
+        expected = (entry["base_size"], entry["image_size"], entry["crop_mode"])
+        assert (mode.base_size, mode.image_size, mode.crop_mode) == expected, f"{entry['id']}: {mode}"
+        return mode
 
     def case_ids(self, images: bool | None = None) -> list[str]:
         """Every case, or only those with (True) or without (False) an image."""
@@ -95,24 +118,45 @@ class FamilyFixtures:
 
 
 FAMILIES = {
-    DEEPSEEK_OCR.name: FamilyFixtures(DEEPSEEK_OCR, FIXTURES, MODEL_DIR, 1e-4, model_cases, case_tensors),
+    DEEPSEEK_OCR.name: FamilyFixtures(DEEPSEEK_OCR, FIXTURES, MODEL_DIR, 1e-4, model_cases, case_tensors,
+                                      cases_manifest),
     DEEPSEEK_OCR_2.name: FamilyFixtures(DEEPSEEK_OCR_2, FIXTURES_V2, MODEL_DIR_V2, 1e-5, model_cases_v2,
-                                        case_tensors_v2),
+                                        case_tensors_v2, cases_manifest_v2),
 }
 
 
 def real_checkpoint(family: str) -> tuple[Path, dict[str, list[int]], int, int]:
     """The real model's config.json, its checkpoint's tensor shapes by name, and how many tensors and values
-    that checkpoint has (DeepSeek-OCR's listing does not say: its README does)."""
+    that checkpoint has: from the listing where it says (DeepSeek-OCR 2's), else from the fixture README's
+    description of real_checkpoint_shapes.json ("(2711 tensors, 3,336,106,497 values, ...")."""
     root = FAMILIES[family].root
     listing = json.loads((root / "real_checkpoint_shapes.json").read_text())
-    counts = (listing["n_tensors"], listing["n_values"]) if "n_tensors" in listing else (2711, 3_336_106_497)
+    if "n_tensors" in listing:
+        counts = (listing["n_tensors"], listing["n_values"])
+    else:
+        readme = (root / "README.md").read_text()
+        match = re.search(r"`real_checkpoint_shapes\.json`[^(]*\(([\d,]+) tensors, ([\d,]+) values", readme)
+        assert match, f"{root / 'README.md'} does not give the real checkpoint's tensor and value counts"
+        counts = (int(match.group(1).replace(",", "")), int(match.group(2).replace(",", "")))
     return root / "real_config.json", listing["tensors"], *counts
 
 
-def family_cases(images: bool | None = None) -> list[tuple[str, str]]:
-    """(family, case id) of every family's cases, for parametrizing."""
-    return [(name, case_id) for name, fixtures in FAMILIES.items() for case_id in fixtures.case_ids(images)]
+# The cases of each family that run in the quick subset (-m "not slow"): the cheapest views (v1's 512 px tiny
+# mode, OCR 2's 768 px no-crop view) and the text-only prompt. Every other case is marked slow.
+QUICK_CASES = {
+    DEEPSEEK_OCR.name: {"pm07_gray_tiny", "pm12_text_only"},
+    DEEPSEEK_OCR_2.name: {"pm08_rgba_nocrop768", "pm12_text_only"},
+}
+
+
+def family_cases(images: bool | None = None) -> list[Any]:
+    """(family, case id) of every family's cases, for parametrizing; all but QUICK_CASES marked slow."""
+    return [
+        pytest.param(name, case_id, id=f"{name}-{case_id}",
+                     marks=[] if case_id in QUICK_CASES[name] else [pytest.mark.slow])
+        for name, fixtures in FAMILIES.items()
+        for case_id in fixtures.case_ids(images)
+    ]
 
 
 def _cuda_available() -> bool:
@@ -132,11 +176,8 @@ BACKENDS = [
 ]
 
 
-@functools.cache
 def tokenizer(model_dir: Path) -> Any:
-    from common.model.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(model_dir)
+    return fixture_tokenizer(model_dir)
 
 
 @functools.cache

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -81,7 +83,14 @@ class Case:
     param: str | None = "-"  # the expected error `param` ("-": not checked)
 
 
-def corpus() -> list[Case]:
+# The tiny fixture model's config.json (what the tests serve; benchmarks/soak_server.py serves it by default).
+FIXTURE_CONFIG = Path(__file__).resolve().parent / "fixtures" / "deepseek-ocr" / "model" / "config.json"
+
+
+def corpus(context: int | None = None) -> list[Case]:
+    """The cases, for a model of `context` tokens (default: the fixture model's max_position_embeddings)."""
+    if context is None:
+        context = int(json.loads(FIXTURE_CONFIG.read_text())["max_position_embeddings"])
     png = png_bytes()
     return [
         Case("corrupt png", 400, "image", image_chat(data_url(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50))),
@@ -116,7 +125,7 @@ def corpus() -> list[Case]:
         Case("too many stop strings", 400, "stop", text_chat(stop=["x" * 200] * 20_000), param="stop"),
         Case("stop strings too long", 400, "stop", text_chat(stop=["y" * 1000, "z" * 1000]), param="stop"),
         Case("prompt beyond the context", 400, "context", text_chat("word " * 60_000)),
-        Case("max_tokens beyond the context", 400, "context", image_chat(data_url(png), max_tokens=8192),
+        Case("max_tokens beyond the context", 400, "context", image_chat(data_url(png), max_tokens=context),
              param="max_tokens"),
         Case("unknown model", 404, "does not exist", text_chat(model="gpt-4o"), param="model"),
         Case("empty body", 400, "empty", raw=b""),

@@ -115,6 +115,107 @@ UNBOUNDED: dict[str, Any] = {
 }
 
 
+# Schemas of the grammar compiler and request-spec tests (test_structured.py, test_structured_spec.py).
+COMPILER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "required_fields": {
+        "type": "object",
+        "properties": {
+            "vendor": {"type": "string"},
+            "total": {"type": "number"},
+            "paid": {"type": "boolean"},
+            "note": {"type": "string"},
+        },
+        "required": ["vendor", "total", "paid"],
+        "additionalProperties": False,
+    },
+    "nested_objects": {
+        "type": "object",
+        "properties": {
+            "customer": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "address": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        "required": ["city", "zip"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["name", "address"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["customer"],
+        "additionalProperties": False,
+    },
+    "array_min_max_items": {
+        "type": "object",
+        "properties": {
+            "lines": {
+                "type": "array",
+                "minItems": 2,
+                "maxItems": 4,
+                "items": {
+                    "type": "object",
+                    "properties": {"item": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+                    "required": ["item", "qty"],
+                    "additionalProperties": False,
+                },
+            },
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+        },
+        "required": ["lines", "tags"],
+        "additionalProperties": False,
+    },
+    "enums": {
+        "type": "object",
+        "properties": {
+            "currency": {"enum": ["EUR", "USD", "JPY"]},
+            "status": {"enum": ["paid", "due", None, 3, True]},
+            "kind": {"type": "string", "enum": ["invoice", "receipt"]},
+        },
+        "required": ["currency", "status", "kind"],
+        "additionalProperties": False,
+    },
+    "numbers_with_bounds": {
+        "type": "object",
+        "properties": {
+            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+            "count": {"type": "integer", "minimum": -5, "maximum": 5},
+            "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "amount": {"type": "number", "minimum": 10.5, "maximum": 99.25},
+        },
+        "required": ["year", "count", "ratio", "amount"],
+        "additionalProperties": False,
+    },
+    "string_patterns": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+            "date": {"type": "string", "pattern": "^[0-9]{4}-[01][0-9]-[0-3][0-9]$"},
+            "short": {"type": "string", "minLength": 2, "maxLength": 5},
+        },
+        "required": ["code", "date", "short"],
+        "additionalProperties": False,
+    },
+    "top_level_array_with_refs": {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 3,
+        "items": {"$ref": "#/$defs/point"},
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {"x": {"type": "integer"}, "y": {"anyOf": [{"type": "integer"}, {"type": "null"}]}},
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+    },
+}
+
+
 def validated(text: str, schema: dict[str, Any]) -> Any:
     """The parsed JSON text, after checking it against the schema (raises otherwise)."""
     value = json.loads(text)

@@ -1,14 +1,16 @@
-"""End-to-end tests of cli.py on the tiny fixture model.
+"""End-to-end tests of cli.py on the tiny fixture models of both families.
 
-Generation runs in-process on one engine loaded once (torch, CPU, float32); a few runs go through a subprocess
-for exit codes, stdin and environment-dependent behaviour. A scripted fake backend covers what random tiny
-weights never produce (grounding boxes and figures) and Ctrl-C.
+Generation runs in-process on one engine per family loaded once (torch, CPU, float32); a few runs go through a
+subprocess for exit codes, stdin and environment-dependent behaviour. A scripted fake backend covers what random
+tiny weights never produce (grounding boxes and figures) and Ctrl-C. Expected token counts and ids come from the
+fixtures (cases.json and the case tensors).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,20 +26,62 @@ from common.documents.postprocess import strip_grounding
 from common.documents.workitems import parse_page_ranges, select_pages
 from common.engine.engine import Engine
 from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS
+from common.model.config import load_config
+from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from tests import fakes
-from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, case_tensors
-from tests.helpers import json_lines, make_pdf, one_error_line, page_image
+from tests.conftest import FIXTURES, MODEL_DIR, ROOT, case_by_id, fixture_tokenizer
+from tests.helpers import FAST, GEN_FLAGS, json_lines, make_pdf, one_error_line, page_image
 from tests.helpers import run_cli as run
+from tests.helpers_backend import FAMILIES, FamilyFixtures
 
-GEN_FLAGS = ["--backend", "torch", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]
-FAST = ["--mode", "tiny", *GEN_FLAGS]  # 512 px global view, no tiles: the cheapest real run
+V1, V2 = DEEPSEEK_OCR.name, DEEPSEEK_OCR_2.name
+
+
+class Engines(dict):
+    """Each family's tiny model (torch, CPU, float32), loaded on first use."""
+
+    def __missing__(self, family: str) -> Engine:
+        self[family] = Engine.load(str(FAMILIES[family].model_dir), backend="torch", device="cpu", dtype="float32")
+        return self[family]
 
 
 @pytest.fixture(scope="module")
-def real_engine() -> Iterator[Engine]:
-    engine = Engine.load(str(MODEL_DIR), backend="torch", device="cpu", dtype="float32")
-    yield engine
-    engine.close()
+def engines() -> Iterator[Engines]:
+    loaded = Engines()
+    yield loaded
+    for engine in loaded.values():
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def real_engine(engines: Engines) -> Engine:
+    return engines[V1]
+
+
+def no_weights(args: Any, weights: bool, reporter: Any) -> Engine:
+    """cli.load_engine for a dry run: it must not ask for the weights (the model's tokenizer is loaded once)."""
+    assert not weights, "a dry run must not load weights"
+    model_dir = Path(args.model)
+    return Engine(model_dir, fixture_tokenizer(model_dir), load_config(model_dir))
+
+
+def default_image_tokens(fixtures: FamilyFixtures, image: str) -> int:
+    """The image tokens of `image` (images/NAME.png) in the family's default preset, from its preprocessing
+    entries (one per prompt, all with the same count)."""
+    [count] = {e["n_image_tokens"] for e in fixtures.entries()
+               if e["image"] == image and fixtures.mode_name(e) == fixtures.family.default.name}
+    return count
+
+
+def v2_token_layout() -> tuple[int, int]:
+    """DeepSeek-OCR 2's image tokens in its default setting, from the fixtures' entries: (the global view with its
+    separator, each tile); every default entry is global + tiles x per tile."""
+    fixtures = FAMILIES[V2]
+    entries = [e for e in fixtures.entries() if fixtures.mode_name(e) == DEEPSEEK_OCR_2.default.name]
+    [global_tokens] = {e["n_image_tokens"] for e in entries if not e["n_local_crops"]}
+    per_tile = {(e["n_image_tokens"] - global_tokens) / e["n_local_crops"] for e in entries if e["n_local_crops"]}
+    assert len(per_tile) == 1, per_tile
+    return global_tokens, int(per_tile.pop())
 
 
 GROUNDED_TEXT = (
@@ -54,34 +98,63 @@ def scripted_engine(text: str = GROUNDED_TEXT, interrupt_on: int | None = None) 
 # ------------------------------------------------------------------------------------------ dry run
 
 
-@pytest.mark.parametrize(
-    "case_id",
-    ["pm01_doc_base", "pm02_doc_gundam", "pm04_receipt_tall_gundam", "pm05_banner_wide_base", "pm07_gray_tiny"],
-)
-def test_dry_run_counts_equal_fixtures(case_id: str, capsys, monkeypatch) -> None:
-    case = case_by_id(case_id)
-    code, out, _ = run(
-        [
-            "--image",
-            str(FIXTURES / case["image"]),
-            "--prompt",
-            case["prompt"],
-            "--mode",
-            case["mode"],
-            "--dry-run",
-            "--json",
-        ],
-        capsys,
-        monkeypatch,
-    )
+DRY_RUN_CASES = {
+    V1: ["pm01_doc_base", "pm02_doc_gundam", "pm04_receipt_tall_gundam", "pm05_banner_wide_base", "pm07_gray_tiny"],
+    V2: ["pm01_doc_default", "pm02_doc_nocrop1024", "pm05_banner_wide_default", "pm08_rgba_nocrop768"],
+}
+
+
+@pytest.mark.parametrize(("family", "case_id"), [(f, c) for f, cases in DRY_RUN_CASES.items() for c in cases])
+def test_dry_run_counts_equal_fixtures(family: str, case_id: str, capsys, monkeypatch) -> None:
+    """--dry-run's counts, grid and sizes are the official ones; --mode is left out for the family's default."""
+    monkeypatch.setattr(cli, "load_engine", no_weights)
+    fixtures = FAMILIES[family]
+    case, mode = fixtures.case(case_id), fixtures.mode_name(fixtures.case(case_id))
+    argv = ["--image", str(fixtures.root / case["image"]), "--prompt", case["prompt"], "--dry-run", "--json"]
+    if mode != fixtures.family.default.name:
+        argv += ["--mode", mode]
+    code, out, _ = run(argv, capsys, monkeypatch, model=fixtures.model_dir)
     assert code == 0
     [record] = json_lines(out)
     assert record["prompt_tokens"] == case["input_len"]
     assert record["image_tokens"] == case["n_image_tokens"]
     expected_grid = case["images_spatial_crop"] if case["n_local_crops"] else None
     assert record["crop_grid"] == expected_grid
-    assert record["mode"] == case["mode"]
+    assert record["mode"] == mode
     assert record["tiles"] == case["n_local_crops"]
+    assert (record["base_size"], record["image_size"]) == (case["base_size"], case["image_size"])
+
+
+def test_v2_crop_overrides_in_dry_run(capsys, monkeypatch) -> None:
+    """--max-crops and --no-crop on DeepSeek-OCR 2: the counts follow its layout (a global view, then a fixed
+    number of tokens per tile; one 768 px view without crops)."""
+    monkeypatch.setattr(cli, "load_engine", no_weights)
+    fixtures = FAMILIES[V2]
+    image = str(fixtures.root / "images" / "doc_text.png")  # 850x1100: (2, 3) tiles by default
+    code, out, _ = run([image, "--max-crops", "4", "--dry-run", "--json"], capsys, monkeypatch,
+                       model=fixtures.model_dir)
+    record = json.loads(out)
+    assert code == 0 and record["mode"] == "gundam-custom" and 1 < record["tiles"] <= 4
+    global_tokens, per_tile = v2_token_layout()
+    assert record["image_tokens"] == global_tokens + per_tile * record["tiles"]
+    code, out, _ = run([image, "--no-crop", "--dry-run", "--json"], capsys, monkeypatch, model=fixtures.model_dir)
+    record, entry = json.loads(out), fixtures.entry("doc_text.nocrop_768")  # crops off: one 768 px view
+    assert code == 0 and record["image_tokens"] == entry["n_image_tokens"]
+    assert (record["base_size"], record["image_size"], record["tiles"]) == (entry["base_size"], entry["image_size"], 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_mode_is_the_familys_gundam(family: str, capsys, monkeypatch) -> None:
+    """Without --mode each family's model gets its own gundam preset (v1: 640 px tiles, OCR 2: 768 px)."""
+    monkeypatch.setattr(cli, "load_engine", no_weights)
+    fixtures = FAMILIES[family]
+    official = {fixtures.mode_name({"mode": k}): v for k, v in fixtures.manifest()["modes"].items()}["gundam"]
+    image = str(FAMILIES[V2].root / "images" / "doc_text.png")
+    code, out, _ = run([image, "--dry-run", "--json"], capsys, monkeypatch, model=fixtures.model_dir)
+    record = json.loads(out)
+    assert code == 0
+    assert (record["mode"], record["image_size"], record["base_size"]) == (
+        "gundam", official["image_size"], official["base_size"])
 
 
 def test_dry_run_literal_backslash_n_is_a_newline(capsys, monkeypatch) -> None:
@@ -110,16 +183,21 @@ def test_dry_run_multipage_tiff_and_pages(tmp_path, capsys, monkeypatch) -> None
 # ------------------------------------------------------------------------------------------ generation
 
 
-def test_json_token_ids_match_official_infer(real_engine, capsys, monkeypatch) -> None:
-    case = case_by_id("pm01_doc_base")
+@pytest.mark.parametrize(("family", "case_id"), [(V1, "pm01_doc_base"), (V2, "pm08_rgba_nocrop768")])
+def test_json_token_ids_match_official_infer(family: str, case_id: str, engines, capsys, monkeypatch) -> None:
+    """torch, float32, the default n-gram rule (infer()'s): the CLI's token ids are the official ones."""
+    fixtures = FAMILIES[family]
+    case, engine = fixtures.case(case_id), engines[family]
+    official = case["infer"]
+    assert case["generate_kwargs_infer"]["no_repeat_ngram_size"] == engine.family.ngram.size
     code, out, _ = run(
         [
             "--image",
-            str(FIXTURES / case["image"]),
+            str(fixtures.root / case["image"]),
             "--prompt",
             case["prompt"],
             "--mode",
-            "base",
+            fixtures.mode_name(case),
             "--backend",
             "torch",
             "--device",
@@ -127,29 +205,54 @@ def test_json_token_ids_match_official_infer(real_engine, capsys, monkeypatch) -
             "--dtype",
             "float32",
             "--max-new-tokens",
-            "32",
-            "--no-repeat-ngram-size",
-            "20",
+            str(official["n_new"]),
             "--json",
         ],
         capsys,
         monkeypatch,
-        real_engine,
+        engine,
+        fixtures.model_dir,
     )
     assert code == 0
     [record] = json_lines(out)
-    expected = case_tensors("pm01_doc_base")["infer.ids"].reshape(-1).tolist()
-    assert record["token_ids"] == expected
-    assert record["finish_reason"] == "length"
+    expected = fixtures.tensors(case_id)["infer.ids"].reshape(-1).tolist()
+    assert record["token_ids"] == expected == official["ids"]
+    assert record["finish_reason"] == ("stop" if official["stopped_on_eos"] else "length")
     assert record["usage"] == {
         "prompt_tokens": case["input_len"],
-        "completion_tokens": 32,
+        "completion_tokens": official["n_new"],
         "image_tokens": case["n_image_tokens"],
     }
-    assert record["crop_grid"] is None
-    assert record["source"] == str(FIXTURES / case["image"]) and record["page"] is None
-    assert record["raw_text"] == real_engine.tokenizer.decode(expected).strip()
+    assert record["crop_grid"] == (case["images_spatial_crop"] if case["n_local_crops"] else None)
+    assert record["mode"] == fixtures.mode_name(case)
+    assert record["source"] == str(fixtures.root / case["image"]) and record["page"] is None
+    assert record["raw_text"] == engine.tokenizer.decode(expected).strip()
     assert set(record["timings"]) >= {"prepare_s", "ttft_s", "total_s"}
+
+
+@pytest.mark.parametrize(("family", "repo"), [(V1, "deepseek-ai/DeepSeek-OCR"), (V2, "deepseek-ai/DeepSeek-OCR-2")])
+def test_hub_repo_id_downloads_config_tokenizer_and_weights(family: str, repo: str, capsys, monkeypatch) -> None:
+    """`--model deepseek-ai/DeepSeek-OCR(-2)` goes through the Hub download (config, tokenizer, weights only); the
+    downloaded folder is then a model of that family. The Hub is faked: no network."""
+    import huggingface_hub
+
+    from common.model.hub import ALLOW_PATTERNS
+
+    fixtures = FAMILIES[family]
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        calls.append((repo_id, kwargs))
+        return str(fixtures.model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(cli, "load_engine", no_weights)
+    argv = [str(fixtures.root / "images" / "small.png"), "--dry-run", "--json", "-q"]
+    code, out, _ = run(argv, capsys, monkeypatch, model=fixtures.family.repo)
+    assert code == 0
+    assert json.loads(out)["image_tokens"] == default_image_tokens(fixtures, "images/small.png")
+    [(requested, kwargs)] = calls  # resolved once, then loaded from the local folder
+    assert requested == repo == fixtures.family.repo and kwargs["allow_patterns"] == ALLOW_PATTERNS
 
 
 def test_pdf_three_pages_outputs_and_json_lines(real_engine, tmp_path, capsys, monkeypatch) -> None:
@@ -233,6 +336,7 @@ def test_terminal_stream_drops_grounding_markup(tmp_path, capsys, monkeypatch) -
     assert "<|ref|>" not in streamed and "# Quarterly report" in streamed and "Revenue grew." in streamed
 
 
+@pytest.mark.slow
 def test_stdin_subprocess(tmp_path) -> None:
     png = tmp_path / "in.png"
     page_image("from stdin").save(png)
@@ -276,6 +380,7 @@ def test_grounding_outputs_figures_and_boxes(tmp_path, capsys, monkeypatch) -> N
     assert md == record["text"].rstrip() + "\n"
 
 
+@pytest.mark.slow
 def test_output_folder_inside_input_folder_is_not_scanned(tmp_path, capsys, monkeypatch) -> None:
     page_image("report", size=(1000, 1000)).save(tmp_path / "page.png")
     out_dir = tmp_path / "out"
@@ -313,6 +418,7 @@ def test_ctrl_c_keeps_finished_outputs(tmp_path, capsys, monkeypatch) -> None:
     assert not (out_dir / "two.json").exists() and not (out_dir / "three.json").exists()
 
 
+@pytest.mark.slow
 def test_no_prefetch_gives_same_results(tmp_path, capsys, monkeypatch) -> None:
     pdf = make_pdf(tmp_path / "doc.pdf", 3)
     results = []
@@ -342,27 +448,31 @@ def test_convert_subcommand_delegates(monkeypatch) -> None:
 # ------------------------------------------------------------------------------------------ user errors
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["missing.png"], "input not found: missing.png"),
-        (["{txt}"], "unsupported input format"),
-        (["{pdf}", "--pages", "3-1"], "bad --pages '3-1'"),
-        (["{pdf}", "--pages", "one"], "bad --pages 'one'"),
-        (["{pdf}", "--pages", "5"], "has 2 page(s); --pages asks for page 5"),
-        (["{png}", "--mode", "huge"], "argument --mode: invalid choice: 'huge'"),
-        (["{png}", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
-        (["{png}", "--temperature", "hot"], "argument --temperature: expected a number"),
-        (["{png}", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
-        (["{png}", "--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["{png}", "--task", "locate"], "--task locate needs --ref"),
-        (["{png}", "--prompt", "Free OCR."], "the prompt has no <image> placeholder"),
-        (["--task", "ocr"], "no input given"),
-        (["{png}", "--base-size", "100"], "base"),
-        (["{png}", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-    ],
-)
-def test_usage_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch) -> None:
+USAGE_ERRORS = [
+    (V1, ["missing.png"], "input not found: missing.png"),
+    (V1, ["{txt}"], "unsupported input format"),
+    (V1, ["{pdf}", "--pages", "3-1"], "bad --pages '3-1'"),
+    (V1, ["{pdf}", "--pages", "one"], "bad --pages 'one'"),
+    (V1, ["{pdf}", "--pages", "5"], "has 2 page(s); --pages asks for page 5"),
+    (V1, ["{png}", "--mode", "huge"], "argument --mode: invalid choice: 'huge'"),
+    (V1, ["{png}", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+    (V1, ["{png}", "--temperature", "hot"], "argument --temperature: expected a number"),
+    (V1, ["{png}", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    (V1, ["{png}", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (V1, ["{png}", "--task", "locate"], "--task locate needs --ref"),
+    (V1, ["{png}", "--prompt", "Free OCR."], "the prompt has no <image> placeholder"),
+    (V1, ["--task", "ocr"], "no input given"),
+    (V1, ["{png}", "--base-size", "100"], "base"),
+    (V1, ["{png}", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    # DeepSeek-OCR 2's presets and view sizes
+    (V2, ["{png}", "--mode", "tiny"], "unknown mode 'tiny' for DeepSeek-OCR 2; choose one of gundam, base, small"),
+    (V2, ["{png}", "--image-size", "640"], "DeepSeek-OCR 2 tiles must be 768 px"),
+    (V2, ["{png}", "--base-size", "1280"], "DeepSeek-OCR 2 global views must be 768 or 1024 px"),
+]
+
+
+@pytest.mark.parametrize(("family", "argv", "message"), USAGE_ERRORS)
+def test_usage_errors_exit_2_with_one_line(family, argv, message, tmp_path, capsys, monkeypatch) -> None:
     txt = tmp_path / "notes.txt"
     txt.write_text("plain text")
     pdf = make_pdf(tmp_path / "two.pdf", 2)
@@ -370,10 +480,23 @@ def test_usage_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monk
     page_image("x").save(png)
     argv = [a.format(txt=txt, pdf=pdf, png=png) for a in argv]
     monkeypatch.setattr(cli, "load_engine", lambda *a, **k: pytest.fail("the model must not be loaded"))
-    code, out, err = run([*argv, "--dry-run"], capsys, monkeypatch)
+    code, out, err = run([*argv, "--dry-run"], capsys, monkeypatch, model=FAMILIES[family].model_dir)
     assert code == 2
     assert message in one_error_line(err)
     assert out == ""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unknown_architecture_exits_2_naming_it(family: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "load_engine", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    fixtures = FAMILIES[family]
+    model = tmp_path / "model"
+    shutil.copytree(fixtures.model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["DeepseekOCR3ForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run([str(fixtures.root / "images" / "small.png")], capsys, monkeypatch, model=model)
+    assert code == 2 and "'architectures' = ['DeepseekOCR3ForCausalLM'] is not a supported model" in one_error_line(err)
 
 
 def test_model_dir_without_weights(tmp_path, capsys, monkeypatch) -> None:

@@ -38,7 +38,9 @@ def schema_file(tmp_path: Path, name: str, schema: Any = None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(SCHEMAS))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[] if name in ("enums", "string_patterns") else [pytest.mark.slow]) for name in SCHEMAS
+])
 def test_json_schema_streamed_and_as_json_lines(name: str, real_engine: Engine, tmp_path: Path, capsys,
                                                 monkeypatch) -> None:
     argv = [str(IMAGE), "--json-schema", str(schema_file(tmp_path, name)), *FLAGS]
@@ -55,7 +57,8 @@ def test_json_schema_streamed_and_as_json_lines(name: str, real_engine: Engine, 
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--temperature", "0.8", "--seed", "4"], ["--no-repeat-ngram-size", "30", "--ngram-window", "90"]],
+    [[], pytest.param(["--temperature", "0.8", "--seed", "4"], marks=pytest.mark.slow),
+     pytest.param(["--no-repeat-ngram-size", "30", "--ngram-window", "90"], marks=pytest.mark.slow)],
     ids=["greedy", "sampled", "vllm-ngram"],
 )
 def test_outputs_and_json_lines_carry_the_parsed_data(

@@ -28,7 +28,7 @@ from common.engine.engine import Engine
 from common.model.families import resolve_mode
 from tests import ray_faults
 from tests.conftest import FIXTURES, MODEL_DIR, ROOT
-from tests.test_cli import FAST, json_lines, make_pdf, one_error_line, page_image
+from tests.helpers import FAST, json_lines, make_pdf, one_error_line, page_image
 
 RAY_FLAGS = ["--ray", "--ray-actor-cpus", "0.5"]  # two actors and a preparing task fit in 2 CPUs
 
@@ -172,6 +172,8 @@ def writes(root: Path) -> list[tuple[str, int, int]]:
             (line.split() for line in (root / "writes.log").read_text().splitlines())]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_same_outputs_as_a_local_run_then_resume(
     ray_cluster, inputs, local_run, tmp_path, capsys, monkeypatch
 ) -> None:
@@ -204,6 +206,8 @@ def test_same_outputs_as_a_local_run_then_resume(
     assert [name for name, _, _ in writes(tmp_path)[len(written):]] == ["doc_page002"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
 def test_killed_actors_every_page_written_once(
     ray_cluster, inputs, local_run, tmp_path, capsys, monkeypatch, overwrite
@@ -233,6 +237,8 @@ def test_killed_actors_every_page_written_once(
     assert not (out_dir / cluster.JOB_MARKER).exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_actors_that_cannot_start_fail_the_job_in_one_line(ray_cluster, inputs, tmp_path, capsys, monkeypatch) -> None:
     out_dir = tmp_path / "out"
     code, out, err = run([str(inputs), "-o", str(out_dir), *FAST, "--ray", "--ray-actors", "2"], capsys)

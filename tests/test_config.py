@@ -127,13 +127,17 @@ def test_bad_value_names_file_key_and_value(path: tuple[str, ...], value: object
 
 def test_null_takes_the_default_and_ints_are_floats() -> None:
     data = real_data()
+    # The defaults are the real model's values: its context, and SAM's window (a code constant there, an added
+    # key in the tiny config.json).
+    context = data["max_position_embeddings"]
+    window = json.loads((MODEL_DIR / "config.json").read_text())["vision_config"]["width"]["sam_vit_b"]["window_size"]
     data["rope_theta"] = 500  # an int where a float is expected
     data["max_position_embeddings"] = None  # null: the default, as if absent
     data["vision_config"]["width"]["sam_vit_b"]["window_size"] = None
     data.pop("num_key_value_heads", None)
     cfg = parse_config(data)
     assert cfg.language.rope_theta == 500.0 and isinstance(cfg.language.rope_theta, float)
-    assert (cfg.language.max_position_embeddings, cfg.sam.window_size) == (8192, 14)
+    assert (cfg.language.max_position_embeddings, cfg.sam.window_size) == (context, window)
     assert cfg.language.num_key_value_heads == cfg.language.num_attention_heads
 
 

@@ -24,13 +24,13 @@ from common.engine.sequence import BACKGROUND, INTERACTIVE
 from common.errors import InputError
 from common.model.inputs import ImageInput, PreparedInputs
 from common.model.tokenizer import Tokenizer
-from tests.conftest import MODEL_DIR
+from tests.conftest import fixture_tokenizer
 from tests.fakes import ScriptedBackend
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(MODEL_DIR)
+    return fixture_tokenizer()
 
 
 def words(n: int, tag: int) -> list[int]:
@@ -333,7 +333,7 @@ def test_a_core_whose_load_fails_reports_it() -> None:
     def broken() -> Any:
         raise RuntimeError("no weights here")
 
-    core = EngineCore(broken, Tokenizer.from_dir(MODEL_DIR)).start()
+    core = EngineCore(broken, fixture_tokenizer()).start()
     with pytest.raises(RuntimeError, match="no weights here"):
         core.wait_ready(10)
     assert core.state == "error"

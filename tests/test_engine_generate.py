@@ -58,6 +58,7 @@ def reference(case_id: str, kind: str = "greedy") -> list[int]:
     return V1.tensors(case_id)[f"{kind}.ids"].tolist()
 
 
+@pytest.mark.slow
 def test_every_case_generated_together_matches_its_reference(core: EngineCore) -> None:
     """All 12 cases x {greedy, n-gram 20, n-gram 35} with different budgets, as ONE continuous batch."""
     jobs = []

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from common.engine.output import OutputState, StopMatcher
 from common.engine.requests import FINISH_CANCELLED, FINISH_STOP, RequestHandle
-from common.model.tokenizer import Tokenizer
-from tests.conftest import MODEL_DIR
+from tests.conftest import fixture_tokenizer
 
 
 def test_stop_matcher_is_incremental_and_finds_the_earliest() -> None:
@@ -19,7 +18,7 @@ def test_stop_matcher_is_incremental_and_finds_the_earliest() -> None:
 
 
 def test_text_that_may_become_a_stop_string_is_held_back_then_released() -> None:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     handle = RequestHandle(lambda _: None)
     state = OutputState.new(tokenizer, ("</table>",))
     shown: list[str] = []
@@ -33,7 +32,7 @@ def test_text_that_may_become_a_stop_string_is_held_back_then_released() -> None
 
 
 def test_a_cancelled_sequence_keeps_what_it_showed() -> None:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     handle = RequestHandle(lambda _: None)
     state = OutputState.new(tokenizer, ())
     for token in tokenizer.encode("partial text"):

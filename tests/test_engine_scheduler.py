@@ -13,10 +13,9 @@ from common.engine.sampling import SamplingParams
 from common.engine.scheduler import QueueFullError, Scheduler
 from common.engine.sequence import BACKGROUND, INTERACTIVE, Sequence
 from common.model.inputs import ImageInput, PreparedInputs
-from common.model.tokenizer import Tokenizer
-from tests.conftest import MODEL_DIR
+from tests.conftest import fixture_tokenizer
 
-TOKENIZER = Tokenizer.from_dir(MODEL_DIR)
+TOKENIZER = fixture_tokenizer()
 
 
 class Clock:

@@ -126,11 +126,24 @@ def test_v2_overrides_and_their_limits() -> None:
 def test_token_counts_come_from_the_layout() -> None:
     v1, v2 = DEEPSEEK_OCR.layout, DEEPSEEK_OCR_2.layout
     gundam_v1, gundam_v2 = DEEPSEEK_OCR.modes["gundam"], DEEPSEEK_OCR_2.modes["gundam"]
-    # v1: newline after every row; tiles stitched into one (3*10) x (2*10) grid.
-    assert v1.image_tokens(gundam_v1, (2, 3), True) == 16 * 17 + 1 + 30 * 21
-    # OCR 2: no newlines; 144 tokens per crop, crop after crop, then 256 global, then the separator.
-    assert v2.image_tokens(gundam_v2, (2, 3), True) == 6 * 144 + 256 + 1
-    assert v2.image_tokens(DEEPSEEK_OCR_2.modes["small"], (1, 1), False) == 145
+    v1_entries = {e["id"]: e for e in cases_manifest()["preprocess"]["entries"]}
+    v2_entries = {e["id"]: e for e in cases_manifest_v2()["preprocess"]["entries"]}
+    # v1: a newline after every row; tiles stitched into one (rows*10) x (columns*10) grid, so 2 columns x 3 rows
+    # and 3 columns x 2 rows of the same six tiles differ by their newlines.
+    for entry in (v1_entries["doc_text.gundam"], v1_entries["table.gundam"]):
+        grid = tuple(entry["images_spatial_crop"])
+        assert v1.image_tokens(gundam_v1, grid, True) == entry["n_image_tokens"]
+    assert v1_entries["doc_text.gundam"]["n_image_tokens"] != v1_entries["table.gundam"]["n_image_tokens"]
+    # OCR 2: no newlines; the same count per crop, crop after crop, then the global view, then the separator:
+    # linear in the number of tiles, whatever the grid's shape (also for grids no fixture has).
+    global_tokens = v2_entries["small.default"]["n_image_tokens"]  # small.png fits one tile: the global view alone
+    doc = v2_entries["doc_text.default"]
+    per_tile, rest = divmod(doc["n_image_tokens"] - global_tokens, doc["n_local_crops"])
+    assert rest == 0 and per_tile > 0
+    for grid in ((2, 3), (3, 2), (1, 2), (6, 1), (3, 3)):
+        assert v2.image_tokens(gundam_v2, grid, True) == global_tokens + grid[0] * grid[1] * per_tile
+    assert v2.image_tokens(DEEPSEEK_OCR_2.modes["small"], (1, 1), False) == v2_entries["doc_text.nocrop_768"][
+        "n_image_tokens"]
     for manifest, names in ((cases_manifest(), None), (cases_manifest_v2(), V2_MODE_NAMES)):
         family = DEEPSEEK_OCR if names is None else DEEPSEEK_OCR_2
         for entry in manifest["preprocess"]["entries"]:

@@ -10,10 +10,9 @@ from safetensors import safe_open
 
 from common.engine.ngram import NGramGuard, banned_ngram_tokens
 from common.engine.sampling import ngram_whitelist_ids
-from common.model.tokenizer import Tokenizer
-from tests.conftest import FIXTURES, MODEL_DIR, model_cases
+from tests.conftest import FIXTURES, fixture_tokenizer, model_cases
 
-VLLM_NGRAM_WHITELIST = ngram_whitelist_ids(Tokenizer.from_dir(MODEL_DIR))  # <td>, </td> by token text
+VLLM_NGRAM_WHITELIST = ngram_whitelist_ids(fixture_tokenizer())  # <td>, </td> by token text
 TD, TD_CLOSE = VLLM_NGRAM_WHITELIST
 
 
@@ -189,26 +188,30 @@ def test_guard_matches_reference_long_random() -> None:
 # ---------------------------------------------------------------------------------- fixture generation runs
 
 
+RUN_KWARGS = {"infer": "generate_kwargs_infer", "infer_eval": "generate_kwargs_infer_eval_mode"}
+
+
 def _runs() -> list[tuple[str, str, int]]:
+    """(case, run, its no_repeat_ngram_size) of every reference run: infer() and infer(eval_mode) for each image
+    case, infer() for the text-only one (which stores no generate kwargs: the image cases' n applies)."""
+    images = [c for c in model_cases() if c.get("kind") == "model"]
+    sizes = {run: {c[key]["no_repeat_ngram_size"] for c in images} for run, key in RUN_KWARGS.items()}
+    assert all(len(n) == 1 for n in sizes.values()), sizes
     runs = []
     for case in model_cases():
-        for run, n in (("infer", 20), ("infer_eval", 35)):
-            if run in case:
-                runs.append((case["id"], run, n))
+        for run in RUN_KWARGS if case.get("kind") == "model" else ("infer",):
+            runs.append((case["id"], run, *sizes[run]))
     return runs
 
 
 @pytest.mark.parametrize(("case_id", "run", "n"), _runs())
 def test_fixture_runs(case_id: str, run: str, n: int) -> None:
     case = next(c for c in model_cases() if c["id"] == case_id)
-    kwargs_key = "generate_kwargs_infer" if run == "infer" else "generate_kwargs_infer_eval_mode"
-    expected_kwargs = case.get(kwargs_key)
-    if expected_kwargs is not None:
-        assert expected_kwargs["no_repeat_ngram_size"] == n
+    if case.get("kind") == "model":
+        assert case[RUN_KWARGS[run]]["no_repeat_ngram_size"] == n
     prompt, generated, greedy = (case_ids(case_id, key) for key in ("input_ids", f"{run}.ids", "greedy.ids"))
     record = case[run]
-    if "ids" in record:
-        assert generated == record["ids"]
+    assert generated == record["ids"]
 
     guard = NGramGuard(n)
     trace = guard_trace(guard, prompt, generated)[: len(generated)]

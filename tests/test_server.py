@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -29,15 +30,14 @@ from common.engine.engine import Engine
 from common.engine.sampling import SamplingParams
 from common.errors import ImageError
 from common.model.families import resolve_mode
-from common.model.tokenizer import Tokenizer
 from common.serve.fetch import RemoteFetchError, fetch_url
 from server import ServerSettings, create_app
 from tests import fakes
-from tests.conftest import FIXTURES, MODEL_DIR
+from tests.conftest import FIXTURES, FIXTURES_V2, MODEL_DIR, MODEL_DIR_V2, case_by_id_v2, fixture_tokenizer
 from tests.fakes import SlowBackend
 from tests.helpers import LiveServer, data_url
 
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.server
 
 API_KEY = "test-key-123"
 DOC_IMAGE = FIXTURES / "images" / "doc_text.png"
@@ -63,7 +63,7 @@ def live(engine: Engine) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def slow() -> Iterator[tuple[LiveServer, SlowBackend]]:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     backend = SlowBackend(tokenizer.eos_id, prefill_s=0.6, step_s=0.02)
     fake = fakes.fixture_engine(backend, max_batch=1)  # queueing is what runs here
     settings = ServerSettings(mode=MODE, max_queue=1, max_new_tokens=400, keepalive_s=0.1)
@@ -181,6 +181,7 @@ def test_pdf_file_part(client: Any, engine: Engine) -> None:
     assert completion.usage.completion_tokens == 4
 
 
+@pytest.mark.slow
 def test_concurrent_clients_match_sequential(client: Any) -> None:
     prompts = [f"Free OCR. {i}" for i in range(8)]
 
@@ -232,7 +233,7 @@ def test_concurrent_requests_decode_together_and_stream_what_they_get_alone(live
 
 def test_cancel_frees_the_lane_within_a_step() -> None:
     """Two long streams decode together; the first client leaves: its sequence is gone from the next step."""
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     backend = SlowBackend(tokenizer.eos_id, prefill_s=0.05, step_s=0.02)
     fake = fakes.fixture_engine(backend)
     body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 2000, "stream": True}
@@ -362,6 +363,7 @@ def test_fetch_url_limits_and_private_opt_in() -> None:
 # ---------------------------------------------------------------------------------------------- slow backend
 
 
+@pytest.mark.slow
 def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
     server, _ = slow
     body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 400, "stream": True}  # ~8 s
@@ -389,6 +391,7 @@ def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
         assert queued_response.json()["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.slow
 def test_keepalive_and_disconnect_cancels(slow: tuple[LiveServer, SlowBackend]) -> None:
     server, backend = slow
     body = {"messages": [{"role": "user", "content": "a long page"}], "max_tokens": 400, "stream": True}
@@ -430,8 +433,9 @@ def test_metrics_and_openapi(live: LiveServer) -> None:
     assert "/v1/chat/completions" in schema["paths"] and "/v1/responses" in schema["paths"]
 
 
+@pytest.mark.slow
 def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis  # a dev dependency (imported here: it is slow to import)
     from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(f"{live.base}/schema/openapi.json")
@@ -456,9 +460,6 @@ def test_schema_fuzz_no_server_errors(live: LiveServer) -> None:
 def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
     import json as _json
 
-    from common.documents.postprocess import strip_grounding
-    from tests.conftest import FIXTURES
-
     golden = _json.loads((FIXTURES / "postprocess_goldens.json").read_text())["cases"][0]
     fake = fakes.fixture_engine(fakes.ScriptedBackend(golden["generated_ids"], 1))
     with LiveServer(create_app(fake, ServerSettings(mode=MODE, max_new_tokens=400))) as server:
@@ -476,3 +477,27 @@ def test_grounding_markup_stripped_for_chat_unless_kept() -> None:
     assert kept["choices"][0]["message"]["content"] == golden["model_text"]
     assert plain["choices"][0]["message"]["content"] == strip_grounding(golden["model_text"])
     assert "".join(pieces) == strip_grounding(golden["model_text"])
+
+
+def test_server_uses_the_models_presets() -> None:
+    """A DeepSeek-OCR 2 model: requests resolve modes with its family (default gundam, 768 px tiles; 'tiny'
+    refused); the prompt of the official case with the same image and prompt has the same length."""
+    from litestar.testing import TestClient
+
+    case = case_by_id_v2("pm06_small_default")  # images/small.png, "<image>\nFree OCR.", the default setting
+    assert case["prompt"] == "<image>\nFree OCR." and case["mode"] == "default"
+    engine = Engine.load(str(MODEL_DIR_V2), backend="torch", device="cpu", dtype="float32")
+    content = [{"type": "image_url", "image_url": {"url": data_url(FIXTURES_V2 / case["image"])}},
+               {"type": "text", "text": "Free OCR."}]
+    body: dict[str, Any] = {"model": "deepseek-ocr", "max_tokens": 4}
+    body["messages"] = [{"role": "user", "content": content}]
+    try:
+        with TestClient(create_app(engine, ServerSettings())) as client:
+            ok = client.post("/v1/chat/completions", json=body)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["usage"]["prompt_tokens"] == case["input_len"]  # BOS, the image tokens, "\nFree OCR."
+            bad = client.post("/v1/chat/completions", json={**body, "mode": "tiny"})
+            assert bad.status_code == 400 and "DeepSeek-OCR 2" in bad.json()["error"]["message"]
+            assert client.get("/health").json()["model"]["family"] == "deepseek-ocr-2"
+    finally:
+        engine.close()

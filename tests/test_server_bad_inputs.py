@@ -10,17 +10,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from common.model.tokenizer import Tokenizer
 from server import ServerSettings, create_app
-from tests.conftest import MODEL_DIR
+from tests.conftest import fixture_tokenizer
 from tests.fakes import RecordingBackend, fixture_engine
 from tests.helpers import LiveServer
 from tests.hostile import corpus, file_chat, pdf_bytes, text_chat
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     engine = fixture_engine(RecordingBackend(tokenizer))
     settings = ServerSettings(mode="tiny", prepare_workers=4, fetch=ServerSettings().fetch)
     with LiveServer(create_app(engine, settings)) as live:
@@ -46,6 +47,7 @@ def test_bad_input_corpus(server: LiveServer, case) -> None:
         assert error["param"] == case.param, error
 
 
+@pytest.mark.slow
 def test_server_is_healthy_after_the_corpus(server: LiveServer) -> None:
     for case in corpus():
         assert post(server, case.body, case.raw).status_code < 500

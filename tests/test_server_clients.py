@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from common.documents.images import load_image
@@ -15,14 +16,13 @@ from common.engine.engine import Engine
 from common.engine.sampling import SamplingParams
 from common.model.families import resolve_mode
 from common.model.inputs import PreparedInputs
-from common.model.tokenizer import Tokenizer
 from common.serve.chat import DEFAULT_IMAGE_INSTRUCTION
 from server import ServerSettings, create_app
 from tests import fakes
-from tests.conftest import FIXTURES, MODEL_DIR
+from tests.conftest import FIXTURES, MODEL_DIR, fixture_tokenizer
 from tests.helpers import LiveServer
 
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.server
 
 DOC_IMAGE = FIXTURES / "images" / "doc_text.png"
 MODE = "tiny"
@@ -50,7 +50,7 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[LiveServer, Engine, Recorded]]:
-    engine = fakes.fixture_engine(fakes.RecordingBackend(Tokenizer.from_dir(MODEL_DIR), REPLY))
+    engine = fakes.fixture_engine(fakes.RecordingBackend(fixture_tokenizer(), REPLY))
     recorded = Recorded(engine)
     with LiveServer(create_app(engine, ServerSettings(mode=MODE))) as server:
         yield server, engine, recorded
@@ -175,7 +175,7 @@ def test_health_and_metrics_shapes(served) -> None:
 def test_max_tokens_must_fit_the_lane_not_only_the_model_context() -> None:
     """--max-context 64: a request whose prompt plus max_tokens fits the model's 8k context but not the lane is
     refused, naming max_tokens (it used to be accepted and silently shortened to the lane)."""
-    tokenizer = Tokenizer.from_dir(MODEL_DIR)
+    tokenizer = fixture_tokenizer()
     engine = fakes.fixture_engine(fakes.ScriptedBackend(tokenizer.encode(REPLY), tokenizer.eos_id, lane_capacity=64))
     with LiveServer(create_app(engine, ServerSettings(mode=MODE))) as server:
         prompt_tokens = len(engine.prepare("Hello there.", [], resolve_mode(MODE)).input_ids)

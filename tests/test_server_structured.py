@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -23,9 +24,14 @@ from tests.structured_cases import SCHEMAS, UNBOUNDED, parses, validated
 API_KEY = "test-key-123"
 DOC_IMAGE = FIXTURES / "images" / "doc_text.png"
 
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.server
 
 MAX_TOKENS = 160
+
+
+def schema_params(names: list[str], quick: str) -> list[Any]:
+    """The schemas by name, all but `quick` marked slow (each request takes about a second)."""
+    return [pytest.param(name, marks=[] if name == quick else [pytest.mark.slow]) for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +79,7 @@ def streamed_chat(client: Any, **kwargs: Any) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------------------- chat
 
 
-@pytest.mark.parametrize("name", list(SCHEMAS))
+@pytest.mark.parametrize("name", schema_params(list(SCHEMAS), quick="enums"))
 def test_chat_json_schema_streamed_and_not(client: Any, name: str) -> None:
     schema = SCHEMAS[name]
     kwargs = {"messages": messages(), "max_tokens": MAX_TOKENS, "response_format": json_schema_format(name, schema)}
@@ -111,6 +117,7 @@ class Invoice(BaseModel):
     lines: list[Line] = Field(min_length=1, max_length=2)
 
 
+@pytest.mark.slow
 def test_openai_parse_helpers(client: Any) -> None:
     completion = client.chat.completions.parse(model="deepseek-ocr", messages=messages(), max_tokens=MAX_TOKENS,
                                                response_format=Invoice)
@@ -125,6 +132,7 @@ def test_openai_parse_helpers(client: Any) -> None:
                                       response_format=Invoice)
 
 
+@pytest.mark.slow
 def test_budget_ends_the_json_early_with_length(client: Any) -> None:
     kwargs = {"messages": messages(), "response_format": json_schema_format("lines", SCHEMAS["array_min_max_items"])}
     full = client.chat.completions.create(model="deepseek-ocr", max_tokens=MAX_TOKENS, **kwargs)
@@ -142,7 +150,8 @@ def test_budget_ends_the_json_early_with_length(client: Any) -> None:
 # ------------------------------------------------------------------------------------------- responses
 
 
-@pytest.mark.parametrize("name", ["nested_objects", "numbers_with_bounds", "string_patterns"])
+@pytest.mark.parametrize("name", schema_params(["nested_objects", "numbers_with_bounds", "string_patterns"],
+                                                quick="string_patterns"))
 def test_responses_text_format_streamed_and_not(client: Any, name: str) -> None:
     schema = SCHEMAS[name]
     text_format = {"format": {"type": "json_schema", "name": name, "schema": schema, "strict": True}}
@@ -166,6 +175,7 @@ def test_responses_text_format_streamed_and_not(client: Any, name: str) -> None:
 # ------------------------------------------------------------------------------------------- batching
 
 
+@pytest.mark.slow
 def test_concurrent_mixed_requests_leave_free_text_unchanged(client: Any, live: LiveServer) -> None:
     free = [{"messages": messages(f"Free OCR. {i}"), "max_tokens": 20 + i} for i in range(3)]
     constrained = [{"messages": messages(), "max_tokens": MAX_TOKENS,

@@ -29,111 +29,13 @@ from common.engine.structured import (
 from common.errors import ConfigError, InputError, ModelNotFoundError
 from common.model.config import load_config
 from common.model.tokenizer import Tokenizer
-from tests.conftest import MODEL_DIR
-
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "required_fields": {
-        "type": "object",
-        "properties": {
-            "vendor": {"type": "string"},
-            "total": {"type": "number"},
-            "paid": {"type": "boolean"},
-            "note": {"type": "string"},
-        },
-        "required": ["vendor", "total", "paid"],
-        "additionalProperties": False,
-    },
-    "nested_objects": {
-        "type": "object",
-        "properties": {
-            "customer": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "address": {
-                        "type": "object",
-                        "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                        "required": ["city", "zip"],
-                        "additionalProperties": False,
-                    },
-                },
-                "required": ["name", "address"],
-                "additionalProperties": False,
-            }
-        },
-        "required": ["customer"],
-        "additionalProperties": False,
-    },
-    "array_min_max_items": {
-        "type": "object",
-        "properties": {
-            "lines": {
-                "type": "array",
-                "minItems": 2,
-                "maxItems": 4,
-                "items": {
-                    "type": "object",
-                    "properties": {"item": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
-                    "required": ["item", "qty"],
-                    "additionalProperties": False,
-                },
-            },
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
-        },
-        "required": ["lines", "tags"],
-        "additionalProperties": False,
-    },
-    "enums": {
-        "type": "object",
-        "properties": {
-            "currency": {"enum": ["EUR", "USD", "JPY"]},
-            "status": {"enum": ["paid", "due", None, 3, True]},
-            "kind": {"type": "string", "enum": ["invoice", "receipt"]},
-        },
-        "required": ["currency", "status", "kind"],
-        "additionalProperties": False,
-    },
-    "numbers_with_bounds": {
-        "type": "object",
-        "properties": {
-            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
-            "count": {"type": "integer", "minimum": -5, "maximum": 5},
-            "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "amount": {"type": "number", "minimum": 10.5, "maximum": 99.25},
-        },
-        "required": ["year", "count", "ratio", "amount"],
-        "additionalProperties": False,
-    },
-    "string_patterns": {
-        "type": "object",
-        "properties": {
-            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
-            "date": {"type": "string", "pattern": "^[0-9]{4}-[01][0-9]-[0-3][0-9]$"},
-            "short": {"type": "string", "minLength": 2, "maxLength": 5},
-        },
-        "required": ["code", "date", "short"],
-        "additionalProperties": False,
-    },
-    "top_level_array_with_refs": {
-        "type": "array",
-        "minItems": 1,
-        "maxItems": 3,
-        "items": {"$ref": "#/$defs/point"},
-        "$defs": {
-            "point": {
-                "type": "object",
-                "properties": {"x": {"type": "integer"}, "y": {"anyOf": [{"type": "integer"}, {"type": "null"}]}},
-                "required": ["x", "y"],
-                "additionalProperties": False,
-            }
-        },
-    },
-}
+from tests.conftest import MODEL_DIR, fixture_tokenizer
+from tests.structured_cases import COMPILER_SCHEMAS as SCHEMAS
 
 
 @cache
 def tokenizer() -> Tokenizer:
-    return Tokenizer.from_dir(MODEL_DIR)
+    return fixture_tokenizer()
 
 
 @cache
@@ -222,8 +124,14 @@ def drive(spec: JsonSpec, model: RandomModel, max_tokens: int = 400) -> tuple[st
 # ------------------------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
+SLOW_DRIVES = {"array_min_max_items"}  # the longest JSON of all: seconds on 2 cores
+
+
+@pytest.mark.parametrize(("name", "temperature"), [
+    pytest.param(name, temperature, id=f"{name}-{kind}",
+                 marks=[pytest.mark.slow] if name in SLOW_DRIVES else [])
+    for name in sorted(SCHEMAS) for kind, temperature in (("greedy", 0.0), ("sampled", 1.0))
+])
 def test_random_model_output_validates(name: str, temperature: float) -> None:
     schema = SCHEMAS[name]
     spec = json_schema_spec(schema, name=name)
@@ -427,6 +335,7 @@ def test_compiled_grammar_is_shared_and_matchers_are_independent() -> None:
     assert not comp.cached(spec) and comp.cached(json_object_spec())
 
 
+@pytest.mark.slow
 def test_compile_errors_are_not_cached_and_the_default_bound_is_64() -> None:
     comp = GrammarCompiler.from_model_dir(MODEL_DIR)
     bad = JsonSpec("json_schema", json.dumps({"type": "strange"}))  # never validated: fails when compiled

@@ -103,6 +103,7 @@ def recording_core(engine: Engine, **kwargs: Any) -> tuple[Any, Recording]:
 # ------------------------------------------------------------------------------------------- every schema
 
 
+@pytest.mark.slow
 def test_every_schema_greedy_and_sampled_both_ngram_rules_in_one_batch(
     engine: Engine, image_prompt: PreparedInputs
 ) -> None:
@@ -143,6 +144,7 @@ def test_json_object(engine: Engine, image_prompt: PreparedInputs) -> None:
 # ------------------------------------------------------------------------------------ mixed batches
 
 
+@pytest.mark.slow
 def test_mixed_batch_gives_every_sequence_the_ids_it_gets_alone(engine: Engine, image_prompt: PreparedInputs) -> None:
     hello = text_prompt(engine, "Write a short story about a lighthouse.")
     jobs: list[tuple[PreparedInputs, SamplingParams]] = [
@@ -182,6 +184,7 @@ def test_unconstrained_batch_sends_no_mask(engine: Engine, image_prompt: Prepare
     assert all((c.allowed[1] != -1).any() for c in mixed)
 
 
+@pytest.mark.slow
 def test_masks_on_a_helper_thread_give_the_same_ids(engine: Engine, image_prompt: PreparedInputs) -> None:
     hello = text_prompt(engine, "Describe the weather.")
     jobs = [(image_prompt, params(SCHEMAS[name], sampler=sampler)) for name, sampler in
@@ -211,8 +214,12 @@ def replayed_bans(prompt: PreparedInputs, p: SamplingParams, ids: list[int]) -> 
     return bans
 
 
-@pytest.mark.parametrize("ngram", [(2, 0), (3, 30)], ids=["hf-n2", "windowed-n3-w30"])
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize(("sampler", "ngram"), [
+    pytest.param("greedy", (2, 0), id="greedy-hf-n2"),
+    pytest.param("greedy", (3, 30), id="greedy-windowed-n3-w30", marks=pytest.mark.slow),
+    pytest.param("sampled", (2, 0), id="sampled-hf-n2", marks=pytest.mark.slow),
+    pytest.param("sampled", (3, 30), id="sampled-windowed-n3-w30", marks=pytest.mark.slow),
+])
 def test_ngram_ban_combines_with_the_grammar(
     engine: Engine, image_prompt: PreparedInputs, sampler: str, ngram: tuple[int, int]
 ) -> None:
@@ -343,6 +350,8 @@ def test_engine_builds_its_grammar_once_and_compiles_ahead(engine: Engine) -> No
 # ------------------------------------------------------------------------------------------------ MLX
 
 
+@pytest.mark.mlx
+@pytest.mark.slow
 def test_mlx_backend_applies_the_masks_with_the_forward_queued_first(
     engine: Engine, image_prompt: PreparedInputs
 ) -> None:

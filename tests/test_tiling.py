@@ -1,4 +1,5 @@
-"""Views, crop grids and normalisation, bit-exact against the official preprocessing fixtures."""
+"""Views, crop grids and normalisation, bit-exact against the official preprocessing fixtures of both families
+(every preprocessing entry and model case: views byte-identical, normalised-pixel hashes, crop grids, token counts)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from common.documents.images import load_image
-from common.model.families import DEEPSEEK_OCR, resolve_mode
+from common.model.families import DEEPSEEK_OCR, DEEPSEEK_OCR_2, resolve_mode
 from common.model.modes import Mode
 from common.model.tiling import (
     TiledImage,
@@ -26,7 +27,8 @@ from common.model.tiling import (
     tile_image,
     to_image_input,
 )
-from tests.conftest import FIXTURES, cases_manifest
+from tests.conftest import FIXTURES, safetensors_names
+from tests.helpers_backend import FAMILIES
 
 
 def read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
@@ -50,24 +52,25 @@ def sha256(data: bytes) -> str:
 
 
 @cache
-def view_hashes() -> dict[str, Any]:
-    return json.loads((FIXTURES / "view_hashes.json").read_text())
+def view_hashes(root: Path) -> dict[str, Any]:
+    """views/<name>.png -> its size and the sha256 of its RGB bytes (the views themselves are not committed)."""
+    return json.loads((root / "view_hashes.json").read_text())
 
 
 @cache
-def fixture_image(rel: str) -> Image.Image:
-    return load_image(FIXTURES / rel)
+def fixture_image(root: Path, rel: str) -> Image.Image:
+    return load_image(root / rel)
 
 
 @cache
-def tiled(rel: str, mode: Mode) -> TiledImage:
-    return tile_image(fixture_image(rel), mode)
+def tiled(root: Path, rel: str, mode: Mode) -> TiledImage:
+    return tile_image(fixture_image(root, rel), mode)
 
 
 @cache
-def view_digests(rel: str, mode: Mode, index: int) -> tuple[tuple[int, int], str, str, str]:
+def view_digests(root: Path, rel: str, mode: Mode, index: int) -> tuple[tuple[int, int], str, str, str]:
     """(size, sha256 of RGB bytes, of normalised float32, of bf16 bits) of one view; shared views hash once"""
-    result = tiled(rel, mode)
+    result = tiled(root, rel, mode)
     view = [result.global_view, *result.tiles][index]
     assert view.mode == "RGB"
     normalized = normalize(view)
@@ -80,28 +83,33 @@ def view_digests(rel: str, mode: Mode, index: int) -> tuple[tuple[int, int], str
     )
 
 
-def _entries() -> list[dict[str, Any]]:
-    manifest = cases_manifest()
-    return list(manifest["preprocess"]["entries"]) + list(manifest["cases"])
+def _entries() -> list[Any]:
+    """(family, entry) for every preprocessing entry and model case of both families."""
+    return [
+        pytest.param(name, entry, id=f"{name}-{entry['id']}")
+        for name, fixtures in FAMILIES.items()
+        for entry in fixtures.entries() + list(fixtures.manifest()["cases"])
+    ]
 
 
-@pytest.mark.parametrize("entry", _entries(), ids=lambda e: e["id"])
-def test_views_bit_exact(entry: dict[str, Any]) -> None:
-    mode = resolve_mode(entry["mode"])
-    assert (mode.base_size, mode.image_size, mode.crop_mode) == (
-        entry["base_size"],
-        entry["image_size"],
-        entry["crop_mode"],
-    )
-    result = tiled(entry["image"], mode)
+def _cases() -> list[Any]:
+    return [pytest.param(name, case, id=f"{name}-{case['id']}") for name, fixtures in FAMILIES.items()
+            for case in fixtures.manifest()["cases"]]
+
+
+@pytest.mark.parametrize(("family", "entry"), _entries())
+def test_views_bit_exact(family: str, entry: dict[str, Any]) -> None:
+    fixtures = FAMILIES[family]
+    mode = fixtures.preset(entry)  # the family's preset of that name has the entry's sizes
+    result = tiled(fixtures.root, entry["image"], mode)
     assert list(result.crop_grid) == entry["images_spatial_crop"]
     assert len(result.tiles) == entry["n_local_crops"]
     assert [v["role"] for v in entry["views"]] == ["global"] + [
         f"local_{i}" for i in range(len(result.tiles))
     ]
     for index, expected in enumerate(entry["views"]):
-        stored = view_hashes()[expected["png"]]
-        size, rgb_sha, f32_sha, bf16_sha = view_digests(entry["image"], mode, index)
+        stored = view_hashes(fixtures.root)[expected["png"]]
+        size, rgb_sha, f32_sha, bf16_sha = view_digests(fixtures.root, entry["image"], mode, index)
         assert size == (expected["width"], expected["height"]) == (stored["width"], stored["height"])
         assert rgb_sha == stored["rgb_sha256"], f"{entry['id']} {expected['role']} pixels differ"
         assert f32_sha == expected["normalized_f32_sha256"]
@@ -109,10 +117,12 @@ def test_views_bit_exact(entry: dict[str, Any]) -> None:
     assert image_token_count(mode, result.crop_grid, bool(result.tiles)) == entry["n_image_tokens"]
 
 
-@pytest.mark.parametrize("case", cases_manifest()["cases"], ids=lambda c: c["id"])
-def test_image_input_matches_case_pixels(case: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("family", "case"), _cases())
+def test_image_input_matches_case_pixels(family: str, case: dict[str, Any]) -> None:
     """The backend payload: bf16-rounded float32 views, equal to the pixels the official model received."""
-    image_input = to_image_input(tiled(case["image"], resolve_mode(case["mode"])))
+    fixtures = FAMILIES[family]
+    mode = fixtures.preset(case)
+    image_input = to_image_input(tiled(fixtures.root, case["image"], mode))
     global_sha = case["views"][0]["normalized_bf16_sha256"]
     assert image_input.global_view.dtype == np.float32
     assert sha256(bfloat16_bits(image_input.global_view).tobytes()) == global_sha
@@ -130,8 +140,8 @@ def test_image_input_matches_case_pixels(case: dict[str, Any]) -> None:
             assert sha256(bfloat16_bits(tile).tobytes()) == view["normalized_bf16_sha256"]
     else:
         assert image_input.local_views is None and not image_input.has_crops
-    tensors = read_safetensors_raw(FIXTURES / case["tensors"])
-    if "pixel_values_bf16" in tensors:
+    tensors = read_safetensors_raw(fixtures.root / case["tensors"])
+    if "pixel_values_bf16" in tensors:  # stored for some cases only (DeepSeek-OCR's pm07)
         stored = tensors["pixel_values_bf16"]
         if stored.dtype == np.uint16:
             assert np.array_equal(bfloat16_bits(image_input.global_view), stored[0])
@@ -139,9 +149,17 @@ def test_image_input_matches_case_pixels(case: dict[str, Any]) -> None:
             assert np.array_equal(image_input.global_view, stored[0])
     if "pixel_values_f32" in tensors:
         assert np.array_equal(
-            normalize(tiled(case["image"], resolve_mode(case["mode"])).global_view),
+            normalize(tiled(fixtures.root, case["image"], mode).global_view),
             tensors["pixel_values_f32"][0],
         )
+
+
+def test_some_case_stores_the_pixels_it_was_given() -> None:
+    """The pixel_values comparisons above run on at least one case (the fixtures store them for DeepSeek-OCR's
+    pm07), so a renamed tensor cannot turn them off silently."""
+    stored = [case["id"] for case in FAMILIES["deepseek-ocr"].manifest()["cases"]
+              if {"pixel_values_bf16", "pixel_values_f32"} <= safetensors_names(FIXTURES / case["tensors"])]
+    assert stored
 
 
 def test_pixel_lut_all_256_values() -> None:
@@ -195,13 +213,38 @@ def test_crop_grid_choice_and_tie_rule() -> None:
     assert choose_crop_grid(2000, 2000, 2, 6, 640) == (2, 2)
 
 
-def test_small_image_in_crop_mode_has_no_tiles() -> None:
-    image = Image.new("RGB", (640, 640), (1, 2, 3))
-    result = tile_image(image, DEEPSEEK_OCR.modes["gundam"])
-    assert result.tiles == [] and result.crop_grid == (1, 1) and result.global_view.size == (1024, 1024)
-    wide = tile_image(Image.new("RGB", (641, 200)), DEEPSEEK_OCR.modes["gundam"])
-    assert wide.crop_grid == (3, 1) and len(wide.tiles) == 3
-    assert all(tile.size == (640, 640) for tile in wide.tiles)
+@pytest.mark.parametrize(("family", "wide"), [("deepseek-ocr", (641, 200)), ("deepseek-ocr-2", (769, 300))])
+def test_image_within_one_tile_has_no_tiles(family: str, wide: tuple[int, int]) -> None:
+    """An image that fits in one tile (640 px in v1, 768 px in OCR 2) gets none; one pixel more and it is tiled."""
+    mode = FAMILIES[family].family.default
+    tile = mode.image_size
+    assert mode.crop_mode and wide[0] == tile + 1
+    result = tile_image(Image.new("RGB", (tile, tile), (1, 2, 3)), mode)
+    assert result.tiles == [] and result.crop_grid == (1, 1)
+    assert result.global_view.size == (mode.base_size, mode.base_size)
+    tiled_wide = tile_image(Image.new("RGB", wide), mode)
+    assert tiled_wide.crop_grid == (3, 1) and [t.size for t in tiled_wide.tiles] == [(tile, tile)] * 3
+
+
+def test_v2_tie_rule_and_max_crops() -> None:
+    """1000x800 is as close to (2,2) as to (3,2) and too small for the later one: (2,2). Six tiles at most by
+    default: a long strip gets (6, 1), not more."""
+    mode = resolve_mode(family=DEEPSEEK_OCR_2)
+    assert tile_image(Image.new("RGB", (1000, 800)), mode).crop_grid == (2, 2)
+    assert tile_image(Image.new("RGB", (9000, 700)), mode).crop_grid == (6, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_crop_small_squashes_and_base_pads(family: str) -> None:
+    """The no-crop paths: a small view (640 px in v1, 768 px in OCR 2) stretches the image to a square, a 1024 px
+    one pads it (grey bars)."""
+    preset = FAMILIES[family].family
+    image = Image.new("RGB", (1000, 500), (255, 255, 255))
+    small_mode, base_mode = resolve_mode("small", family=preset), resolve_mode("base", family=preset)
+    small = tile_image(image, small_mode).global_view
+    base = tile_image(image, base_mode).global_view
+    assert small.size == (small_mode.image_size,) * 2 and small.getpixel((0, 0)) == (255, 255, 255)
+    assert base.size == (base_mode.image_size,) * 2 and base.getpixel((0, 0)) == (127, 127, 127)
 
 
 def test_tiles_are_row_major_cuts_of_the_resized_image() -> None:

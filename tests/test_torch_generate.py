@@ -84,6 +84,7 @@ def test_batched_decode_step_never_reads_back_to_the_host(monkeypatch: pytest.Mo
     backend.close()
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_runs_every_case(capsys: pytest.CaptureFixture[str]) -> None:
     """bf16 is compared loosely (the reference itself moves ~1% in bf16): report, assert that it runs and that
     every case's first token (the prompt's own logits) agrees."""

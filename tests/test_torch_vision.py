@@ -18,7 +18,6 @@ SAM_PREFIX = "model.sam_model."
 CLIP_PREFIX = "model.vision_model."
 
 
-@pytest.mark.slow
 def test_chunked_rel_pos_attention_matches_direct(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bias is built in slices (batch, heads or query rows); every slicing gives plain biased softmax."""
     gen = torch.Generator().manual_seed(0)
@@ -39,6 +38,7 @@ def test_chunked_rel_pos_attention_matches_direct(monkeypatch: pytest.MonkeyPatc
         assert rel_err(out, expected) <= 1e-5, budget
 
 
+@pytest.mark.slow
 def test_real_config_names_and_shapes() -> None:
     """Built from the real config.json on the meta device, the encoders hold exactly the real tensors."""
     config = load_config(FIXTURES / "real_config.json")
