@@ -22,7 +22,7 @@ from common.model.inputs import PreparedInputs
 from dsocr_mlx.cache import KVCache
 from dsocr_mlx.loader import load_model
 from dsocr_mlx.model import DeepseekOCRForCausalLM
-from dsocr_mlx.sampling import choose_tokens
+from dsocr_mlx.sampling import choose_tokens, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,17 @@ class MlxBackend:
 
     def read(self, tokens: mx.array) -> np.ndarray:
         return np.array(tokens, dtype=np.int64)
+
+    def logprobs(self, logits: mx.array, tokens: mx.array | np.ndarray, top: int) -> tuple[mx.array, ...]:
+        if isinstance(tokens, np.ndarray):
+            tokens = mx.array(tokens.astype(np.int32))
+        handle = token_logprobs(logits, tokens, top)
+        mx.async_eval(*handle)
+        return handle
+
+    def read_logprobs(self, handle: tuple[mx.array, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chosen, ids, values = handle
+        return np.array(chosen, dtype=np.float32), np.array(ids, dtype=np.int64), np.array(values, dtype=np.float32)
 
     def move_lane(self, src: int, dst: int) -> None:
         self.cache.move_lane(src, dst)

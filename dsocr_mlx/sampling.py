@@ -22,9 +22,11 @@ def allowed_mask(words: np.ndarray, vocab_size: int) -> mx.array:
 
 
 def apply_controls(logits: mx.array, controls: StepControls) -> mx.array:
-    """Bans and allowed-token masks as -inf on float32 logits [B, V]."""
+    """Bans and allowed-token masks as -inf on float32 logits [B, V], in new arrays: the caller's logits stay the
+    model's raw distribution (what `token_logprobs` reads after the choice; item assignment would change them)."""
     if controls.ban_ids.size:
-        logits[mx.array(controls.ban_rows.astype(np.int32)), mx.array(controls.ban_ids.astype(np.int32))] = NEG_INF
+        rows, ids = mx.array(controls.ban_rows.astype(np.int32)), mx.array(controls.ban_ids.astype(np.int32))
+        logits = logits.at[rows, ids].minimum(NEG_INF)
     if controls.allowed is not None:
         logits = mx.where(allowed_mask(controls.allowed, logits.shape[-1]), logits, NEG_INF)
     return logits
@@ -94,3 +96,41 @@ def _sample_sorted(x: mx.array, top_k: np.ndarray, top_p: np.ndarray, u: mx.arra
         values = mx.where(drop, NEG_INF, values)
     chosen = _inverse_cdf(values, u)
     return mx.take_along_axis(order, chosen[:, None], axis=-1)[:, 0].astype(mx.int32)
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, top: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Raw log-probabilities (log-softmax of float32 logits [B, V]; no temperature, bans or masks) of the chosen
+    `tokens` [B] and of each row's `top` most likely ids, by logit descending, ties by lower id
+    (`common.engine.sampling.reference_logprobs`) -> (chosen float32 [B], ids int32 [B, top], their log-probs
+    float32 [B, top]); lazy, the caller evaluates."""
+    x = logits.astype(mx.float32)
+    logprobs = x - _logsumexp(x)
+    chosen = mx.take_along_axis(logprobs, tokens.astype(mx.int32).reshape(-1, 1), axis=-1)[:, 0]
+    top = min(max(top, 0), x.shape[-1])
+    if top == 0:
+        return chosen, mx.zeros((x.shape[0], 0), dtype=mx.int32), mx.zeros((x.shape[0], 0), dtype=mx.float32)
+    # Negated keys are unique per row, so the partition and the sort of the few kept are deterministic.
+    keys = -_order_key(x)
+    ids = mx.argpartition(keys, kth=top - 1, axis=-1)[:, :top]
+    ids = mx.take_along_axis(ids, mx.argsort(mx.take_along_axis(keys, ids, axis=-1), axis=-1), axis=-1)
+    return chosen, ids.astype(mx.int32), mx.take_along_axis(logprobs, ids, axis=-1)
+
+
+def _logsumexp(x: mx.array, block: int = 256) -> mx.array:
+    """log(sum(exp(x))) of float32 [B, V] -> [B, 1], summed in blocks of `block` ids and then across the blocks:
+    MLX's CPU adds one long row term after term in float32, 7e-4 off on a flat 129k-id row (in blocks: 1e-6)."""
+    peak = mx.max(x, axis=-1, keepdims=True)
+    terms = mx.exp(x - peak)
+    rows, pad = x.shape[0], -x.shape[-1] % block
+    if pad:
+        terms = mx.concatenate([terms, mx.zeros((rows, pad), dtype=terms.dtype)], axis=-1)
+    return mx.log(terms.reshape(rows, -1, block).sum(axis=-1).sum(axis=-1, keepdims=True)) + peak
+
+
+def _order_key(x: mx.array) -> mx.array:
+    """int64 [B, V] keys of float32 [B, V], one per id, unique within a row: larger for a larger value and, among
+    equal values (-0.0 equals 0.0), for the lower id (as dsocr_torch.sampling's)."""
+    bits = x.view(mx.int32).astype(mx.int64)
+    ordered = mx.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # sign-magnitude -> two's complement, same order
+    ids = mx.arange(x.shape[-1], dtype=mx.int64)
+    return ordered * (1 << 32) + (x.shape[-1] - 1 - ids)

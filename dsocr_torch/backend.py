@@ -14,7 +14,7 @@ from common.engine.backend import BackendOptions, ProgressCallback, StepControls
 from common.model.inputs import PreparedInputs
 from dsocr_torch.cache import KVCache
 from dsocr_torch.model import DeepseekOCRForCausalLM
-from dsocr_torch.sampling import choose_tokens
+from dsocr_torch.sampling import choose_tokens, token_logprobs
 from dsocr_torch.weights.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,19 @@ class TorchBackend:
 
     def read(self, tokens: torch.Tensor) -> np.ndarray:
         return tokens.cpu().numpy().astype(np.int64, copy=False)
+
+    @torch.inference_mode()
+    def logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor | np.ndarray, top: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(logits.device, non_blocking=True)
+        return token_logprobs(logits, tokens, top)  # queued on the device; read_logprobs copies
+
+    def read_logprobs(self, handle: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values, ids = handle
+        values = values.cpu().numpy().astype(np.float32, copy=False)
+        return values[:, 0].copy(), ids.cpu().numpy().astype(np.int64, copy=False), values[:, 1:].copy()
 
     @torch.inference_mode()
     def move_lane(self, src: int, dst: int) -> None:

@@ -25,13 +25,17 @@ def allowed_mask(words: np.ndarray, vocab_size: int, device: torch.device) -> to
 
 
 def apply_controls(logits: torch.Tensor, controls: StepControls) -> torch.Tensor:
-    """Bans and allowed-token masks as -inf, in place on float32 logits [B, V]."""
+    """Bans and allowed-token masks as -inf on float32 logits [B, V], in a copy made only when there is something
+    to apply: the caller's logits stay the model's raw distribution (what `token_logprobs` reads after the choice)."""
+    copied = False
     if controls.ban_ids.size:
         rows = torch.from_numpy(controls.ban_rows).to(logits.device, non_blocking=True)
         ids = torch.from_numpy(controls.ban_ids).to(logits.device, non_blocking=True)
-        logits.index_put_((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+        copied = True
     if controls.allowed is not None:
-        logits.masked_fill_(~allowed_mask(controls.allowed, logits.shape[-1], logits.device), float("-inf"))
+        banned = ~allowed_mask(controls.allowed, logits.shape[-1], logits.device)
+        logits = logits.masked_fill_(banned, float("-inf")) if copied else logits.masked_fill(banned, float("-inf"))
     return logits
 
 
@@ -122,3 +126,26 @@ def _stable_desc(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor,
     by_value = torch.sort(values.gather(-1, by_id), dim=-1, descending=True, stable=True).indices
     perm = by_id.gather(-1, by_value)
     return values.gather(-1, perm), perm
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw log-probabilities (log-softmax of float32 logits [B, V]; no temperature, bans or masks) of the chosen
+    `tokens` [B] and of each row's `top` most likely ids, by logit descending, ties by lower id
+    (`common.engine.sampling.reference_logprobs`) -> (float32 [B, 1 + top]: the chosen id's, then the top ones;
+    int64 ids [B, top]), on the device, with no host synchronisation."""
+    x = logits.float()
+    logprobs = torch.log_softmax(x, dim=-1)
+    chosen = logprobs.gather(-1, tokens.to(device=x.device, dtype=torch.int64).view(-1, 1))
+    if top <= 0:
+        return chosen, torch.empty((x.shape[0], 0), dtype=torch.int64, device=x.device)
+    ids = torch.topk(_order_key(x), min(top, x.shape[-1]), dim=-1, sorted=True).indices
+    return torch.cat([chosen, logprobs.gather(-1, ids)], dim=-1), ids
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 [B, V] keys of float32 [B, V], one per id, unique within a row: larger for a larger value and, among
+    equal values (-0.0 equals 0.0), for the lower id, so a top-k of the keys is deterministic."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # sign-magnitude -> two's complement, same order
+    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    return ordered * (1 << 32) + (x.shape[-1] - 1 - ids)

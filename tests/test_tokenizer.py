@@ -183,3 +183,77 @@ def test_library_stream_is_identical_to_the_hand_written_one(skip: bool) -> None
     for ids in _comparison_sequences():
         ours = _deltas(HandWrittenDetokenizer(tok, skip), ids)
         assert _deltas(StreamingDetokenizer(tok, skip), ids) == ours, ids  # the same deltas at the same ids
+
+
+# ---- token bytes and text (OpenAI's logprobs `bytes` and `token`) --------------------------------------------
+
+SPLIT_TEXTS = ["中文龘字靐齉爩测试", "😀👍🏽🇯🇵 emoji", "日本語の鬱蠹と㐀㐁한국어", "𠀀𠀁 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ✓ café"]
+
+
+def _fixture_generated_sequences() -> list[list[int]]:
+    """Every generated sequence of both fixture sets: cases.json's runs and the case tensors' `<run>.ids`."""
+    from tests.helpers_backend import FAMILIES
+
+    sequences = []
+    for fixtures in FAMILIES.values():
+        for case in fixtures.cases():
+            tensors = fixtures.tensors(case["id"])
+            for run in ("greedy", "infer", "infer_eval"):
+                if run in case:
+                    sequences.append([int(i) for i in case[run]["ids"]])
+                if f"{run}.ids" in tensors:
+                    sequences.append(tensors[f"{run}.ids"].tolist())
+    return sequences
+
+
+def test_token_bytes_add_up_to_the_decode() -> None:
+    tok = tokenizer()
+    generated = _fixture_generated_sequences()
+    assert len(generated) >= 2 * 2 * (len(model_cases()) + len(model_cases_v2()))  # greedy and infer, twice
+    split = [tok.encode(text) for text in SPLIT_TEXTS]
+    exact = 0
+    for ids in generated + split + _comparison_sequences():
+        joined = b"".join(tok.token_bytes(i) for i in ids)
+        text = tok.decode(ids)
+        assert joined.decode("utf-8", errors="replace") == text, ids
+        if "\ufffd" not in text:  # a sequence cut inside a character decodes lossily; the others exactly
+            assert joined == text.encode("utf-8"), ids
+            exact += 1
+    assert exact > len(generated)
+    for text, ids in zip(SPLIT_TEXTS, split, strict=True):
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+        parts = [tok.token_bytes(i) for i in ids]
+        assert any(_partial(part) for part in parts), text  # some id holds part of a character
+        assert [tok.token_text(i) for i in ids] == [part.decode("utf-8", errors="replace") for part in parts]
+
+
+def _partial(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def test_token_bytes_and_text_of_single_ids() -> None:
+    tok = tokenizer()
+    # Every id alone: the text is what decode shows, the bytes exactly its UTF-8 where it is whole.
+    for token_id in range(tok.vocab_size):
+        text = tok.token_text(token_id)
+        assert text == tok.decode([token_id]), token_id
+        if "\ufffd" not in text:
+            assert tok.token_bytes(token_id) == text.encode("utf-8"), token_id
+    # Byte-level letters: Ġ is a space, Ċ a newline; a leading space belongs to the word.
+    hello = tok.encode(" hello\n")
+    assert b"".join(tok.token_bytes(i) for i in hello) == b" hello\n"
+    assert tok.token_bytes(hello[0]).startswith(b" ") and "Ġ" in (tok.id_to_token(hello[0]) or "")
+    # Special and added tokens: their content; past the tokenizer's vocabulary (the model's is larger): nothing.
+    assert tok.token_bytes(tok.eos_id) == "<｜end▁of▁sentence｜>".encode()
+    assert tok.token_text(tok.bos_id) == "<｜begin▁of▁sentence｜>"
+    assert tok.token_bytes(tok.image_token_id) == b"<image>"
+    assert tok.token_bytes(tok.token_to_id("<td>") or -1) == b"<td>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b"" and tok.token_text(tok.vocab_size + 5) == ""
+    # A character cut in two: each half is its raw bytes, shown as U+FFFD.
+    emoji = tok.encode("😀")
+    assert len(emoji) > 1 and b"".join(tok.token_bytes(i) for i in emoji) == "😀".encode()
+    assert tok.token_text(emoji[0]) == "\ufffd"

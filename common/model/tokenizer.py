@@ -8,6 +8,7 @@ never hard-coded.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +41,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> the byte it stands for (tokenizer.json's ByteLevel pre-tokenizer
+    and decoder): printable Latin-1 bytes stand for themselves, the other 68 bytes for U+0100 onwards, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -51,6 +63,8 @@ class Tokenizer:
         image_token: str = IMAGE_TOKEN,
     ) -> None:
         self._tokenizer = tokenizer
+        self._added: dict[int, str] | None = None  # added/special tokens' contents by id, read on first use
+        self._bytes: dict[int, bytes] = {}  # token_bytes, memoised
         self.bos_id = self._require_id(bos_token, "BOS")
         self.eos_id = self._require_id(eos_token, "EOS")
         self.pad_id = self._require_id(pad_token, "PAD") if pad_token is not None else self.eos_id
@@ -109,6 +123,35 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tokenizer.id_to_token(int(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact UTF-8 bytes the token stands for (OpenAI's `bytes`; may hold part of a character): a vocabulary
+        token's string mapped back through the byte-level alphabet, an added or special token's content as UTF-8,
+        b"" for an id past the tokenizer's vocabulary (the model's may be larger). Concatenated over a sequence
+        they are the UTF-8 of `decode` of its ids (as the library's ByteLevel decoder, which also takes a token
+        holding a character outside the alphabet as its own UTF-8)."""
+        token_id = int(token_id)
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            cached = self._bytes[token_id] = self._token_bytes(token_id)
+        return cached
+
+    def token_text(self, token_id: int) -> str:
+        """`token_bytes` decoded with errors="replace" (OpenAI's `token`: U+FFFD for a partial character)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if self._added is None:
+            self._added = {int(i): t.content for i, t in self._tokenizer.get_added_tokens_decoder().items()}
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        token = self._tokenizer.id_to_token(token_id)
+        if token is None:
+            return b""
+        table = _byte_level_alphabet()
+        if all(char in table for char in token):
+            return bytes(table[char] for char in token)
+        return token.encode("utf-8")
 
 
 class StreamingDetokenizer:
