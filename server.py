@@ -59,7 +59,7 @@ from common.serve.schema import (
     error_body,
     now,
 )
-from common.serve.stream import ChatReply, ResponsesReply, Shown, collect
+from common.serve.stream import ChatReply, ResponsesReply, Shown, TokenNames, collect
 
 log = logging.getLogger("dsocr.server")
 
@@ -112,6 +112,13 @@ def _service(request: Request) -> tuple[ModelService, ServerSettings]:
     return request.app.state.service, request.app.state.settings
 
 
+def _tokens(request: Request) -> TokenNames:
+    """The served model's tokenizer (there is one once a request is admitted): names tokens in log-probabilities."""
+    engine = request.app.state.service.engine
+    assert engine is not None
+    return engine.tokenizer
+
+
 def _check_model(name: str, settings: ServerSettings) -> None:
     if name.strip().lower() not in {m.lower() for m in settings.model_ids}:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_ids[0]!r}",
@@ -142,7 +149,7 @@ async def chat_completions(
     _check_model(data.model, settings)
     job = chat_job(data, settings)
     handle = await _admit(request, job)
-    reply, shown = ChatReply(data.model), Shown(job.strip_grounding)
+    reply, shown = ChatReply(data.model, _tokens(request)), Shown(job.strip_grounding)
     if not data.stream:
         result = await collect(request.receive, handle)
         return _json(reply.completion(shown.whole(result.text), result))
@@ -158,7 +165,7 @@ async def responses(
     _check_model(data.model, settings)
     job = responses_job(data, settings)
     handle = await _admit(request, job)
-    reply, shown = ResponsesReply(data), Shown(job.strip_grounding)
+    reply, shown = ResponsesReply(data, _tokens(request)), Shown(job.strip_grounding)
     if not data.stream:
         result = await collect(request.receive, handle)
         return _json(reply.response(shown.whole(result.text), result))

@@ -136,6 +136,23 @@ class ScriptedBackend:
     def read(self, tokens: np.ndarray) -> np.ndarray:
         return tokens
 
+    def logprobs(self, logits: list[_Cursor], tokens: np.ndarray, top: int) -> tuple[np.ndarray, ...]:
+        """Made-up log-probabilities, exact in float32: the token chosen at a lane's generated position p (0 for
+        the first token after the prompt) gets -0.5 * (p % 3); the top ids are chosen, chosen + 1, ...,
+        chosen + top - 1 (mod vocab_size), the j-th of them with log-prob -0.5 * (p % 3) - j (so top id 0 is the
+        chosen token, with the same log-prob)."""
+        assert len(logits) == len(tokens) and top >= 0
+        positions = np.asarray([cursor.position for cursor in logits], dtype=np.int64)
+        chosen = (0.0 - 0.5 * (positions % 3)).astype(np.float32)  # 0.0, never -0.0
+        steps = np.arange(top, dtype=np.int64)
+        ids = (np.asarray(tokens, dtype=np.int64)[:, None] + steps) % self.vocab_size
+        values = (chosen[:, None] - steps).astype(np.float32)
+        return chosen, ids.reshape(len(logits), top), values.reshape(len(logits), top)
+
+    def read_logprobs(self, handle: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chosen, ids, values = handle
+        return chosen, ids, values
+
     def move_lane(self, src: int, dst: int) -> None:
         self.cursors[dst] = self.cursors[src]
 

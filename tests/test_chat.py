@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from common.errors import InputError
-from common.serve.chat import DEFAULT_IMAGE_INSTRUCTION, MediaRef, Turn, fold_chat, instruction_text, widen_placeholders
+from common.serve.chat import (
+    DEFAULT_IMAGE_INSTRUCTION,
+    MediaRef,
+    Turn,
+    fold_chat,
+    instruction_text,
+    turn_of,
+    widen_placeholders,
+)
 
 A, B, C = MediaRef("data:a"), MediaRef("data:b"), MediaRef("data:c")
 MANIFEST = ('<attached_files>\n<file type="file" id="4f0c" content_type="image/png" name="scan.png"/>\n'
@@ -64,3 +74,16 @@ def test_widen_placeholders_for_documents() -> None:
     assert widen_placeholders("<image>\n<image>\nFree OCR.", [3, 1]) == "<image>\n<image>\n<image>\n<image>\nFree OCR."
     with pytest.raises(ValueError):
         widen_placeholders("<image>\nx", [1, 2])
+
+
+@pytest.mark.parametrize("content", ["", None, [], "   ", [{"type": "input_audio", "input_audio": {"data": "AAAA"}}],
+                                     [{"type": "text", "text": "<attached_files></attached_files>"}]])
+def test_a_user_turn_with_nothing_the_model_can_read_is_refused(content: Any) -> None:
+    import msgspec
+
+    from common.serve.schema import ContentPart
+
+    parts = content if not isinstance(content, list) else msgspec.convert(content, list[ContentPart])
+    with pytest.raises(InputError, match="no text and no image") as err:
+        fold_chat([turn_of("user", parts)])
+    assert err.value.param == "messages"

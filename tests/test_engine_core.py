@@ -239,8 +239,8 @@ def test_an_event_loop_reads_text_in_coalesced_pieces_with_keepalives(make_core:
     async def read() -> list[str | None]:
         handle = core.submit(prompt(1), greedy(100))
         pieces: list[str | None] = []
-        async for piece in handle.stream(idle_s=0.05):
-            pieces.append(piece)
+        async for delta in handle.stream(idle_s=0.05):
+            pieces.append(None if delta is None else delta.text)
             await asyncio.sleep(0.03)  # a slow reader: what arrives meanwhile comes in one piece
         return pieces
 
@@ -364,3 +364,58 @@ def test_call_runs_on_the_cores_thread_between_iterations(make_core: Any) -> Non
     with pytest.raises(ZeroDivisionError):
         core.call(lambda b: 1 / 0)
     assert handle.run().token_ids[:-1] == words(50, 1)  # the requests went on
+
+
+def test_a_sequence_whose_token_choice_fails_fails_alone(make_core: Any, tokenizer: Tokenizer) -> None:
+    """One request's row makes the backend's token choice raise: that request ends with the error, the others in
+    its decode batch go on with their own tokens."""
+
+    class Picky(ScriptedBackend):
+        def sample(self, logits: Any, controls: Any) -> Any:
+            if (controls.top_k == 7777).any():
+                raise OverflowError("top_k does not fit")
+            return super().sample(logits, controls)
+
+    core, backend = make_core(backend=Picky(script_from_prompt({1: 30, 2: 30, 3: 30}), tokenizer.eos_id))
+    with core.paused():
+        good = [core.submit(prompt(tag), greedy(100)) for tag in (1, 3)]
+        bad = core.submit(prompt(2), SamplingParams(max_new_tokens=100, temperature=1.0, top_k=7777, seed=1))
+    with pytest.raises(OverflowError):
+        bad.run()
+    for tag, handle in zip((1, 3), good, strict=True):
+        assert handle.run().token_ids[:-1] == words(30, tag)
+    assert max(backend.batch_sizes) == 2  # the bad one never decoded with them
+
+
+def test_a_sequence_whose_output_processing_fails_fails_alone(make_core: Any, tokenizer: Tokenizer) -> None:
+    class Breaking:
+        """A constraint whose bookkeeping raises at its 3rd token (a bug in it, not in the batch)."""
+
+        finished, error = False, None
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def fill_mask(self, row: np.ndarray) -> None:
+            row[:] = -1
+
+        def consume(self, token_id: int) -> bool:
+            self.seen += 1
+            if self.seen == 3:
+                raise RuntimeError("constraint bookkeeping broke")
+            return True
+
+    backend = ScriptedBackend(script_from_prompt({1: 20, 2: 20}), tokenizer.eos_id)
+    core = EngineCore(lambda: backend, tokenizer, constraints=lambda spec: Breaking()).start()
+    core.wait_ready()
+    try:
+        from common.engine.structured import json_object_spec
+
+        with core.paused():
+            good = core.submit(prompt(1), greedy(100))
+            bad = core.submit(prompt(2), SamplingParams(max_new_tokens=100, json_spec=json_object_spec()))
+        with pytest.raises(RuntimeError, match="bookkeeping"):
+            bad.run()
+        assert good.run().token_ids[:-1] == words(20, 1)
+    finally:
+        core.close()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from common.engine.backend import load_backend
@@ -159,3 +160,24 @@ def test_ngram_ban_is_a_logit_mask(core: EngineCore) -> None:
     ids = core.submit(prepared, params(1)).run().token_ids
     assert len(ids) == GENERATED
     assert not set(prepared.input_ids.tolist()) & set(ids) and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("case_id", [TEXT_ONLY, "pm07_gray_tiny"])
+def test_logprobs_are_the_reference_distribution(core: EngineCore, case_id: str) -> None:
+    """Each generated token's log-probability and its top 5 come from the model's raw logits: at the prompt's last
+    position they are log_softmax(last_logits); at every later step the top ids are the reference's raw top 5 and
+    their differences are the raw logits' differences (the normaliser cancels)."""
+    tensors = V1.tensors(case_id)
+    result = core.submit(source(core, case_id), params(0, 12, logprobs=5)).run()
+    assert result.token_ids == reference(case_id)[:12]
+    assert result.logprobs is not None and [e.token_id for e in result.logprobs] == result.token_ids
+    last = tensors["last_logits"].astype(np.float64)
+    log_softmax = last - (last.max() + np.log(np.exp(last - last.max()).sum()))
+    first = result.logprobs[0]
+    assert first.logprob == pytest.approx(log_softmax[first.token_id], abs=2e-3)
+    np.testing.assert_allclose(first.top_logprobs, log_softmax[first.top_ids], atol=2e-3)
+    for step, entry in enumerate(result.logprobs):
+        assert entry.top_ids == tensors["greedy.raw_top5_ids"][step].tolist()
+        assert entry.logprob == entry.top_logprobs[0] <= 0.0  # greedy: the chosen token is the most likely
+        raw = tensors["greedy.raw_top5_logits"][step].astype(np.float64)
+        np.testing.assert_allclose(np.diff(entry.top_logprobs), np.diff(raw), atol=2e-3)

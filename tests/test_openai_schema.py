@@ -124,7 +124,7 @@ def test_response_object_output_text() -> None:
     response = ResponseObject("resp_1", 0, "deepseek-ocr", [OutputMessage("msg_1", [OutputText("a"), OutputText("b")])])
     assert response.output_text == "ab"
     assert json.loads(encode(response))["output"][0]["content"][0] == {"text": "a", "type": "output_text",
-                                                                       "annotations": []}
+                                                                       "annotations": [], "logprobs": []}
 
 
 def test_response_format_and_text_format_shapes() -> None:

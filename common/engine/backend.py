@@ -53,6 +53,17 @@ class StepControls:
     def all_greedy(self) -> bool:
         return not bool(np.any(self.temperature > 0))
 
+    def select(self, rows: Sequence[int]) -> StepControls:
+        """The controls of the given rows, in that order (row i of the result is row rows[i] of these)."""
+        index = np.asarray(rows, dtype=np.int64)
+        where = {int(old): new for new, old in enumerate(rows)}
+        keep = np.isin(self.ban_rows, index)
+        return StepControls(
+            self.temperature[index], self.top_k[index], self.top_p[index], self.uniform[index],
+            np.asarray([where[int(r)] for r in self.ban_rows[keep]], dtype=np.int64), self.ban_ids[keep],
+            self.allowed[index] if self.allowed is not None else None,
+        )
+
     @classmethod
     def greedy(cls, batch: int) -> StepControls:
         """Every row greedy, nothing banned (benchmarks and tests)."""
@@ -115,6 +126,18 @@ class Backend(Protocol):
 
     def read(self, tokens: Any) -> np.ndarray:
         """Tokens -> host int64 [B]; the step's one synchronisation."""
+        ...
+
+    def logprobs(self, logits: Any, tokens: Any, top: int) -> Any:
+        """Log-probabilities under the model's raw distribution (log-softmax of `logits` [B, V] in float32, before
+        temperature, bans or masks) of the chosen `tokens` (Tokens [B], as `sample` returned them) and of the `top`
+        most likely ids of each row (0 <= top <= 20; ties by lower id): a device handle, queued like `sample`'s
+        result (no host sync here)."""
+        ...
+
+    def read_logprobs(self, handle: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A `logprobs` handle -> host arrays: chosen float32 [B], top ids int64 [B, top], top log-probs float32
+        [B, top] (descending)."""
         ...
 
     def move_lane(self, src: int, dst: int) -> None:

@@ -30,12 +30,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.engine.backend import Backend, StepControls
-from common.engine.constraints import Constraint, StepMasks, bans_within
+from common.engine.constraints import Constraint, StepMasks
 from common.engine.prefill import PrefillJob
 from common.engine.requests import FINISH_CANCELLED, FINISH_STOP, RequestHandle
 from common.engine.sampling import SamplingParams, fit_max_tokens
 from common.engine.scheduler import Scheduler, prefill_chunk_for
-from common.engine.sequence import INTERACTIVE, Sequence
+from common.engine.sequence import INTERACTIVE, Sequence, StepLogprobs, step_controls
 from common.errors import DsocrError, InputError
 from common.memory import trim_heap
 from common.model.inputs import PreparedInputs
@@ -93,6 +93,7 @@ class EngineCore:
         self._stopping = False
         self._stepping = threading.Lock()  # held for each iteration; `paused()` holds it from outside
         self._tokens: Any = None  # device tokens chosen for the decoding lanes, not yet read
+        self._logprobs: Any = None  # their log-probabilities, when some lane asked for them (backend.logprobs)
         self._trim = False  # a large request ended: trim the heap after this iteration
         self._calls: list[tuple[Callable[[Backend], Any], Future[Any]]] = []  # see call()
         self._masks: StepMasks | None = None
@@ -309,7 +310,7 @@ class EngineCore:
         ended = scheduler.drain() + scheduler.retire_all()
         if scheduler.prefilling is not None:
             ended.append(scheduler.prompt_dropped())
-        self._tokens = None
+        self._tokens = self._logprobs = None
         for seq in ended:
             if error is not None:
                 seq.failure = error  # type: ignore[assignment]
@@ -326,8 +327,9 @@ class EngineCore:
                 if backend.asynchronous:
                     logits = backend.forward(batch, self._tokens)
                 ids = backend.read(self._tokens)
+                logprobs = backend.read_logprobs(self._logprobs) if self._logprobs is not None else None
                 self._record_step(batch)
-                rows = self._accept(ids)
+                rows = self._accept(ids, logprobs)
                 assert self._masks is not None
                 self._masks.start([seq.constraint for seq in scheduler.decoding])  # overlaps the forward pass
                 if not backend.asynchronous and rows:
@@ -346,28 +348,40 @@ class EngineCore:
         if self.on_step is not None:
             self.on_step(batch)
 
-    def _accept(self, ids: np.ndarray) -> list[int]:
-        """Hands each lane its token; retires sequences that ended. Returns, per remaining lane, its old row."""
-        scheduler, backend = self.scheduler, self.backend
-        assert scheduler is not None and backend is not None
+    def _accept(self, ids: np.ndarray, logprobs: StepLogprobs | None) -> list[int]:
+        """Hands each lane its token (and its log-probabilities); retires sequences that ended. Returns, per
+        remaining lane, its old row."""
+        scheduler = self.scheduler
+        assert scheduler is not None
         now = time.perf_counter()
         rows = list(range(len(scheduler.decoding)))
         lane = 0
         while lane < len(scheduler.decoding):
             seq = scheduler.decoding[lane]
-            reason = seq.take_token(int(ids[rows[lane]]), self.tokenizer.eos_id, now)
+            try:
+                reason = seq.take_token(int(ids[rows[lane]]), self.tokenizer.eos_id, now, logprobs, rows[lane])
+            except Exception as exc:  # this sequence's own failure (its constraint, its text): it alone ends
+                log.exception("a sequence failed")
+                seq.failure, reason = exc, FINISH_STOP
             if reason is None and seq.handle.cancelled:
                 reason = FINISH_CANCELLED
             if reason is None:
                 lane += 1
                 continue
-            move = scheduler.retire(lane)
-            if move is not None:
-                backend.move_lane(*move)
-                rows[lane] = rows[move[0]]
-            rows.pop()
-            self._finish(seq, reason)
+            self._retire(lane, rows, reason)
         return rows
+
+    def _retire(self, lane: int, rows: list[int], reason: str) -> None:
+        """Ends the sequence in `lane`; the last lane moves into its place and `rows` (old row per lane) follows."""
+        scheduler, backend = self.scheduler, self.backend
+        assert scheduler is not None and backend is not None
+        seq = scheduler.decoding[lane]
+        move = scheduler.retire(lane)
+        if move is not None:
+            backend.move_lane(*move)
+            rows[lane] = rows[move[0]]
+        rows.pop()
+        self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence: its handle gets the result (or its error). Any thread, for a sequence no lane holds."""
@@ -388,7 +402,7 @@ class EngineCore:
         for seq in self.scheduler.retire_all():
             seq.failure = exc
             self._finish(seq, FINISH_STOP)
-        self._tokens = None
+        self._tokens = self._logprobs = None
 
     # ---- prompts ----------------------------------------------------------------------------------------------------
 
@@ -434,7 +448,7 @@ class EngineCore:
         scheduler, backend = self.scheduler, self.backend
         assert scheduler is not None and backend is not None and self._masks is not None
         if not scheduler.decoding:
-            self._tokens = None
+            self._tokens = self._logprobs = None
             return
         extra = [joined[1]] if joined is not None else []
         if logits is None:
@@ -442,31 +456,49 @@ class EngineCore:
         elif extra or (rows is not None and rows != list(range(len(rows)))):
             logits = backend.gather(logits, rows, extra)
         try:
-            constraints = [seq.constraint for seq in scheduler.decoding]
-            self._tokens = backend.sample(logits, self._controls(self._masks.collect(constraints)))
+            decoding = scheduler.decoding
+            controls = step_controls(decoding, self._masks.collect([seq.constraint for seq in decoding]))
         except Exception as exc:
             log.exception("token choice failed")
             self._fail_decoding(exc)
+            return
+        try:
+            self._tokens = backend.sample(logits, controls)
+        except Exception as exc:
+            self._tokens, logits = self._choose_without_failing_rows(logits, controls, exc)
+        wanted = [seq.params.logprobs for seq in scheduler.decoding if seq.params.logprobs is not None]
+        self._logprobs = None
+        if wanted and self._tokens is not None:
+            try:
+                self._logprobs = backend.logprobs(logits, self._tokens, max(wanted))
+            except Exception as exc:
+                log.exception("log-probabilities failed")
+                self._fail_decoding(exc)
 
-    def _controls(self, allowed: np.ndarray | None) -> StepControls:
-        assert self.scheduler is not None
-        decoding = self.scheduler.decoding
-        batch = len(decoding)
-        controls = StepControls.greedy(batch)
-        ban_rows: list[int] = []
-        ban_ids: list[int] = []
-        for lane, seq in enumerate(decoding):
-            params = seq.params
-            if seq.rng is not None:
-                controls.temperature[lane], controls.top_k[lane] = params.temperature, params.top_k
-                controls.top_p[lane], controls.uniform[lane] = params.top_p, seq.rng.random()
-            banned = seq.guard.banned()
-            if allowed is not None and seq.constraint is not None:
-                banned = bans_within(allowed[lane], banned)
-            if banned:
-                ban_rows.extend([lane] * len(banned))
-                ban_ids.extend(banned)
-        controls.ban_rows = np.asarray(ban_rows, dtype=np.int64)
-        controls.ban_ids = np.asarray(ban_ids, dtype=np.int64)
-        controls.allowed = allowed
-        return controls
+    def _choose_without_failing_rows(self, logits: Any, controls: StepControls, exc: Exception) -> tuple[Any, Any]:
+        """A token choice that failed is tried again row by row: a sequence whose row fails alone ends with the error
+        and the others are chosen together again, so one request's parameters never fail the batch."""
+        scheduler, backend = self.scheduler, self.backend
+        assert scheduler is not None and backend is not None
+        failing: dict[int, Exception] = {}
+        for lane in range(controls.batch):
+            try:
+                backend.read(backend.sample(backend.gather(logits, [lane], []), controls.select([lane])))
+            except Exception as row_exc:
+                failing[lane] = row_exc
+        if not failing or len(failing) == controls.batch:  # not one sequence's doing
+            log.error("token choice failed", exc_info=exc)
+            self._fail_decoding(exc)
+            return None, logits
+        rows = list(range(controls.batch))
+        for lane in sorted(failing, reverse=True):  # from the last lane down, so a move never lands on a failing one
+            log.error("token choice failed for one sequence", exc_info=failing[lane])
+            scheduler.decoding[lane].failure = failing[lane]
+            self._retire(lane, rows, FINISH_STOP)
+        logits = backend.gather(logits, rows, [])
+        try:
+            return backend.sample(logits, controls.select(rows)), logits
+        except Exception as again:
+            log.exception("token choice failed")
+            self._fail_decoding(again)
+            return None, logits

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common.engine.requests import FINISH_CANCELLED, GenerationResult, RequestHandle
+from common.engine.requests import FINISH_CANCELLED, GenerationResult, RequestHandle, TokenLogprob
 from common.model.tokenizer import StreamingDetokenizer, Tokenizer
 
 
@@ -53,10 +53,16 @@ class OutputState:
     text: str = ""
     emitted: int = 0
     stopped_at: int | None = None  # where a stop string begins: the text ends there
+    logprobs: list[TokenLogprob] | None = None  # per token, when the request asked for them
 
     @classmethod
-    def new(cls, tokenizer: Tokenizer, stops: tuple[str, ...]) -> OutputState:
-        return cls(StreamingDetokenizer(tokenizer), StopMatcher(stops))
+    def new(cls, tokenizer: Tokenizer, stops: tuple[str, ...], logprobs: bool = False) -> OutputState:
+        return cls(StreamingDetokenizer(tokenizer), StopMatcher(stops), logprobs=[] if logprobs else None)
+
+    def add_logprob(self, entry: TokenLogprob, handle: RequestHandle) -> None:
+        assert self.logprobs is not None
+        self.logprobs.append(entry)
+        handle._push(logprob=entry)
 
     def add_text(self, token: int, handle: RequestHandle) -> bool:
         """Detokenizes one accepted token and gives the handle what is safe to show; True when a stop string
@@ -103,4 +109,4 @@ def result_of(output: OutputState, text: str, reason: str, *, prompt_tokens: int
         timings["decode_tokens_per_s"] = (len(output.ids) - 1) / timings["decode_s"]
     return GenerationResult(text=text, token_ids=list(output.ids), finish_reason=reason, prompt_tokens=prompt_tokens,
                             completion_tokens=len(output.ids), image_tokens=image_tokens, crop_grid=crop_grid,
-                            timings=timings)
+                            timings=timings, logprobs=output.logprobs)

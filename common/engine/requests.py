@@ -14,12 +14,31 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # the request's max tokens reached
 FINISH_CANCELLED = "cancelled"  # cancel() before the natural end
 
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model's raw distribution, and the most likely ids there."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class Delta(NamedTuple):
+    """What a reader of the stream gets at once: the new text, and the new tokens' log-probabilities (when the
+    request asked for them)."""
+
+    text: str
+    logprobs: list[TokenLogprob]
 
 
 @dataclass
@@ -35,6 +54,7 @@ class GenerationResult:
     image_tokens: int
     crop_grid: list[int] | None  # [width tiles, height tiles] of the first image, None without crops
     timings: dict[str, float] = field(default_factory=dict)  # queue_s, ttft_s, decode_s, total_s (seconds)
+    logprobs: list[TokenLogprob] | None = None  # per generated token (EOS left out), when asked for
 
     def usage(self) -> dict[str, int]:
         return {
@@ -54,6 +74,7 @@ class RequestHandle:
         self._on_cancel = on_cancel
         self._cond = threading.Condition()
         self._pending: list[str] = []
+        self._pending_logprobs: list[TokenLogprob] = []
         self._done = False
         self._cancelled = False
         self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -62,9 +83,12 @@ class RequestHandle:
 
     # ---- the engine core's side (its thread only) -------------------------------------------------------------
 
-    def _push(self, text: str) -> None:
+    def _push(self, text: str = "", logprob: TokenLogprob | None = None) -> None:
         with self._cond:
-            self._pending.append(text)
+            if text:
+                self._pending.append(text)
+            if logprob is not None:
+                self._pending_logprobs.append(logprob)
             self._notify()
 
     def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
@@ -118,16 +142,13 @@ class RequestHandle:
         with self._cond:
             return self._cond.wait_for(lambda: self._done, timeout)
 
-    def _take(self) -> tuple[str, bool]:  # with the lock held
-        text = "".join(self._pending)
-        self._pending.clear()
+    def _take(self) -> tuple[Delta, bool]:  # with the lock held
+        delta = Delta("".join(self._pending), self._pending_logprobs)
+        self._pending, self._pending_logprobs = [], []
         self._wake_queued = False
-        return text, self._done
+        return delta, self._done
 
-    def _pieces(self, text: str, finished: bool) -> Iterator[str]:
-        """What one read hands over: the text, then the request's error if it has finished with one."""
-        if text:
-            yield text
+    def _raise_if_failed(self, finished: bool) -> None:
         if finished and self.error is not None:
             raise self.error
 
@@ -141,8 +162,10 @@ class RequestHandle:
                     # A bounded wait keeps the reading thread responsive to Ctrl-C.
                     while not self._pending and not self._done:
                         self._cond.wait(0.25)
-                    text, finished = self._take()
-                yield from self._pieces(text, finished)
+                    delta, finished = self._take()
+                if delta.text:
+                    yield delta.text
+                self._raise_if_failed(finished)
                 if finished:
                     return
         finally:
@@ -156,13 +179,14 @@ class RequestHandle:
         assert self.result is not None
         return self.result
 
-    async def stream(self, idle_s: float | None = None) -> AsyncIterator[str | None]:
-        """Text as it is generated, read on an event loop; None after `idle_s` seconds without any (keep-alives).
-        Ends when the request finishes (raising its error if it failed); the caller cancels if it leaves early."""
+    async def stream(self, idle_s: float | None = None) -> AsyncIterator[Delta | None]:
+        """What is generated, read on an event loop: each Delta holds all that arrived since the last one; None
+        after `idle_s` seconds without any (keep-alives). Ends when the request finishes (raising its error if it
+        failed); the caller cancels if it leaves early."""
         event = asyncio.Event()
         with self._cond:
             self._waker = (asyncio.get_running_loop(), event)
-            ready = bool(self._pending) or self._done
+            ready = bool(self._pending or self._pending_logprobs) or self._done
         if ready:
             event.set()
         while True:
@@ -173,8 +197,9 @@ class RequestHandle:
                 continue
             event.clear()
             with self._cond:
-                text, finished = self._take()
-            for piece in self._pieces(text, finished):
-                yield piece
+                delta, finished = self._take()
+            if delta.text or delta.logprobs:
+                yield delta
+            self._raise_if_failed(finished)
             if finished:
                 return

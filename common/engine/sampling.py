@@ -23,6 +23,7 @@ MAX_STOP_CHARS = 1024  # all stop strings together
 MAX_SEED = 2**63 - 1  # a signed 64-bit seed, what every backend's generator accepts
 MAX_TOP_K = 2**31 - 1  # top-k travels as int32; anything past the vocabulary means "off" anyway
 MAX_TEMPERATURE = 100.0
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class SamplingParams:
     ngram_window: int = 0
     ngram_whitelist: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past EOS until the token budget (benchmarks)
+    logprobs: int | None = None  # each token's log-probability and this many most likely ids; None = none
     json_spec: JsonSpec | None = None
 
     def __post_init__(self) -> None:
@@ -79,6 +81,9 @@ class SamplingParams:
                 param="ngram_window",
             )
         check_stop_strings(self.stop)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}",
+                             param="top_logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -139,6 +144,7 @@ class SamplingOptions:
     no_repeat_ngram_size: int | None = None
     ngram_window: int | None = None
     json_spec: JsonSpec | None = None  # JSON output (common.engine.structured); None = free text
+    logprobs: int | None = None  # top alternatives per token with its log-probability; None = no log-probabilities
 
     def resolve(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
         """SamplingParams (`default_max_tokens` when no max_tokens is given); InputError naming the option for a
@@ -157,6 +163,7 @@ class SamplingOptions:
             seed=self.seed,
             stop=stop_strings(self.stop),
             json_spec=self.json_spec,
+            logprobs=self.logprobs,
             **extra,
         )
 
@@ -202,6 +209,19 @@ def reference_sample(logits: np.ndarray, temperature: float, top_k: int, top_p: 
     index = int(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"))
     last_possible = int(np.flatnonzero(probs > 0)[-1])
     return int(order[min(index, last_possible)])
+
+
+def reference_logprobs(logits_row: np.ndarray, chosen: int, top: int) -> tuple[float, list[int], list[float]]:
+    """The reference log-probabilities of one row of raw logits [V] (before temperature, bans or masks); backends
+    match them (`Backend.logprobs`). The log-softmax is taken in float64: the chosen id's value, and the `top` most
+    likely ids with theirs, by logit descending, ties by lower id (so their log-probs never increase)."""
+    x = np.asarray(logits_row, dtype=np.float64)
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    peak = x.max()
+    logprobs = x - (peak + np.log(np.exp(x - peak).sum()))
+    order = np.lexsort((np.arange(x.shape[0]), -x))[:top]  # by logit descending, then id
+    return float(logprobs[chosen]), [int(i) for i in order], [float(logprobs[i]) for i in order]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

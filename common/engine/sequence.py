@@ -8,15 +8,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.engine.constraints import Constraint, StructuredOutputError
+from common.engine.backend import StepControls
+from common.engine.constraints import Constraint, StructuredOutputError, bans_within
 from common.engine.ngram import NGramGuard
 from common.engine.output import OutputState, result_of
 from common.engine.prefill import PrefillJob
-from common.engine.requests import FINISH_LENGTH, FINISH_STOP, RequestHandle
+from common.engine.requests import FINISH_LENGTH, FINISH_STOP, RequestHandle, TokenLogprob
 from common.engine.sampling import SamplingParams
 from common.model.inputs import PreparedInputs
 from common.model.tokenizer import Tokenizer
 
+StepLogprobs = tuple[np.ndarray, np.ndarray, np.ndarray]  # chosen [B], top ids [B, k], top log-probs [B, k]
 INTERACTIVE, BACKGROUND = 0, 1  # priorities: a user is watching / titles, tags and other background work
 
 
@@ -53,14 +55,16 @@ class Sequence:
         first = prepared.images[0] if prepared.images else None
         return cls(
             handle=handle, prepared=prepared, params=params, max_tokens=max_tokens, priority=priority, guard=guard,
-            output=OutputState.new(tokenizer, params.stop),
+            output=OutputState.new(tokenizer, params.stop, logprobs=params.logprobs is not None),
             rng=None if params.greedy else np.random.default_rng(params.seed), constraint=constraint,
             nbytes=inputs_nbytes(prepared), prompt_tokens=prepared.prompt_tokens, image_tokens=prepared.image_tokens,
             crop_grid=list(first.crop_grid) if first is not None and first.has_crops else None,
         )
 
-    def take_token(self, token: int, eos_id: int, now: float) -> str | None:
-        """Appends one generated token; returns a finish reason when the sequence ends with it."""
+    def take_token(self, token: int, eos_id: int, now: float, logprobs: StepLogprobs | None = None, row: int = 0
+                   ) -> str | None:
+        """Appends one generated token (with its log-probabilities, row `row` of the step's, when the request asked
+        for them); returns a finish reason when the sequence ends with it."""
         if self.t_first is None:
             self.t_first = now
         self.output.ids.append(token)
@@ -72,6 +76,11 @@ class Sequence:
             return FINISH_STOP
         if token == eos_id and (not self.params.ignore_eos or constraint is not None):
             return FINISH_STOP
+        if logprobs is not None and self.params.logprobs is not None:
+            chosen, top_ids, top_logprobs = logprobs
+            top = self.params.logprobs
+            self.output.add_logprob(TokenLogprob(token, float(chosen[row]), top_ids[row, :top].tolist(),
+                                                 top_logprobs[row, :top].tolist()), self.handle)
         if self.output.add_text(token, self.handle):
             return FINISH_STOP  # a stop string
         if constraint is not None and constraint.finished:
@@ -99,3 +108,26 @@ def inputs_nbytes(prepared: PreparedInputs) -> int:
     for image in prepared.images:
         total += image.global_view.nbytes + (image.local_views.nbytes if image.local_views is not None else 0)
     return total
+
+
+def step_controls(sequences: list[Sequence], allowed: np.ndarray | None) -> StepControls:
+    """How to choose the next token of each lane (lane i = sequences[i]): its sampling parameters and its own
+    uniform draw, the n-gram bans (within its grammar's mask when it has one), and the masks."""
+    controls = StepControls.greedy(len(sequences))
+    ban_rows: list[int] = []
+    ban_ids: list[int] = []
+    for lane, seq in enumerate(sequences):
+        params = seq.params
+        if seq.rng is not None:
+            controls.temperature[lane], controls.top_k[lane] = params.temperature, params.top_k
+            controls.top_p[lane], controls.uniform[lane] = params.top_p, seq.rng.random()
+        banned = seq.guard.banned()
+        if allowed is not None and seq.constraint is not None:
+            banned = bans_within(allowed[lane], banned)
+        if banned:
+            ban_rows.extend([lane] * len(banned))
+            ban_ids.extend(banned)
+    controls.ban_rows = np.asarray(ban_rows, dtype=np.int64)
+    controls.ban_ids = np.asarray(ban_ids, dtype=np.int64)
+    controls.allowed = allowed
+    return controls

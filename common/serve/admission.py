@@ -167,9 +167,45 @@ class Job:
         return BACKGROUND if self.folded.text_only else INTERACTIVE
 
 
+def refuse_what_would_change_the_answer(body: ChatCompletionRequest | ResponsesRequest) -> None:
+    """Fields a client may send but this model cannot honour: accepted where leaving them out changes nothing (the
+    tools Open WebUI sends with every chat: the model never calls one), otherwise a 400 naming the field."""
+    forced_call = {"tool_choice": body.tool_choice, "function_call": getattr(body, "function_call", None)}
+    for name, value in forced_call.items():
+        if value is not None and value not in ("auto", "none"):
+            raise APIError(400, f"{name} {value!r} asks for a tool call; this model does not call tools (send no "
+                           f"{name}, or 'auto'/'none')", param=name)
+    if isinstance(body, ResponsesRequest):
+        if body.response_format is not None:
+            raise APIError(400, "response_format is a chat completions field; the Responses API takes text.format",
+                           param="response_format")
+        return
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported (0 or absent); the n-gram guard (no_repeat_ngram_size) "
+                           "is this model's repetition control", param=name)
+    if body.modalities is not None and set(body.modalities) - {"text"}:
+        raise APIError(400, f"modalities {body.modalities!r}: this model answers in text only", param="modalities")
+    if body.prediction is not None:
+        raise APIError(400, "prediction (predicted outputs) is not supported", param="prediction")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def logprobs_asked(body: ChatCompletionRequest | ResponsesRequest) -> int | None:
+    """How many most likely tokens to report beside each answer token's log-probability; None: no log-probabilities."""
+    if isinstance(body, ResponsesRequest):
+        wanted = "message.output_text.logprobs" in (body.include or [])
+        return (body.top_logprobs or 0) if wanted else None
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
 def _job(body: ChatCompletionRequest | ResponsesRequest, folded: FoldedChat, max_tokens: int | None,
          settings: ServerSettings, json_spec: JsonSpec | None) -> Job:
     """Both APIs share the sampling and DeepSeek-OCR fields; only the messages and the token limit differ."""
+    refuse_what_would_change_the_answer(body)
     mode = ModeOptions(body.mode or settings.mode, body.base_size, body.image_size, body.crop_mode,
                        body.min_crops, body.max_crops).resolve(settings.family)
     if folded.text_only:
@@ -182,7 +218,8 @@ def _job(body: ChatCompletionRequest | ResponsesRequest, folded: FoldedChat, max
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {cap} "
                                 "(--max-new-tokens)", param="max_tokens")
     params = SamplingOptions(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop,
-                             body.no_repeat_ngram_size, body.ngram_window, json_spec).resolve(cap)
+                             body.no_repeat_ngram_size, body.ngram_window, json_spec,
+                             logprobs_asked(body)).resolve(cap)
     # JSON text goes out exactly as generated (grounding markup cannot occur in it).
     return Job(folded, mode, params, body.grounding != "keep" and json_spec is None)
 

@@ -99,6 +99,9 @@ def fold_chat(turns: Sequence[Turn]) -> FoldedChat:
     instruction = "\n".join(piece for piece in pieces if piece)
     if media and not instruction:
         instruction = DEFAULT_IMAGE_INSTRUCTION
+    if not media and not instruction:
+        raise InputError("the last user message has no text and no image (parts the model cannot read, such as "
+                         "audio, are left out): send an instruction, an image or a document", param="messages")
     prompt = f"{IMAGE_TOKEN}\n" * len(media) + instruction + continuation
     return FoldedChat(prompt, media, continuation)
 

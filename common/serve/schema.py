@@ -25,6 +25,7 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -98,6 +99,20 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     user: str | None = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema"?: {...}}; the schema: common.engine.structured
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None  # each answer token's log-probability (the model's confidence)
+    top_logprobs: TopLogprobs | None = None  # and this many most likely tokens at each position (needs logprobs)
+    # Accepted only where they leave the answer's meaning as it is: common.serve.admission refuses the rest, naming
+    # them. Open WebUI sends its tools with every chat (and no tool_choice): the model simply never calls one.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    modalities: list[str] | None = None
+    prediction: Any = None
 
 
 class ResponseInputItem(Struct):
@@ -121,6 +136,12 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     stop: str | list[str] | None = None
     user: str | None = None
     text: TextParam | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    top_logprobs: TopLogprobs | None = None  # with include ["message.output_text.logprobs"]
+    include: list[str] | None = None
+    tools: list[Any] | None = None  # as in chat completions: accepted, never called
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: Any = None  # the chat completions field: refused here (the Responses API takes text.format)
 
 
 # ---------------------------------------------------------------------------------------------------- responses
@@ -160,11 +181,31 @@ class AssistantMessage(Struct):
     role: str = "assistant"
 
 
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobs(Struct):
+    """One token of the answer: its text, log-probability and UTF-8 bytes, and the most likely tokens there."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct):
+    content: list[TokenLogprobs] | None
+    refusal: list[TokenLogprobs] | None = None
+
+
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(Struct):
@@ -186,7 +227,7 @@ class ChunkChoice(Struct):
     index: int
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(Struct):
@@ -203,6 +244,7 @@ class OutputText(Struct):
     text: str
     type: str = "output_text"
     annotations: list[Any] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # with include ["message.output_text.logprobs"]
 
 
 class OutputMessage(Struct):

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from litestar.response import ServerSentEventMessage
 
 from common.documents.postprocess import GroundingStripper
-from common.engine.requests import GenerationResult, RequestHandle
+from common.engine.requests import Delta, GenerationResult, RequestHandle, TokenLogprob
 from common.serve.errors import APIError, api_error_for
 from common.serve.schema import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
     IncompleteDetails,
@@ -29,6 +30,8 @@ from common.serve.schema import (
     OutputText,
     ResponseObject,
     ResponsesRequest,
+    TokenLogprobs,
+    TopLogprob,
     completion_usage,
     encode,
     error_body,
@@ -60,19 +63,39 @@ class Shown:
         return self.feed(text) + self.flush()
 
 
-async def texts(handle: RequestHandle, shown: Shown, keepalive_s: float) -> AsyncIterator[str | None]:
-    """Shown text as it is generated, None after `keepalive_s` of silence; the request is cancelled if the reader
-    leaves early. Ends when the request does (raising its error)."""
+async def texts(handle: RequestHandle, shown: Shown, keepalive_s: float) -> AsyncIterator[Delta | None]:
+    """Shown text (and the tokens' log-probabilities) as they are generated, None after `keepalive_s` of silence;
+    the request is cancelled if the reader leaves early. Ends when the request does (raising its error)."""
     try:
-        async for piece in handle.stream(keepalive_s):
-            if piece is None:
+        async for delta in handle.stream(keepalive_s):
+            if delta is None:
                 yield None
-            elif text := shown.feed(piece):
-                yield text
+            elif (text := shown.feed(delta.text)) or delta.logprobs:
+                yield Delta(text, delta.logprobs)
         if tail := shown.flush():
-            yield tail
+            yield Delta(tail, [])
     finally:
         handle.cancel()  # a no-op once finished; stops the generation if the client left
+
+
+class TokenNames(Protocol):
+    def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+def logprob_items(entries: list[TokenLogprob] | None, tokens: TokenNames) -> list[TokenLogprobs] | None:
+    """OpenAI's shape of per-token log-probabilities: each token's text and UTF-8 bytes (a token may hold part of a
+    character), its log-probability, and the most likely tokens at its position."""
+    if entries is None:
+        return None
+
+    def top(ids: list[int], logprobs: list[float]) -> list[TopLogprob]:
+        return [TopLogprob(tokens.token_text(i), lp, list(tokens.token_bytes(i))) for i, lp in zip(ids, logprobs,
+                                                                                                  strict=True)]
+
+    return [TokenLogprobs(tokens.token_text(e.token_id), e.logprob, list(tokens.token_bytes(e.token_id)),
+                          top(e.top_ids, e.top_logprobs)) for e in entries]
 
 
 async def collect(receive: Callable[[], Awaitable[dict[str, Any]]], handle: RequestHandle) -> GenerationResult:
@@ -110,23 +133,28 @@ def error_payload(exc: BaseException) -> Any:
 class ChatReply:
     """A chat completion, whole or as chunks."""
 
-    def __init__(self, model: str) -> None:
-        self.id, self.created, self.model = new_id("chatcmpl"), now(), model
+    def __init__(self, model: str, tokens: TokenNames) -> None:
+        self.id, self.created, self.model, self.tokens = new_id("chatcmpl"), now(), model, tokens
 
     def completion(self, text: str, result: GenerationResult) -> ChatCompletion:
-        return ChatCompletion(id=self.id, created=self.created, model=self.model,
-                              choices=[ChatChoice(0, AssistantMessage(text), result.finish_reason)],
+        items = logprob_items(result.logprobs, self.tokens)
+        choice = ChatChoice(0, AssistantMessage(text), result.finish_reason,
+                            ChoiceLogprobs(items) if items is not None else None)
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
                               usage=completion_usage(result))
 
-    def _chunk(self, delta: ChunkDelta, finish: str | None = None) -> ServerSentEventMessage:
-        return _message(ChatCompletionChunk(self.id, self.created, self.model, [ChunkChoice(0, delta, finish)]))
+    def _chunk(self, delta: ChunkDelta, finish: str | None = None, logprobs: list[TokenLogprob] | None = None
+               ) -> ServerSentEventMessage:
+        items = ChoiceLogprobs(logprob_items(logprobs, self.tokens)) if logprobs else None
+        choice = ChunkChoice(0, delta, finish, items)
+        return _message(ChatCompletionChunk(self.id, self.created, self.model, [choice]))
 
     async def chunks(self, handle: RequestHandle, shown: Shown, keepalive_s: float,
                      include_usage: bool) -> AsyncIterator[ServerSentEventMessage]:
         yield self._chunk(ChunkDelta(role="assistant", content=""))
         try:
-            async for text in texts(handle, shown, keepalive_s):
-                yield KEEPALIVE if text is None else self._chunk(ChunkDelta(content=text))
+            async for delta in texts(handle, shown, keepalive_s):
+                yield KEEPALIVE if delta is None else self._chunk(ChunkDelta(content=delta.text), None, delta.logprobs)
         except Exception as exc:  # the generation failed after the stream began: say so in the stream
             yield _message(error_payload(exc))
         else:
@@ -142,8 +170,8 @@ class ChatReply:
 class ResponsesReply:
     """A Responses API object, whole or as its event sequence."""
 
-    def __init__(self, body: ResponsesRequest) -> None:
-        self.body = body
+    def __init__(self, body: ResponsesRequest, tokens: TokenNames) -> None:
+        self.body, self.tokens = body, tokens
         self.id, self.message_id, self.created = new_id("resp"), new_id("msg"), now()
         self._sequence = 0
 
@@ -153,7 +181,9 @@ class ResponsesReply:
             status = "completed" if result.finish_reason != "length" else "incomplete"
             incomplete = IncompleteDetails("max_output_tokens") if status == "incomplete" else None
             usage = response_usage(result)
-        output = [OutputMessage(self.message_id, [OutputText(text)], status=status)] if result is not None else []
+        logprobs = logprob_items(result.logprobs, self.tokens) if result is not None else None
+        output = [OutputMessage(self.message_id, [OutputText(text, logprobs=logprobs or [])], status=status)
+                  ] if result is not None else []
         body = self.body
         return ResponseObject(id=self.id, created_at=self.created, model=body.model, output=output, status=status,
                               usage=usage, incomplete_details=incomplete, instructions=body.instructions,
@@ -179,12 +209,13 @@ class ResponsesReply:
                                                                      "annotations": []})
         pieces: list[str] = []
         try:
-            async for text in texts(handle, shown, keepalive_s):
-                if text is None:
+            async for delta in texts(handle, shown, keepalive_s):
+                if delta is None:
                     yield KEEPALIVE
                     continue
-                pieces.append(text)
-                yield self._text_event("response.output_text.delta", delta=text, logprobs=[])
+                pieces.append(delta.text)
+                yield self._text_event("response.output_text.delta", delta=delta.text,
+                                       logprobs=logprob_items(delta.logprobs, self.tokens) or [])
         except Exception as exc:
             failed = self.response("".join(pieces), None)
             failed.status = "failed"
@@ -194,7 +225,8 @@ class ResponsesReply:
         assert handle.result is not None
         text = "".join(pieces)
         final = self.response(text, handle.result)
-        yield self._text_event("response.output_text.done", text=text, logprobs=[])
+        yield self._text_event("response.output_text.done", text=text,
+                               logprobs=logprob_items(handle.result.logprobs, self.tokens) or [])
         yield self._text_event("response.content_part.done", part=OutputText(text))
         yield self._event("response.output_item.done", output_index=0, item=final.output[0])
         yield self._event("response.completed" if final.status == "completed" else "response.incomplete",
