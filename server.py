@@ -12,8 +12,8 @@ reply is written from the request's handle (`common.serve.stream`). The model lo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import sys
@@ -40,12 +40,20 @@ from common.engine.backend import ProgressCallback
 from common.engine.engine import Engine
 from common.engine.requests import RequestHandle
 from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND
-from common.logs import setup_logging
+from common.logs import quiet_repeats, setup_logging
 from common.model.families import ModeOptions
-from common.options.argtypes import finite_float, int_in_range, port_number, positive_int
+from common.options.argtypes import api_key, finite_float, int_in_range, port_number, positive_int
 from common.options.flags import add_model_arguments, choices, model_options, read_environment
 from common.serve.admission import ModelService, ServerSettings, admit, chat_job, responses_job
+from common.serve.connections import (
+    BODY_TIMEOUT_S,
+    HEAD_TIMEOUT_S,
+    bounded_protocol,
+    connection_bound,
+    raise_open_file_limit,
+)
 from common.serve.errors import APIError, api_error_for, bad_json_message, error_type
+from common.serve.guard import HostAllowList, RequestGuard, bearer_matches
 from common.serve.limits import RequestLimits
 from common.serve.media import FetchPolicy
 from common.serve.metrics import Metrics, MetricsMiddleware
@@ -127,7 +135,7 @@ def _check_model(name: str, settings: ServerSettings) -> None:
 
 async def _admit(request: Request, job: Any) -> RequestHandle:
     state = request.app.state
-    return await admit(state.service, job, state.fetch_pool, state.prepare_pool)
+    return await admit(state.service, job, state.fetch_pool, state.prepare_pool, request.scope.get("dsocr.ticket"))
 
 
 def _event_stream(messages: AsyncIterator[ServerSentEventMessage], handle: RequestHandle) -> ServerSentEvent:
@@ -209,10 +217,7 @@ def metrics(request: Request) -> Response:
 
 def _require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     key: str | None = connection.app.state.settings.api_key
-    if not key:
-        return
-    scheme, _sep, token = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if key and not bearer_matches(connection.headers.get("authorization", ""), key):
         raise NotAuthorizedException("missing or invalid API key: send the header 'Authorization: Bearer <key>'")
 
 
@@ -236,9 +241,11 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         service.start()  # loads the model on its own thread; /health says "loading" meanwhile
+        lag_sampler = asyncio.create_task(app_metrics.sample_loop_lag())
         try:
             yield
         finally:
+            lag_sampler.cancel()
             service.stop()
             prepare_pool.shutdown(wait=False, cancel_futures=True)
             fetch_pool.shutdown(wait=False, cancel_futures=True)
@@ -251,7 +258,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
     app = Litestar(
         route_handlers=[v1, health, metrics],
         lifespan=[lifespan],
-        middleware=[MetricsMiddleware],
+        middleware=[MetricsMiddleware, RequestGuard],
         exception_handlers={HTTPException: _handle_http_exception, Exception: _handle_exception},
         cors_config=cors,
         request_max_body_size=int(settings.max_body_mb * 1024 * 1024),
@@ -261,7 +268,8 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
         debug=False,
     )
     app.state.update(settings=settings, service=service, metrics=app_metrics, started_at=now(),
-                     prepare_pool=prepare_pool, fetch_pool=fetch_pool)
+                     prepare_pool=prepare_pool, fetch_pool=fetch_pool,
+                     allowed_hosts=HostAllowList(settings.allowed_hosts, settings.bind_address))
     return app
 
 
@@ -277,6 +285,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def uvicorn_config(app: Litestar, host: str, port: int, max_connections: int = 1024,
+                   head_timeout_s: float = HEAD_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S, **options: Any
+                   ) -> Any:
+    """uvicorn's settings for this app: connections bounded in number and in the time their requests may take to
+    arrive (common.serve.connections), the open-file limit raised to fit them."""
+    import uvicorn
+
+    bound = connection_bound(max_connections, raise_open_file_limit())
+    protocol = bounded_protocol(bound, head_timeout_s, body_timeout_s)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_graceful_shutdown=30, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every setting is a flag and a DSOCR_* environment variable (the flag wins)."""
     parser = argparse.ArgumentParser(prog="dsocr-server", description="OpenAI-compatible DeepSeek-OCR server",
@@ -287,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--host", metavar="ADDRESS", default="127.0.0.1", help="bind address (0.0.0.0 exposes it: set an API key)")
     add("--port", metavar="PORT", type=port_number, default=8000, help="port (default 8000)")
-    add("--api-key", metavar="KEY", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    add("--api-key", metavar="KEY", type=api_key, default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (printable ASCII)")
+    add("--protect-metrics", action="store_true",
+        help="require the API key on /metrics and /schema too (/health stays open for probes)")
+    add("--allowed-hosts", metavar="HOSTS", default="",
+        help="comma-separated Host names this server answers besides localhost, *.localhost, *.local, *.internal, "
+        "IP addresses and this machine's name ('.example.com': a domain and its subdomains; '*': any)")
     add("--mode", choices=choices("mode"), default=None, metavar="MODE",
         help="default resolution mode, a preset of the model (unset: gundam): tiny, small, base, large, gundam for "
         "DeepSeek-OCR; gundam, base, small for DeepSeek-OCR 2")
@@ -314,12 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fetch-max-mb", metavar="MB", type=finite_float(0, exclusive=True), default=fetch.max_bytes / (1 << 20),
         help=f"largest image URL download in MB (default {fetch.max_bytes / (1 << 20):g})")
     add("--cors-origins", metavar="ORIGINS", default="",
-        help="comma-separated origins allowed for browsers (default none)")
+        help="comma-separated web page origins allowed to call the server from a browser (default none)")
+    add("--max-connections", metavar="N", type=positive_int, default=1024,
+        help="open connections (then the oldest one still sending its request is closed; default 1024)")
     add("--allow-private-urls", action="store_true",
         help="let image URLs reach private, loopback or link-local addresses")
     add("-v", "--verbose", action="count", default=0, help="access log; -vv: debug logging")
     read_environment(parser)
     return parser
+
+
+def _listed(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -330,7 +362,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         model_ids=tuple(dict.fromkeys(model_ids)), mode=args.mode, max_queue=args.max_queue,
         max_queued_mb=args.max_queued_mb, max_body_mb=args.max_body_mb, api_key=args.api_key or None,
-        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        cors_origins=_listed(args.cors_origins), allowed_hosts=_listed(args.allowed_hosts), bind_address=args.host,
+        protect_metrics=args.protect_metrics,
         max_new_tokens=args.max_new_tokens, limits=limits, fetch=fetch,
     )
 
@@ -370,8 +403,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             threading.Thread(target=app.state.service.stop, daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="debug" if args.verbose > 1 else "info",
-                            timeout_graceful_shutdown=30, access_log=args.verbose > 0)
+    config = uvicorn_config(app, args.host, args.port, args.max_connections,
+                            log_level="debug" if args.verbose > 1 else "info", access_log=args.verbose > 0)
+    quiet_repeats("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio")  # after uvicorn set up its logging
     server = GracefulServer(config)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the captured Ctrl-C after shutting down
         server.run()

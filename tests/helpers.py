@@ -76,11 +76,13 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **bounds: Any) -> None:
+        from server import uvicorn_config
+
         self.app = app
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn_config(app, "127.0.0.1", self.port, log_level="warning", lifespan="on", **bounds)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

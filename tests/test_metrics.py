@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import types
 from typing import Any
 
@@ -27,6 +28,9 @@ SERIES = {
     "dsocr_resident_memory_bytes": ("gauge", "Resident memory of the server process."),
     "dsocr_time_to_first_token_seconds": ("histogram", "Time from dequeue to the first generated token."),
     "dsocr_batch_size": ("histogram", "Sequences decoded together per decode step."),
+    "dsocr_event_loop_lag_seconds": ("histogram",
+                                     "How late the event loop ran a callback due after 0.1 s (sampled continuously)."),
+    "dsocr_event_loop_lag_max_seconds": ("gauge", "The largest event-loop lag seen."),
 }
 
 
@@ -71,7 +75,7 @@ def test_values_and_buckets() -> None:
         "dsocr_prompt_tokens_total": 13, "dsocr_generated_tokens_total": 7, "dsocr_generations_total": 2,
         "dsocr_generations_cancelled_total": 1, "dsocr_generations_failed_total": 1,
         "dsocr_requests_rejected_total": 1, "dsocr_queue_depth": 4, "dsocr_requests_running": 1,
-        "dsocr_running_sequences": 2, "dsocr_model_ready": 1,
+        "dsocr_running_sequences": 2, "dsocr_model_ready": 1, "dsocr_event_loop_lag_max_seconds": 0,
     }
     assert scalars["dsocr_resident_memory_bytes"] > 1 << 20
     ttft = {float(dict(labels)["le"]): v for (name, labels), v in got.items()
@@ -115,3 +119,22 @@ def test_middleware_counts_responses_by_route_path() -> None:
     got = samples(metrics.render(0, 0, True))
     assert got[("dsocr_requests_total", (("path", "/v1/chat/completions"), ("status", "400")))] == 1
     assert got[("dsocr_requests_total", (("path", "other"), ("status", "404")))] == 1
+
+
+def test_event_loop_lag_is_sampled() -> None:
+    """A callback that blocks the loop for 0.3 s shows as a lag of about 0.3 s."""
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        sampler = asyncio.create_task(metrics.sample_loop_lag())
+        await asyncio.sleep(0.15)
+        time.sleep(0.3)  # the loop is blocked: the sampler's wake-up is late
+        await asyncio.sleep(0.25)
+        sampler.cancel()
+
+    asyncio.run(scenario())
+    got = samples(metrics.render(0, 0, True))
+    assert 0.2 <= got[("dsocr_event_loop_lag_max_seconds", ())] < 1.0
+    assert got[("dsocr_event_loop_lag_seconds_count", ())] >= 2
+    assert got[("dsocr_event_loop_lag_seconds_bucket", (("le", "0.1"),))] < got[
+        ("dsocr_event_loop_lag_seconds_count", ())]

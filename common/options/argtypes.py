@@ -50,3 +50,12 @@ def boolean(text: str) -> bool:
 positive_int = int_in_range(1)
 non_negative_int = int_in_range(0)
 port_number = int_in_range(1, 65535)
+
+
+def api_key(text: str) -> str:
+    """An API key clients can send: printable ASCII without spaces (HTTP headers carry nothing else reliably, so any
+    other key could never match). Empty: no key."""
+    if text and not all(33 <= ord(c) <= 126 for c in text):
+        bad = next(c for c in text if not 33 <= ord(c) <= 126)
+        raise argparse.ArgumentTypeError(f"the key holds {bad!r}: use printable ASCII characters without spaces")
+    return text

@@ -22,12 +22,13 @@ from common.engine.engine import Engine
 from common.engine.requests import RequestHandle
 from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, SamplingParams
 from common.engine.scheduler import QueueFullError
-from common.engine.sequence import BACKGROUND, INTERACTIVE
+from common.engine.sequence import BACKGROUND, INTERACTIVE, inputs_nbytes
 from common.engine.structured import JsonSpec, spec_from_response_format, spec_from_text_param
 from common.model.families import DEEPSEEK_OCR, ModelFamily, ModeOptions
 from common.model.modes import Mode
 from common.serve.chat import FoldedChat, fold_chat, turn_of, widen_placeholders
 from common.serve.errors import APIError
+from common.serve.ledger import Ledger, LedgerFull, Ticket
 from common.serve.limits import RequestLimits, check_prompt_chars
 from common.serve.media import FetchPolicy, is_remote, load_media, media_bytes
 from common.serve.metrics import Metrics
@@ -41,11 +42,14 @@ class ServerSettings:
     model_ids: tuple[str, ...] = (MODEL_ID,)  # first is advertised; all are accepted (case-insensitive)
     mode: str | None = None  # None: the model family's default preset
     family: ModelFamily = DEEPSEEK_OCR  # the loaded model's (set when it is ready): its presets are the valid modes
-    max_queue: int = 16  # requests allowed to wait for a lane
-    max_queued_mb: float = 1024.0  # bytes of prepared views the waiting requests may hold
+    max_queue: int = 16  # requests accepted beyond those generating (fetching, preparing or queued)
+    max_queued_mb: float = 1024.0  # memory all accepted requests may hold (common.serve.ledger)
     max_body_mb: float = 64.0
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides the local ones ("*": any); see common.serve.guard
+    bind_address: str | None = None  # the address the server listens on: an allowed Host too
+    protect_metrics: bool = False  # the API key on /metrics and /schema too
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # default and upper bound of a request's max_tokens
     keepalive_s: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -66,6 +70,7 @@ class ModelService:
                  metrics: Metrics, on_ready: Callable[[Engine], None] | None = None) -> None:
         self._source, self.settings, self.metrics, self._on_ready = source, settings, metrics, on_ready
         self.engine: Engine | None = None
+        self.ledger = Ledger(settings.max_queue, int(settings.max_queued_mb * 1024 * 1024))
         self.state = "loading"
         self.load_error: str | None = None
         self.progress: dict[str, Any] = {}
@@ -101,6 +106,7 @@ class ModelService:
                 self.settings.on_load_error(exc)
             return
         self.engine = engine
+        self.ledger.max_requests = self.settings.max_queue + core.max_batch  # the queue, and those generating
         if self._on_ready is not None:
             self._on_ready(engine)
         self.state = "ready"
@@ -239,8 +245,9 @@ def responses_job(body: ResponsesRequest, settings: ServerSettings) -> Job:
 
 
 def prepare_and_submit(engine: Engine, job: Job, fetched: dict[int, tuple[str, bytes]],
-                       settings: ServerSettings) -> RequestHandle:
-    """Media to images (limits first), model inputs, then the engine's queue. Runs on the prepare executor."""
+                       settings: ServerSettings, ticket: Ticket | None = None) -> RequestHandle:
+    """Media to images (limits first), model inputs (charged to the request's ticket), then the engine's queue.
+    Runs on the prepare executor."""
     folded = job.folded
     check_prompt_chars(len(folded.prompt), engine.config.language.max_position_embeddings)
     if job.params.json_spec is not None:  # compiled here, so a bad grammar is refused before the images are read
@@ -249,6 +256,8 @@ def prepare_and_submit(engine: Engine, job: Job, fetched: dict[int, tuple[str, b
     pages = load_media(blobs, job.mode, settings.limits)
     prompt = widen_placeholders(folded.prompt, [len(group) for group in pages])
     prepared = engine.prepare(prompt, [image for group in pages for image in group], job.mode)
+    if ticket is not None:
+        ticket.add(inputs_nbytes(prepared))
     return engine.submit(prepared, job.params, priority=job.priority)
 
 
@@ -267,8 +276,10 @@ async def fetch_remote(job: Job, settings: ServerSettings, pool: Executor) -> di
     return {i: blob for (i, _), blob in zip(remote, blobs, strict=True)}
 
 
-async def admit(service: ModelService, job: Job, fetch_pool: Executor, prepare_pool: Executor) -> RequestHandle:
-    """The job's generation, started; APIError (503, 429, 400) when it is refused."""
+async def admit(service: ModelService, job: Job, fetch_pool: Executor, prepare_pool: Executor,
+                ticket: Ticket | None = None) -> RequestHandle:
+    """The job's generation, started; APIError (503, 429, 400) when it is refused. `ticket`: the request's share of
+    the ledger (common.serve.guard opened it when the body began to arrive)."""
     engine = service.ready_engine()
     assert engine.core is not None
     if engine.core.full():  # refuse before spending time on images
@@ -277,7 +288,7 @@ async def admit(service: ModelService, job: Job, fetch_pool: Executor, prepare_p
     fetched = await fetch_remote(job, settings, fetch_pool)
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(prepare_pool, prepare_and_submit, engine, job, fetched, settings)
-    except QueueFullError:
+        return await loop.run_in_executor(prepare_pool, prepare_and_submit, engine, job, fetched, settings, ticket)
+    except (QueueFullError, LedgerFull):
         raise service.queue_full() from None
 

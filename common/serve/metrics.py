@@ -9,6 +9,7 @@ to counters and histograms are left out, as they were before (the process-wide s
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,8 @@ from common.memory import rss_bytes
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LAG_SAMPLE_S = 0.1
 
 
 class _WithoutCreated(Collector):
@@ -77,6 +80,14 @@ class Metrics:
         self._batch = Histogram(
             "dsocr_batch_size", "Sequences decoded together per decode step.", buckets=_BATCH_BUCKETS, registry=registry
         )
+        self._loop_lag = Histogram(
+            "dsocr_event_loop_lag_seconds",
+            f"How late the event loop ran a callback due after {LAG_SAMPLE_S:g} s (sampled continuously).",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
+        self._loop_lag_max = Gauge("dsocr_event_loop_lag_max_seconds", "The largest event-loop lag seen.",
+                                   registry=registry)
         self._exposed = _WithoutCreated(registry)
         self.running_sequences = 0  # set by the admission loop; read when rendering
 
@@ -102,6 +113,18 @@ class Metrics:
     def record_batch(self, size: int) -> None:
         """One decode step of `size` sequences (the generation loop's on_step hook)."""
         self._batch.observe(size)
+
+    async def sample_loop_lag(self) -> None:
+        """Runs until cancelled: how late the loop wakes a sleeper is how long every request waits to be served."""
+        loop, largest = asyncio.get_running_loop(), 0.0
+        while True:
+            due = loop.time() + LAG_SAMPLE_S
+            await asyncio.sleep(LAG_SAMPLE_S)
+            lag = max(0.0, loop.time() - due)
+            self._loop_lag.observe(lag)
+            if lag > largest:
+                largest = lag
+                self._loop_lag_max.set(lag)
 
     def render(self, queue_depth: int, running: int, ready: bool) -> str:
         with self._lock:
