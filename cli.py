@@ -26,8 +26,17 @@ from typing import Any
 
 from common.documents.batch import BatchOptions, Outcome, describe_error, emit_json, run_batch
 from common.documents.cluster import check_ray_args
+from common.documents.outputs import probe_writable
 from common.documents.progress import Reporter, print_summary
-from common.documents.workitems import DEFAULT_DPI, WorkItem, expand_inputs, parse_page_ranges, prepared_items
+from common.documents.render import configure_render_pool
+from common.documents.workitems import (
+    DEFAULT_DPI,
+    DEFAULT_MAX_PAGES,
+    WorkItem,
+    expand_inputs,
+    parse_page_ranges,
+    prepared_items,
+)
 from common.engine.backend import lane_capacity
 from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND, SamplingOptions, fit_max_tokens
 from common.errors import DsocrError
@@ -39,10 +48,12 @@ from common.options.argtypes import finite_float, int_in_range, non_negative_int
 from common.options.flags import (
     add_model_arguments,
     add_ray_arguments,
+    add_render_arguments,
     choices,
     model_options,
     read_environment,
     read_prompt_file,
+    render_limits,
 )
 
 PROG = "dsocr"
@@ -105,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"PDF render resolution (default {DEFAULT_DPI})")
     g.add_argument("--pages", default=None, metavar="RANGES",
                    help="pages of PDFs / multi-page TIFFs, e.g. 1-3,7 or 5- (default all)")
+    g.add_argument("--max-pages", metavar="N", type=positive_int, default=DEFAULT_MAX_PAGES,
+                   help=f"pages of one document; a longer one is refused before its pages are listed (default "
+                   f"{DEFAULT_MAX_PAGES:,})")
 
     add_model_arguments(p.add_argument_group("model"))
+    add_render_arguments(p.add_argument_group("PDF rendering"))
 
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", metavar="N", type=int_in_range(1, MAX_NEW_TOKENS_BOUND),
@@ -335,7 +350,7 @@ def _items(args: argparse.Namespace, prompt: str) -> list[WorkItem]:
         raise UsageError(f"the prompt has no {IMAGE_TOKEN} placeholder, so the input images would be ignored; "
                          f"add {IMAGE_TOKEN} where the image goes")
     pages = parse_page_ranges(args.pages) if args.pages is not None else None
-    items = expand_inputs(sources, pages, exclude=args.output)
+    items = expand_inputs(sources, pages, exclude=args.output, max_pages=args.max_pages)
     if not items:
         raise UsageError("--pages selects no page of the inputs")
     return items
@@ -360,6 +375,7 @@ def _main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
     setup_logging(args.verbose)
+    configure_render_pool(render_limits(args))
     if args.ray is not None:
         check_ray_args(args)
     json_spec = resolve_json_spec(args)
@@ -377,6 +393,10 @@ def _main(argv: list[str]) -> int:
                 out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UsageError(f"cannot create -o {out_dir}: {exc.strerror or exc}") from None
+            try:  # a read-only mount would fail every page's outputs after generating it
+                probe_writable(out_dir)
+            except OSError as exc:
+                raise UsageError(f"cannot write to -o {out_dir}: {exc.strerror or exc}") from None
 
     stream_text = out_dir is None and not args.json and not args.dry_run
     live = not args.quiet and sys.stderr.isatty() and not stream_text

@@ -1,5 +1,8 @@
 """Small generated hostile inputs (nothing large is committed): broken, encrypted and oversized PDFs, image bombs,
 bad URLs and bodies, with the answer the server must give each. Used by the tests and benchmarks/soak_server.py.
+Also the inputs of "Hardening, round 2": PDFs whose pages hold millions of flate-compressed drawing operators
+(`pdf_content_bomb`), page trees that lie about their page count, TIFFs of tens of thousands of pages or with a
+directory that has no dimensions.
 """
 
 from __future__ import annotations
@@ -36,6 +39,77 @@ def pdf_bytes(page_sizes: list[tuple[float, float]], *, encrypted: bool = False)
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R " % (len(objects) + 1) + trailer + b">>\nstartxref\n%d\n%%%%EOF\n" % xref
     return out
+
+
+def _pdf(objects: list[bytes]) -> bytes:
+    """A PDF of the given objects (1 0 obj is the catalog) with a correct cross-reference table."""
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return out
+
+
+# Long diagonal strokes: cheap to parse, slow to draw (200,000 of them: 9 KB, ~45 s for pdfium at 144 dpi).
+SLOW_OPERATOR = b"0 0 m 612 792 l S\n"
+# Short strokes: each a page object of its own in pdfium (2 million: 55 KB, ~550 MB; 6 million: ~1.6 GB).
+HEAVY_OPERATOR = b"0 0 m 1 1 l S\n"
+
+
+def pdf_content_bomb(operators: int, operator: bytes = SLOW_OPERATOR, pages: int = 1) -> bytes:
+    """A PDF whose pages share one content stream of `operators` drawing operators, flate-compressed: small on
+    disk, minutes or gigabytes to load and render."""
+    stream = zlib.compress(operator * operators, 9)
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages)).encode()
+    contents = 3 + pages
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % pages]
+    objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R >>" % contents] * pages
+    objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    return _pdf(objects)
+
+
+def pdf_claiming_pages(claimed: int, real: int = 1) -> bytes:
+    """A PDF of `real` empty pages whose page tree's /Count claims `claimed` (pdfium believes it)."""
+    return pdf_bytes([(612, 792)] * real).replace(b"/Count %d" % real, b"/Count %d" % claimed)
+
+
+def pdf_repeating_page(times: int) -> bytes:
+    """A PDF whose page tree names one page object `times` times (6 bytes a page: pdfium counts each)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [" + b"3 0 R " * times + b"] /Count %d >>" % times,
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"]
+    return _pdf(objects)
+
+
+def _tiff_directory(entries: list[tuple[int, int, int, int]], next_offset: int) -> bytes:
+    out = struct.pack("<H", len(entries))
+    out += b"".join(struct.pack("<HHII", tag, kind, count, value) for tag, kind, count, value in entries)
+    return out + struct.pack("<I", next_offset)
+
+
+# One 1x1 8-bit grey page: width, length, bits, compression, photometric, strip offset 0, samples, strip bytes.
+_TIFF_PAGE = [(256, 4, 1, 1), (257, 4, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0),
+              (277, 3, 1, 1), (279, 4, 1, 1)]
+
+
+def tiff_pages(pages: int) -> bytes:
+    """A little-endian TIFF of `pages` 1x1 pages (~110 bytes a page: 40,000 pages are 4.4 MB)."""
+    size = 2 + 12 * len(_TIFF_PAGE) + 4
+    body = b"".join(_tiff_directory(_TIFF_PAGE, 8 + size * (i + 1) if i < pages - 1 else 0) for i in range(pages))
+    return b"II*\x00" + struct.pack("<I", 8) + body
+
+
+def tiff_without_dimensions() -> bytes:
+    """A TIFF whose second directory has no width or length: Pillow raises TypeError counting its pages."""
+    size = 2 + 12 * len(_TIFF_PAGE) + 4
+    dimensionless = [entry for entry in _TIFF_PAGE if entry[0] not in (256, 257)]
+    return b"II*\x00" + struct.pack("<I", 8) + _tiff_directory(_TIFF_PAGE, 8 + size) + _tiff_directory(
+        dimensionless, 0)
 
 
 def png_bytes(size: tuple[int, int] = (300, 200), color: str = "white") -> bytes:

@@ -1,4 +1,5 @@
-"""common.documents.document: pdfium is entered by one thread at a time, whatever the documents."""
+"""common.documents.document: pdfium is entered by one thread at a time in this process, whatever the documents;
+pages render in the worker processes (common.documents.render)."""
 
 from __future__ import annotations
 
@@ -40,20 +41,27 @@ class Overlap:
 
 
 def test_pdfium_is_entered_by_one_thread_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Different PDFs opened, counted and rendered from 8 threads: no two pdfium calls ever overlap (pdfium keeps
-    global state across documents; without the process-wide lock this sees 8 threads inside at once)."""
+    """Different PDFs opened, counted, sized and rendered from 8 threads: no two pdfium calls of this process ever
+    overlap (pdfium keeps global state across documents; without the process-wide lock this sees 8 threads
+    inside at once), and no page renders in this process (the render workers do it)."""
     overlap = Overlap()
     monkeypatch.setattr(pypdfium2.PdfDocument, "__init__", overlap.wrap(pypdfium2.PdfDocument.__init__))
-    monkeypatch.setattr(pypdfium2.PdfPage, "render", overlap.wrap(pypdfium2.PdfPage.render))
+    monkeypatch.setattr(pypdfium2.PdfDocument, "get_page_size", overlap.wrap(pypdfium2.PdfDocument.get_page_size))
+    in_process = Overlap()
+    monkeypatch.setattr(pypdfium2.PdfPage, "render", in_process.wrap(pypdfium2.PdfPage.render))
     pdfs = [pdf_bytes([(200 + 10 * i, 300)] * 3) for i in range(8)]
 
     def pages(pdf: bytes) -> list[tuple[int, int]]:
         document = open_document(pdf)
-        return [document.render(page, dpi=72).size for page in range(1, document.pages + 1)]
+        sizes = [document.page_size(page, dpi=72) for page in range(1, document.pages + 1)]
+        rendered = [document.render(page, dpi=72).size for page in range(1, document.pages + 1)]
+        assert rendered == sizes
+        return rendered
 
     with ThreadPoolExecutor(8) as pool:
         sizes = list(pool.map(pages, pdfs * 2))
     assert [len(s) for s in sizes] == [3] * 16
     assert sizes[0][0] == (200, 300) and sizes[7][0] == (270, 300)
-    assert overlap.calls >= 16 * 4  # every open and render went through the wrappers
+    assert overlap.calls >= 16 * 4  # every open and sizing went through the wrappers
     assert overlap.most == 1
+    assert in_process.calls == 0

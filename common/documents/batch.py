@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from common.documents.outputs import page_record, stored_record, write_combined, write_outputs
+from common.documents.outputs import page_record, stored_record_status, unwritable_names, write_combined, write_outputs
 from common.documents.postprocess import GroundingStripper
 from common.documents.workitems import DEFAULT_DPI, Prepared, WorkItem, prepared_items
 from common.engine.requests import RequestHandle
@@ -115,18 +115,29 @@ class DocumentGroups:
 
 
 def split_done(items: list[WorkItem], opts: BatchOptions, progress: Progress) -> tuple[list[Outcome], list[WorkItem]]:
-    """(skipped outcomes, items to do): items whose NAME.json is finished are skipped (resume), unless --overwrite."""
-    skipped: list[Outcome] = []
+    """(done outcomes, items to do), before any work: items whose NAME.json is finished for this item's source are
+    skipped (resume), unless --overwrite; a record of another source (or one that names none: an older dsocr's)
+    is redone, and the log says so. Items whose output names the file system cannot hold fail here."""
+    done: list[Outcome] = []
     todo: list[WorkItem] = []
-    for item in items:
-        stored = None if opts.out_dir is None or opts.overwrite else stored_record(opts.out_dir, item)
+    refused = unwritable_names(opts.out_dir, items) if opts.out_dir is not None else {}
+    for index, item in enumerate(items):
+        if index in refused:
+            done.append(Outcome(item, "failed", message=refused[index]))
+            progress.finish(item, "failed", message=refused[index])
+            emit_json(opts, {"source": item.source, "page": item.page, "error": refused[index]})
+            continue
+        stored, why = (None, "") if opts.out_dir is None or opts.overwrite else stored_record_status(opts.out_dir,
+                                                                                                   item)
         if stored is None:
+            if why:
+                log.warning("%s: redone: %s", item.label, why)
             todo.append(item)
             continue
-        skipped.append(Outcome(item, "skipped", record=stored))
+        done.append(Outcome(item, "skipped", record=stored))
         progress.finish(item, "skipped")
         emit_json(opts, stored)
-    return skipped, todo
+    return done, todo
 
 
 class BatchRun:

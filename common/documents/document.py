@@ -1,31 +1,44 @@
 """Documents as pages: image files, multi-page TIFFs and PDFs, from a path, bytes or a data URL.
 
-pypdfium2 is not thread-safe, not even across documents, so every pdfium call in the process holds
-`PDFIUM_LOCK`. A document is opened header-only first (`open_document`): its page count and each page's pixel
-size are known before a single page is rendered or decoded, so limits are checked before the expensive work.
-PDF pages are rendered at the requested dpi but never larger than the image mode can use (`mode_pixel_budget`):
-a huge page becomes a few megapixels, not gigabytes.
+A document is opened header-only first (`open_document`): its page count and each page's pixel size are known
+before a single page is rendered or decoded, so limits are checked before the expensive work. That header work
+stays in this process: pypdfium2 is not thread-safe, not even across documents, so every pdfium call here holds
+`PDFIUM_LOCK`; it reads the document's cross-references and page tree, never a page's content. Page counts are
+not trusted: a TIFF's pages are counted only up to the caller's limit (Pillow's count is quadratic), and a PDF
+whose page tree claims pages it does not have is counted by the pages it has (`plausible_page_count`).
+Rendering a PDF page is the expensive, attacker-controlled work (millions of drawing operators in a few
+kilobytes): it runs in a worker process, bounded in time and memory (`common.documents.render`). PDF pages are
+rendered at the requested dpi but never larger than the image mode can use (`mode_pixel_budget`): a huge page
+becomes a few megapixels, not gigabytes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import math
+import logging
 import os
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from common.documents.images import DEFAULT_MAX_PIXELS, image_frame_count, image_frame_sizes, load_image
+from common.documents.render import document_key, pdf_render_scale, render_pdf_page
 from common.errors import ImageError
 from common.model.modes import Mode
 
+__all__ = ["PDFIUM_LOCK", "Document", "open_document", "pdf_render_scale"]
+
+log = logging.getLogger("dsocr")
+
 # One lock for the whole process: pdfium keeps global state shared by all documents.
 PDFIUM_LOCK = threading.RLock()
+# The fewest bytes a PDF page takes in a file (its object, its entry in the page tree and the cross-references,
+# compressed in object streams): a page tree claiming more pages than its file can hold is damaged or hostile.
+MIN_PDF_BYTES_PER_PAGE = 8
 
 DEFAULT_DPI = 144  # the authors' PDF script renders at 144 dpi
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
@@ -118,23 +131,64 @@ def _open_pdf(content: Content):  # noqa: ANN202 - pypdfium2 is imported lazily
         raise ImageError(f"cannot open the PDF: {exc}") from None
 
 
-def pdf_render_scale(width_pt: float, height_pt: float, dpi: int, pixel_budget: int | None) -> float:
-    """Points -> pixels: `dpi`, lowered so the page holds at most `pixel_budget` pixels."""
-    scale = dpi / 72.0
-    area_pt = max(width_pt * height_pt, 1e-6)
-    if pixel_budget is not None and area_pt * scale * scale > pixel_budget:
-        scale = math.sqrt(pixel_budget / area_pt)
-    return scale
+def _content_size(content: Content) -> int:
+    if isinstance(content, bytes):
+        return len(content)
+    try:
+        return content.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"cannot read {content}: {exc.strerror or exc}") from None
+
+
+def plausible_page_count(pdf, claimed: int, file_size: int, name: str = "") -> int:  # noqa: ANN001 - lazy import
+    """The pages a PDF has (the caller holds PDFIUM_LOCK): pdfium takes the page tree's /Count on trust, so a
+    590-byte file can claim a million pages. When the last claimed page cannot be found, the pages that can
+    are counted (a binary search over page lookups, which read only the page tree); a count still more than
+    the file's bytes can hold is refused."""
+    import pypdfium2 as pdfium
+
+    def exists(page: int) -> bool:
+        try:
+            pdf.get_page_size(page - 1)
+        except pdfium.PdfiumError:
+            return False
+        return True
+
+    pages = claimed
+    if claimed > 0 and not exists(claimed):
+        if not exists(1):
+            raise ImageError(f"the PDF claims {claimed} pages but its page tree names none that can be read")
+        good, bad = 1, claimed
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if exists(middle) else (good, middle)
+        pages = good
+        log.warning("%s: the PDF claims %d pages but has %d; counting %d", name or "a PDF", claimed, pages, pages)
+    most = max(1, file_size // MIN_PDF_BYTES_PER_PAGE)
+    if pages > most:
+        raise ImageError(f"the PDF claims {pages:,} pages, more than a file of {file_size:,} bytes can hold "
+                         f"(at most {most:,}); its page tree is damaged")
+    return pages
 
 
 @dataclass
 class Document:
-    """An opened document: its kind and page count, with pages sized and rendered on demand (1-based)."""
+    """An opened document: its kind and page count, with pages sized and rendered on demand (1-based).
+    `capped`: the pages were counted only up to a limit, and there are at least `pages`."""
 
     kind: str  # "image" or "pdf"
     content: Content
     pages: int
     name: str = ""
+    capped: bool = False
+    _key: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Names the content for the render workers (hashed once per document)."""
+        if self._key is None:
+            self._key = document_key(self.content)
+        return self._key
 
     def page_size(self, page: int, dpi: int = DEFAULT_DPI, pixel_budget: int | None = None) -> tuple[int, int]:
         """(width, height) in pixels the page will have, without rendering or decoding it."""
@@ -156,51 +210,36 @@ class Document:
         pixel_budget: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> Image.Image:
-        """The page as an RGB image (a PDF page on white, at most `pixel_budget` pixels)."""
+        """The page as an RGB image (a PDF page on white, at most `pixel_budget` pixels). A PDF page renders in a
+        worker process (`common.documents.render`): ImageError when it takes longer or more memory than allowed."""
         if self.kind == "image":
             return load_image(self.content, max_pixels=max_pixels, frame=page - 1)
-        import pypdfium2 as pdfium
-
-        with PDFIUM_LOCK:
-            pdf = _open_pdf(self.content)
-            try:
-                pdf_page = pdf[page - 1]
-                try:
-                    width_pt, height_pt = pdf_page.get_size()
-                    scale = pdf_render_scale(width_pt, height_pt, dpi, pixel_budget)
-                    if width_pt * height_pt * scale * scale > max_pixels:
-                        raise ImageError(
-                            f"page {page} would render to {int(width_pt * scale)}x{int(height_pt * scale)} pixels "
-                            f"at {dpi} dpi, above the limit; lower the dpi"
-                        )
-                    return pdf_page.render(scale=scale).to_pil().convert("RGB")
-                finally:
-                    pdf_page.close()
-            except pdfium.PdfiumError as exc:
-                raise ImageError(f"cannot render page {page}: {exc}") from None
-            finally:
-                pdf.close()
+        return render_pdf_page(self.content, page, dpi, pixel_budget, max_pixels, key=self.key)
 
 
-def open_document(content: Content, kind: str | None = None, name: str = "") -> Document:
-    """Reads only what gives the page count; ImageError for an unreadable or empty document."""
+def open_document(content: Content, kind: str | None = None, name: str = "", max_pages: int | None = None) -> Document:
+    """Reads only what gives the page count; ImageError for an unreadable or empty document. The pages of a
+    multi-page TIFF are counted up to `max_pages` + 1 at most (then `capped`: there are more than `max_pages`)."""
     if kind is None:
         kind = path_kind(content) if isinstance(content, Path) else kind_of_bytes(content)
         if kind is None:
             raise ImageError(f"not an image or a PDF: {name or content}")
+    capped = False
     if kind == "pdf":
+        size = _content_size(content)
         with PDFIUM_LOCK:
             pdf = _open_pdf(content)
             try:
-                pages = len(pdf)
+                pages = plausible_page_count(pdf, len(pdf), size, name)
             finally:
                 pdf.close()
         if pages == 0:
             raise ImageError(_NO_PAGES)
     else:
         multipage = isinstance(content, bytes) or content.suffix.lower() in MULTIPAGE_IMAGE_EXTENSIONS
-        pages = image_frame_count(content) if multipage and _is_tiff(content) else 1
-    return Document(kind, content, pages, name)
+        pages = image_frame_count(content, limit=max_pages) if multipage and _is_tiff(content) else 1
+        capped = max_pages is not None and pages > max_pages
+    return Document(kind, content, pages, name, capped)
 
 
 def _is_tiff(content: Content) -> bool:

@@ -4,12 +4,15 @@ Official: `Image.open(path)` -> `ImageOps.exif_transpose(image)` -> `.convert('R
 (not composited on white) and palettes are expanded; we do the same so the views stay byte-identical. On top
 of that we refuse images whose header announces more than `max_pixels` pixels before any pixel data is
 decoded, and force a full decode so truncated or corrupt files fail here, not halfway through preprocessing.
+
+Pillow's decoders raise whatever a malformed file provokes (OSError and ValueError, but also TypeError for a TIFF
+directory without dimensions, IndexError, KeyError, struct.error, ZeroDivisionError ...): every exception from
+opening, seeking or decoding is the file's ImageError, never a crash of the batch or a server error.
 """
 
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 from pathlib import Path
 
@@ -60,9 +63,15 @@ def _open(source: ImageSource) -> Image.Image:
         raise ImageError(f"not a recognised image format: {name}") from None
     except PermissionError:
         raise ImageError(f"permission denied reading image: {name}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read image {name}: {exc}") from None
+    except Exception as exc:  # whatever a malformed header provokes in Pillow
+        raise ImageError(f"cannot read image {name}: {_reason(exc)}") from None
     raise ImageError(f"unsupported image source type {type(source).__name__}; pass a path or bytes")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text if isinstance(exc, OSError | SyntaxError | ValueError | EOFError) and text else (
+        f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
@@ -76,17 +85,31 @@ def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
-def image_frame_count(source: ImageSource) -> int:
-    """Number of frames (pages of a TIFF, frames of a GIF/APNG/WebP); 1 for ordinary images."""
-    if isinstance(source, Image.Image):
-        return int(getattr(source, "n_frames", 1))
-    image = _open(source)
+def image_frame_count(source: ImageSource, limit: int | None = None) -> int:
+    """Number of frames (pages of a TIFF, frames of a GIF/APNG/WebP); 1 for ordinary images. With `limit`, the
+    count stops at `limit` + 1 ("more than the limit"): Pillow's `n_frames` walks every frame of a TIFF, in time
+    quadratic in their number (40,000 pages: half a minute)."""
+    image = source if isinstance(source, Image.Image) else _open(source)
     try:
-        return int(getattr(image, "n_frames", 1))
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"cannot read the frames of image {_describe(source)}: {exc}") from None
+        if limit is None:
+            return int(getattr(image, "n_frames", 1))
+        count = 1
+        while count <= limit:
+            try:
+                image.seek(count)
+            except EOFError:
+                break
+            count += 1
+        if isinstance(source, Image.Image):
+            source.seek(0)
+        return count
+    except ImageError:
+        raise
+    except Exception as exc:  # a malformed frame directory: the file's error
+        raise ImageError(f"cannot read the frames of image {_describe(source)}: {_reason(exc)}") from None
     finally:
-        image.close()
+        if not isinstance(source, Image.Image):
+            image.close()
 
 
 def image_frame_sizes(source: ImageSource, frames: list[int]) -> list[tuple[int, int]]:
@@ -99,8 +122,8 @@ def image_frame_sizes(source: ImageSource, frames: list[int]) -> list[tuple[int,
                 image.seek(frame)
             sizes.append(tuple(image.size))
         return sizes  # type: ignore[return-value]
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"cannot read the frames of image {_describe(source)}: {exc}") from None
+    except Exception as exc:  # a malformed frame directory: the file's error
+        raise ImageError(f"cannot read the frames of image {_describe(source)}: {_reason(exc)}") from None
     finally:
         if not isinstance(source, Image.Image):
             image.close()
@@ -121,10 +144,11 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, fra
         if frame < 0:
             raise ImageError(f"frame index must be >= 0, got {frame}")
         if frame:
-            frames = int(getattr(image, "n_frames", 1))
-            if frame >= frames:
-                raise ImageError(f"image {name} has {frames} frame(s); frame {frame} does not exist")
-            image.seek(frame)
+            try:  # not n_frames first: it would walk every frame of a long TIFF for each page
+                image.seek(frame)
+            except EOFError:  # the seek walked to the last frame there is
+                frames = image.tell() + 1
+                raise ImageError(f"image {name} has {frames} frame(s); frame {frame} does not exist") from None
             _check_pixels(image, name, max_pixels)  # frames of a TIFF may have their own size
         image.load()  # full decode: truncated / corrupt data fails here
         rgb = ImageOps.exif_transpose(image).convert("RGB")
@@ -132,8 +156,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, fra
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image {name} has too many pixels to load safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
-        raise ImageError(f"image {name} is truncated or corrupt: {exc}") from None
+    except Exception as exc:  # whatever a malformed file provokes in a decoder
+        raise ImageError(f"image {name} is truncated or corrupt: {_reason(exc)}") from None
     finally:
         if owned:
             image.close()

@@ -10,6 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.documents.render import (
+    DEFAULT_RENDER_MEMORY_GIB,
+    DEFAULT_RENDER_TIMEOUT_S,
+    DEFAULT_RENDER_WORKERS,
+    RenderLimits,
+)
 from common.engine.backend import BACKENDS, DTYPES
 from common.engine.engine import ModelOptions
 from common.files import read_capped_text
@@ -108,6 +114,24 @@ def add_ray_arguments(group: Any) -> None:
                        help="generation actors, each holding the model (default: one per GPU, 1 without GPUs)")
     group.add_argument("--ray-actor-cpus", metavar="C", type=finite_float(0.0, exclusive=True), default=1.0,
                        help="CPUs each actor reserves; on CPU nodes also its torch threads (default 1)")
+
+
+def add_render_arguments(group: Any) -> None:
+    """--render-workers, --render-timeout, --render-memory-gb: the PDF render worker processes (both programs)."""
+    group.add_argument("--render-workers", metavar="N", type=positive_int, default=DEFAULT_RENDER_WORKERS,
+                       help=f"PDF pages rendered at once, each in a worker process (default {DEFAULT_RENDER_WORKERS})")
+    group.add_argument("--render-timeout", metavar="S", type=finite_float(0.0, exclusive=True),
+                       default=DEFAULT_RENDER_TIMEOUT_S,
+                       help=f"seconds one PDF page may take to render; past it the worker is killed and the page "
+                       f"refused (default {DEFAULT_RENDER_TIMEOUT_S:g})")
+    group.add_argument("--render-memory-gb", metavar="GB", type=finite_float(0.0, exclusive=True),
+                       default=DEFAULT_RENDER_MEMORY_GIB,
+                       help=f"address space of one render worker in GiB; a page needing more is refused (default "
+                       f"{DEFAULT_RENDER_MEMORY_GIB:g})")
+
+
+def render_limits(args: argparse.Namespace) -> RenderLimits:
+    return RenderLimits(args.render_workers, args.render_memory_gb, args.render_timeout)
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:

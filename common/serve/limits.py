@@ -25,8 +25,9 @@ class RequestLimits:
     max_text_tokens: int = 512  # completion tokens of a text-only request (titles, tags, follow-ups)
     max_image_pixels: int = 120_000_000  # one decoded image or rendered page
 
-    def check_pages(self, pages_per_document: list[tuple[str, int]]) -> None:
-        """(kind, pages) per document: refuses too many pages before any is rendered."""
+    def check_pages(self, pages_per_document: list[tuple[str, int]], at_least: bool = False) -> None:
+        """(kind, pages) per document: refuses too many pages before any is rendered. `at_least`: some counts
+        stopped at the image limit + 1 (a TIFF's pages are not all counted), so the total is a lower bound."""
         for kind, pages in pages_per_document:
             if kind == "pdf" and pages > self.max_pdf_pages:
                 raise InputError(
@@ -36,7 +37,8 @@ class RequestLimits:
         total = sum(pages for _, pages in pages_per_document)
         if total > self.max_images:
             raise InputError(
-                f"the request has {total} images (PDF pages included); at most {self.max_images} are accepted",
+                f"the request has {'at least ' if at_least else ''}{total} images (PDF pages included); at most "
+                f"{self.max_images} are accepted",
                 param="messages",
             )
 
