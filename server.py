@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.config.cors import CORSConfig
@@ -36,6 +37,7 @@ from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.utils.scope.state import ScopeState
 
+from common.documents.render import configure_render_pool
 from common.engine.backend import ProgressCallback
 from common.engine.engine import Engine
 from common.engine.requests import RequestHandle
@@ -43,7 +45,14 @@ from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND
 from common.logs import quiet_repeats, setup_logging
 from common.model.families import ModeOptions
 from common.options.argtypes import api_key, finite_float, int_in_range, port_number, positive_int
-from common.options.flags import add_model_arguments, choices, model_options, read_environment
+from common.options.flags import (
+    add_model_arguments,
+    add_render_arguments,
+    choices,
+    model_options,
+    read_environment,
+    render_limits,
+)
 from common.serve.admission import ModelService, ServerSettings, admit, chat_job, responses_job
 from common.serve.connections import (
     BODY_TIMEOUT_S,
@@ -55,7 +64,7 @@ from common.serve.connections import (
 from common.serve.errors import APIError, api_error_for, bad_json_message, error_type
 from common.serve.guard import HostAllowList, RequestGuard, bearer_matches
 from common.serve.limits import RequestLimits
-from common.serve.media import FetchPolicy
+from common.serve.media import FetchPolicy, close_media
 from common.serve.metrics import Metrics, MetricsMiddleware
 from common.serve.schema import (
     MODEL_ID,
@@ -107,10 +116,33 @@ def _handle_exception(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(error)
 
 
-async def _check_body(request: Request) -> None:
-    """An empty body gets a clear answer before Litestar decodes it (once)."""
-    if request.method == "POST" and not (await request.body()).strip():
+# Bodies past this size are decoded on a thread of their own: msgspec holds the GIL while it decodes, but between
+# two bodies the event loop runs (decoded on the loop, a burst of big bodies would hold it for all of them in turn).
+DECODE_OFF_LOOP_BYTES = 256 * 1024
+
+
+def _decode_json(body: bytes) -> Any:
+    """The body's JSON as Python values, or the APIError that says what is wrong with it."""
+    try:
+        return msgspec.json.decode(body)
+    except RecursionError:
+        return APIError(400, "the JSON body is nested too deeply")
+    except msgspec.DecodeError as exc:
+        return APIError(400, bad_json_message(body, str(exc)))
+
+
+async def _read_body(request: Request) -> None:
+    """An empty body gets a clear answer; a large one is decoded off the event loop (Litestar then uses the result)."""
+    if request.method != "POST":
+        return
+    body = await request.body()
+    if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
+    if len(body) > DECODE_OFF_LOOP_BYTES:
+        decoded = await asyncio.get_running_loop().run_in_executor(request.app.state.decode_pool, _decode_json, body)
+        if isinstance(decoded, APIError):
+            raise decoded
+        ScopeState.from_scope(request.scope).json = decoded
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -237,6 +269,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
     service = ModelService(engine_or_loader, settings, app_metrics, on_ready)
     prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="dsocr-prepare")
     fetch_pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="dsocr-fetch")
+    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="dsocr-decode")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -249,9 +282,11 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
             service.stop()
             prepare_pool.shutdown(wait=False, cancel_futures=True)
             fetch_pool.shutdown(wait=False, cancel_futures=True)
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+            close_media()  # the PDF render workers
 
     v1 = Router("/v1", route_handlers=[chat_completions, responses, list_models, retrieve_model],
-                guards=[_require_api_key], security=[{"bearer": []}], before_request=_check_body)
+                guards=[_require_api_key], security=[{"bearer": []}], before_request=_read_body)
     cors = (CORSConfig(allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
             if settings.cors_origins else None)
     bearer = SecurityScheme(type="http", scheme="bearer", description="--api-key / DSOCR_API_KEY")
@@ -268,7 +303,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
         debug=False,
     )
     app.state.update(settings=settings, service=service, metrics=app_metrics, started_at=now(),
-                     prepare_pool=prepare_pool, fetch_pool=fetch_pool,
+                     prepare_pool=prepare_pool, fetch_pool=fetch_pool, decode_pool=decode_pool,
                      allowed_hosts=HostAllowList(settings.allowed_hosts, settings.bind_address))
     return app
 
@@ -303,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Each flag's environment variable is named after it: --max-queue is "
                                      "DSOCR_MAX_QUEUE.")
     add_model_arguments(parser)
+    add_render_arguments(parser)
     limits, fetch = RequestLimits(), FetchPolicy()
     add = parser.add_argument
     add("--host", metavar="ADDRESS", default="127.0.0.1", help="bind address (0.0.0.0 exposes it: set an API key)")
@@ -373,6 +409,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     setup_logging(args.verbose, default=logging.INFO, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
+    configure_render_pool(render_limits(args))
     if not _is_loopback(args.host) and not settings.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use the "
               "model. Set --api-key or DSOCR_API_KEY.", file=sys.stderr)

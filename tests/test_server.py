@@ -372,7 +372,8 @@ def test_queue_full_gives_429(slow: tuple[LiveServer, SlowBackend]) -> None:
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
         with http_client.stream("POST", "/v1/chat/completions", json=body) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)
             server.wait_for_metric("dsocr_requests_running", 1)  # the first request is being generated
             queued = pool.submit(
                 httpx.post,
