@@ -18,6 +18,7 @@ the bounds on what a body may cost the event loop and the memory.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import socket
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.memory import trim_heap
 from common.serve.errors import APIError
 from common.serve.ledger import BODY_COPIES, LedgerFull, Ticket
 from common.serve.schema import encode, error_body
@@ -37,6 +39,7 @@ LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON_ROUTE_PREFIX = "/v1/"
 PROTECTED_PREFIXES = ("/metrics", "/schema")
+TRIM_AFTER_BYTES = 32 << 20
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -139,6 +142,8 @@ class RequestGuard:
             await self.app(scope, self.counting(scope, receive, ticket, state), send)
         finally:
             ticket.close()
+            if ticket.nbytes >= TRIM_AFTER_BYTES:  # glibc keeps what a big body freed unless asked to give it back
+                asyncio.get_running_loop().run_in_executor(state.decode_pool, trim_heap)
 
     def check(self, scope: dict[str, Any], state: Any) -> Ticket | None:
         """Refuses what must not reach a handler (APIError); a ledger ticket for a request with a body."""
