@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from common.engine.structured import (
+    DEFAULT_MAX_CACHED,
     GrammarCompiler,
     GrammarMatcher,
     JsonSpec,
@@ -336,17 +337,17 @@ def test_compiled_grammar_is_shared_and_matchers_are_independent() -> None:
 
 
 @pytest.mark.slow
-def test_compile_errors_are_not_cached_and_the_default_bound_is_64() -> None:
+def test_compile_errors_are_not_cached_and_the_default_bound_holds() -> None:
     comp = GrammarCompiler.from_model_dir(MODEL_DIR)
     bad = JsonSpec("json_schema", json.dumps({"type": "strange"}))  # never validated: fails when compiled
     for _ in range(2):
         with pytest.raises(InputError, match="invalid JSON schema"):
             comp.matcher(bad)
         assert not comp.cached(bad)
-    specs = [json_schema_spec({"type": "string", "maxLength": n}) for n in range(65)]
+    specs = [json_schema_spec({"type": "string", "maxLength": n}) for n in range(DEFAULT_MAX_CACHED + 1)]
     for spec in specs:
         comp.matcher(spec)
-    assert [comp.cached(spec) for spec in specs] == [False] + [True] * 64
+    assert [comp.cached(spec) for spec in specs] == [False] + [True] * DEFAULT_MAX_CACHED
 
 
 # ------------------------------------------------------------------------------------------ n-gram bans

@@ -23,6 +23,11 @@ MAX_STOP_CHARS = 1024  # all stop strings together
 MAX_SEED = 2**63 - 1  # a signed 64-bit seed, what every backend's generator accepts
 MAX_TOP_K = 2**31 - 1  # top-k travels as int32; anything past the vocabulary means "off" anyway
 MAX_TEMPERATURE = 100.0
+# The n-gram guard's work grows with both (the Hugging Face rule keeps an (n-1)-token key per position: ~20 MB per
+# sequence at n=256 over an 8k context; the windowed rule compares up to `window` n-grams per step). The official
+# recipes use n=20 to 35 and a window of 90.
+MAX_NGRAM_SIZE = 256
+MAX_NGRAM_WINDOW = 1024
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
@@ -68,12 +73,14 @@ class SamplingParams:
             raise InputError(f"top_k must be between 0 and {MAX_TOP_K}, got {self.top_k}", param="top_k")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}", param="seed")
-        if self.no_repeat_ngram_size < 0:
+        if not 0 <= self.no_repeat_ngram_size <= MAX_NGRAM_SIZE:
             raise InputError(
-                f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}", param="no_repeat_ngram_size"
+                f"no_repeat_ngram_size must be between 0 and {MAX_NGRAM_SIZE}, got {self.no_repeat_ngram_size}",
+                param="no_repeat_ngram_size",
             )
-        if self.ngram_window < 0:
-            raise InputError(f"ngram_window must be >= 0, got {self.ngram_window}", param="ngram_window")
+        if not 0 <= self.ngram_window <= MAX_NGRAM_WINDOW:
+            raise InputError(f"ngram_window must be between 0 and {MAX_NGRAM_WINDOW}, got {self.ngram_window}",
+                             param="ngram_window")
         if 0 < self.ngram_window < self.no_repeat_ngram_size:
             raise InputError(
                 f"ngram_window ({self.ngram_window}) must be 0 or at least no_repeat_ngram_size "

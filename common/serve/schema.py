@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from common.engine.sampling import MAX_NEW_TOKENS_BOUND, MAX_NGRAM_SIZE, MAX_NGRAM_WINDOW, MAX_SEED, MAX_TOP_K
 from common.engine.structured import ResponseFormat, TextParam
+from common.model.modes import MAX_SIDE, MAX_TILES
 
 MODEL_ID = "deepseek-ocr"
 
@@ -24,7 +26,15 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+# Every numeric field is bounded here, so an absurd value is refused while the body is decoded (a 400 naming the
+# field), within what common.engine.sampling and common.model.modes check again.
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
+TopK = Annotated[int, Meta(ge=0, le=MAX_TOP_K)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_NEW_TOKENS_BOUND)]
+NgramSize = Annotated[int, Meta(ge=0, le=MAX_NGRAM_SIZE)]
+NgramWindow = Annotated[int, Meta(ge=0, le=MAX_NGRAM_WINDOW)]
+ViewSize = Annotated[int, Meta(ge=1, le=MAX_SIDE)]
+CropCount = Annotated[int, Meta(ge=1, le=MAX_TILES)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 
 
@@ -71,13 +81,13 @@ class GenerationOptions(Struct):
     """Fields shared by both request kinds, including the DeepSeek-OCR extensions."""
 
     mode: str | None = None  # tiny, small, base, large, gundam
-    base_size: PositiveInt | None = None
-    image_size: PositiveInt | None = None
+    base_size: ViewSize | None = None
+    image_size: ViewSize | None = None
     crop_mode: bool | None = None
-    min_crops: PositiveInt | None = None
-    max_crops: PositiveInt | None = None
-    no_repeat_ngram_size: NonNegativeInt | None = None
-    ngram_window: NonNegativeInt | None = None
+    min_crops: CropCount | None = None
+    max_crops: CropCount | None = None
+    no_repeat_ngram_size: NgramSize | None = None
+    ngram_window: NgramWindow | None = None
     # "strip" (default): <|ref|>/<|det|> grounding markup is removed, as chat clients cannot show boxes;
     # "keep": the model's raw text with the boxes.
     grounding: Literal["strip", "keep"] | None = None
@@ -88,11 +98,11 @@ class ChatCompletionRequest(GenerationOptions, kw_only=True):
     model: str = MODEL_ID
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: NonNegativeInt | None = None
+    top_k: TopK | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None  # one choice only
@@ -128,10 +138,10 @@ class ResponsesRequest(GenerationOptions, kw_only=True):
     model: str = MODEL_ID
     instructions: str | None = None
     stream: bool = False
-    max_output_tokens: PositiveInt | None = None
+    max_output_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: NonNegativeInt | None = None
+    top_k: TopK | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None
