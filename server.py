@@ -18,10 +18,10 @@ import ipaddress
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
@@ -79,6 +79,7 @@ from common.serve.schema import (
 from common.serve.stream import ChatReply, ResponsesReply, Shown, TokenNames, collect
 
 log = logging.getLogger("dsocr.server")
+T = TypeVar("T")
 
 __all__ = ["ServerSettings", "create_app", "main"]
 
@@ -116,7 +117,7 @@ def _handle_exception(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(error)
 
 
-# Bodies past this size are decoded on a thread of their own: msgspec holds the GIL while it decodes, but between
+# Bodies past this size are decoded on a request thread: msgspec holds the GIL while it decodes, but between
 # two bodies the event loop runs (decoded on the loop, a burst of big bodies would hold it for all of them in turn).
 DECODE_OFF_LOOP_BYTES = 256 * 1024
 
@@ -139,7 +140,7 @@ async def _read_body(request: Request) -> None:
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
     if len(body) > DECODE_OFF_LOOP_BYTES:
-        decoded = await asyncio.get_running_loop().run_in_executor(request.app.state.decode_pool, _decode_json, body)
+        decoded = await asyncio.get_running_loop().run_in_executor(request.app.state.request_pool, _decode_json, body)
         if isinstance(decoded, APIError):
             raise decoded
         ScopeState.from_scope(request.scope).json = decoded
@@ -165,6 +166,11 @@ def _check_model(name: str, settings: ServerSettings) -> None:
                        code="model_not_found", param="model")
 
 
+async def _off_loop(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a request thread: building a job validates its JSON schema (llguidance, on its own threads)."""
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.request_pool, fn, *args)
+
+
 async def _admit(request: Request, job: Any) -> RequestHandle:
     state = request.app.state
     return await admit(state.service, job, state.fetch_pool, state.prepare_pool, request.scope.get("dsocr.ticket"))
@@ -187,7 +193,7 @@ async def chat_completions(
 ) -> Response:
     _, settings = _service(request)
     _check_model(data.model, settings)
-    job = chat_job(data, settings)
+    job = await _off_loop(request, chat_job, data, settings)
     handle = await _admit(request, job)
     reply, shown = ChatReply(data.model, _tokens(request)), Shown(job.strip_grounding)
     if not data.stream:
@@ -203,7 +209,7 @@ async def responses(
 ) -> Response:
     _, settings = _service(request)
     _check_model(data.model, settings)
-    job = responses_job(data, settings)
+    job = await _off_loop(request, responses_job, data, settings)
     handle = await _admit(request, job)
     reply, shown = ResponsesReply(data, _tokens(request)), Shown(job.strip_grounding)
     if not data.stream:
@@ -269,7 +275,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
     service = ModelService(engine_or_loader, settings, app_metrics, on_ready)
     prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="dsocr-prepare")
     fetch_pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="dsocr-fetch")
-    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="dsocr-decode")
+    request_pool = ThreadPoolExecutor(2, thread_name_prefix="dsocr-request")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -282,7 +288,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
             service.stop()
             prepare_pool.shutdown(wait=False, cancel_futures=True)
             fetch_pool.shutdown(wait=False, cancel_futures=True)
-            decode_pool.shutdown(wait=False, cancel_futures=True)
+            request_pool.shutdown(wait=False, cancel_futures=True)
             close_media()  # the PDF render workers
 
     v1 = Router("/v1", route_handlers=[chat_completions, responses, list_models, retrieve_model],
@@ -303,7 +309,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
         debug=False,
     )
     app.state.update(settings=settings, service=service, metrics=app_metrics, started_at=now(),
-                     prepare_pool=prepare_pool, fetch_pool=fetch_pool, decode_pool=decode_pool,
+                     prepare_pool=prepare_pool, fetch_pool=fetch_pool, request_pool=request_pool,
                      allowed_hosts=HostAllowList(settings.allowed_hosts, settings.bind_address))
     return app
 

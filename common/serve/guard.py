@@ -143,7 +143,7 @@ class RequestGuard:
         finally:
             ticket.close()
             if ticket.nbytes >= TRIM_AFTER_BYTES:  # glibc keeps what a big body freed unless asked to give it back
-                asyncio.get_running_loop().run_in_executor(state.decode_pool, trim_heap)
+                asyncio.get_running_loop().run_in_executor(state.request_pool, trim_heap)
 
     def check(self, scope: dict[str, Any], state: Any) -> Ticket | None:
         """Refuses what must not reach a handler (APIError); a ledger ticket for a request with a body."""
