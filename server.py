@@ -43,6 +43,7 @@ from common.engine.engine import Engine
 from common.engine.requests import RequestHandle
 from common.engine.sampling import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_BOUND
 from common.logs import quiet_repeats, setup_logging
+from common.memory import keep_freed_heap
 from common.model.families import ModeOptions
 from common.options.argtypes import api_key, finite_float, int_in_range, port_number, positive_int
 from common.options.flags import (
@@ -414,6 +415,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     setup_logging(args.verbose, default=logging.INFO, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_heap()  # before any thread starts: see there
     settings = settings_from_args(args)
     configure_render_pool(render_limits(args))
     if not _is_loopback(args.host) and not settings.api_key:

@@ -40,7 +40,7 @@ def trim_heap() -> bool:
     return bool(libc.malloc_trim(0))
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters (malloc.h)
 
 
 def keep_freed_heap(trim_threshold: int = 1 << 30) -> bool:
@@ -51,12 +51,17 @@ def keep_freed_heap(trim_threshold: int = 1 << 30) -> bool:
     page in the vision tower, over a GiB in float32), the first page most. Here blocks come from the heap
     (none is mapped on its own, but one too large for a thread's arena) and the heap top is trimmed only past
     `trim_threshold`, so those buffers are reused. `trim_heap` still returns free heap memory on purpose (after
-    a load, and the server after large requests). True where it took effect.
+    a load, and the server after large requests).
+
+    All threads share one arena: `malloc_trim` gives back the free top of the main arena only, so the top of a
+    thread's arena (a 40 MB request body decoded on a server thread) would stay resident for good. Called before
+    the program starts threads, so that none has an arena of its own yet. True where it took effect.
     """
     libc = glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return (bool(libc.mallopt(_M_ARENA_MAX, 1)) and bool(libc.mallopt(_M_MMAP_MAX, 0))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)))
 
 
 def rss_bytes() -> int:

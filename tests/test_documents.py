@@ -3,6 +3,7 @@ pages render in the worker processes (common.documents.render)."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,8 @@ from typing import Any
 import pypdfium2
 import pytest
 
-from common.documents.document import open_document
+from common.documents.document import decode_data_url, open_document
+from common.errors import ImageError
 from tests.hostile import pdf_bytes
 
 
@@ -65,3 +67,31 @@ def test_pdfium_is_entered_by_one_thread_at_a_time(monkeypatch: pytest.MonkeyPat
     assert overlap.calls >= 16 * 4  # every open and sizing went through the wrappers
     assert overlap.most == 1
     assert in_process.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "media_type", "data"),
+    [
+        ("data:image/png;base64,aGVsbG8=", "image/png", b"hello"),
+        ("  DATA:Image/PNG;charset=x;BASE64,aGVs\nbG8=  ", "image/png", b"hello"),
+        ("data:application/octet-stream;base64,-_-_", "application/octet-stream", b"\xfb\xff\xbf"),
+        ("data:text/plain,hello%20world", "text/plain", b"hello world"),
+    ],
+)
+def test_data_urls_are_decoded(url: str, media_type: str, data: bytes) -> None:
+    assert decode_data_url(url) == (media_type, data)
+
+
+def test_long_data_urls_are_decoded_across_pieces() -> None:
+    payload = bytes(range(256)) * 20_000  # 5 MB: several pieces, a piece boundary inside a 4-character group
+    text = base64.b64encode(payload).decode()
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # MIME line breaks
+    assert decode_data_url("data:image/png;base64," + wrapped) == ("image/png", payload)
+    assert decode_data_url("data:image/png;base64," + base64.urlsafe_b64encode(payload).decode())[1] == payload
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64", "data:image/png;base64,%%%%", "data:image/png;base64,",
+                                 "image/png;base64,aGVsbG8=", "data:" + "x" * 2000 + ",aGVsbG8="])
+def test_malformed_data_urls_are_image_errors(url: str) -> None:
+    with pytest.raises(ImageError):
+        decode_data_url(url)

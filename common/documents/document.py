@@ -53,20 +53,19 @@ Content = Path | bytes
 BASE64_PIECE = 1 << 20  # characters decoded at once: a few milliseconds each, so other threads get the GIL between
 
 
-def _decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, whitespace ignored, decoded piece by piece: the C decoders hold the GIL, and a
-    64 MB payload decoded at once would stall every other thread (the server's event loop) for its whole length."""
-    urlsafe = "-" in text or "_" in text
+def _decode_base64(text: str, start: int = 0) -> bytes:
+    """Standard or URL-safe base64 from `text[start:]`, whitespace ignored, decoded piece by piece: the C decoders
+    (and every whole-string copy) hold the GIL, and a 64 MB payload handled at once would stall every other
+    thread (the server's event loop) for its whole length."""
+    urlsafe = False
     out, carry = bytearray(), ""
     try:
-        for start in range(0, len(text), BASE64_PIECE):
-            piece = carry + "".join(text[start:start + BASE64_PIECE].split())
+        for at in range(start, len(text), BASE64_PIECE):
+            piece = carry + "".join(text[at:at + BASE64_PIECE].split())
+            urlsafe = urlsafe or "-" in piece or "_" in piece
             whole = len(piece) - len(piece) % 4
             carry = piece[whole:]
-            if urlsafe:
-                out += base64.urlsafe_b64decode(piece[:whole])
-            else:
-                out += base64.b64decode(piece[:whole], validate=True)
+            out += base64.urlsafe_b64decode(piece[:whole]) if urlsafe else base64.b64decode(piece[:whole], validate=True)
         if carry:
             padded = carry + "=" * (-len(carry) % 4)
             out += base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
@@ -75,16 +74,25 @@ def _decode_base64(text: str) -> bytes:
     return bytes(out)
 
 
+DATA_URL_HEADER = 1024  # characters of a data: URL searched for the comma that ends its header
+
+
+def is_data_url(url: str) -> bool:
+    return url[:64].lstrip().lower().startswith("data:")
+
+
 def decode_data_url(url: str) -> tuple[str, bytes]:
-    """(media type, bytes) of a `data:` URL; ImageError for a malformed one."""
-    header, sep, payload = url.strip()[len("data:") :].partition(",")
-    if not sep:
+    """(media type, bytes) of a `data:` URL; ImageError for a malformed one. The payload is never copied whole."""
+    head = url[:64]
+    begin = len(head) - len(head.lstrip())
+    comma = url.find(",", begin, begin + DATA_URL_HEADER)
+    if not url[begin:begin + 5].lower() == "data:" or comma < 0:
         raise ImageError("malformed data URL: expected data:<type>;base64,<data>")
-    media_type, *params = header.split(";")
+    media_type, *params = url[begin + len("data:"):comma].split(";")
     if "base64" in (p.strip().lower() for p in params):
-        data = _decode_base64(payload)
+        data = _decode_base64(url, comma + 1)
     else:
-        data = urllib.parse.unquote_to_bytes(payload)
+        data = urllib.parse.unquote_to_bytes(url[comma + 1:].strip())
     if not data:
         raise ImageError("the data URL is empty")
     return media_type.strip().lower(), data

@@ -174,6 +174,8 @@ def _worker_main(memory_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     except (ImportError, ValueError, OSError):  # no RLIMIT_AS here (Windows; macOS may refuse): the deadline stays
         pass
+    with contextlib.suppress(AttributeError, OSError):  # a runaway page yields the cores to the server's own threads
+        os.nice(5)
     parent = os.getppid()
 
     def orphan_watch() -> None:  # the caller died (even mid-page): stop rather than render for nobody

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from common.documents.document import DEFAULT_DPI, decode_data_url, kind_of_bytes, mode_pixel_budget, open_document
+from common.documents.document import (
+    DEFAULT_DPI,
+    decode_data_url,
+    is_data_url,
+    kind_of_bytes,
+    mode_pixel_budget,
+    open_document,
+)
 from common.documents.render import close_render_pool
 from common.errors import InputError
 from common.model.modes import Mode
@@ -30,17 +37,17 @@ class FetchPolicy:
 
 
 def is_remote(ref: MediaRef) -> bool:
-    return ref.url.strip().lower().startswith(("http://", "https://"))
+    # only the head of the URL is looked at: a data: URL can be 64 MB, and a whole-string copy holds the GIL
+    return ref.url[:64].lstrip().lower().startswith(("http://", "https://"))
 
 
 def media_bytes(ref: MediaRef, policy: FetchPolicy) -> tuple[str, bytes]:
     """(media type, bytes) of a data: URL, or of an http(s) URL fetched within the policy."""
-    url = ref.url.strip()
-    if url.lower().startswith("data:"):
-        return decode_data_url(url)
+    if is_data_url(ref.url):
+        return decode_data_url(ref.url)
     if is_remote(ref):
         fetched = fetch_url(
-            url,
+            ref.url.strip(),
             allow_private=policy.allow_private,
             timeout_s=policy.timeout_s,
             max_bytes=policy.max_bytes,
