@@ -4,6 +4,7 @@
     dsocr scan.png                           # streams the text to the terminal
     dsocr scans/ -o out/ --json > all.jsonl  # a folder, resumable, one JSON object per page
     dsocr convert ...                        # MLX weight conversion (dsocr_mlx.convert)
+    dsocr verify [--model ...]               # check the model's files against the Hub's hashes
 
 `main(argv)` is the console script `dsocr`; it returns the exit code: 0 ok, 1 some item failed (or an internal
 error), 2 a usage error (bad flag, missing file, no model ...), 130 interrupted with Ctrl-C.
@@ -55,6 +56,7 @@ from common.options.flags import (
     read_prompt_file,
     render_limits,
 )
+from common.options.version import VersionAction
 
 PROG = "dsocr"
 
@@ -83,7 +85,8 @@ def usage_error(exc: DsocrError) -> UsageError:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run DeepSeek-OCR locally on images, PDFs and folders.",
-                epilog=f"`{PROG} convert --help` converts weights for the MLX backend.",
+                epilog=f"`{PROG} convert --help` converts weights for the MLX backend; `{PROG} verify --help` checks a "
+                "model's files against the Hub's hashes.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files (PNG, JPEG, WebP, TIFF, BMP, GIF), PDFs, folders (recursive), or - for stdin")
@@ -155,20 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items prepared ahead while the model generates (default 2; 0 = no overlap)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug); tracebacks on errors")
-    g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    g.add_argument("--version", action=VersionAction)
 
     add_ray_arguments(p.add_argument_group("cluster (pip install 'dsocr[ray]')"))
     read_environment(p)
     return p
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("dsocr")
-    except Exception:  # not installed: running from a checkout
-        return "0.1.0"
 
 
 def resolve_json_spec(args: argparse.Namespace) -> Any:
@@ -300,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
+    if argv and argv[0] == "verify":
+        from common.options.verify import main as verify_main
+
+        return verify_main(argv[1:])
     verbose = sum(a.count("v") for a in argv if re.fullmatch(r"-v+", a)) + argv.count("--verbose")
     try:
         return _main(argv)

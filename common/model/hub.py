@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from common.errors import ModelNotFoundError
+from common.model.integrity import verify_download
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,13 @@ def resolve_model(
     revision: str | None = None,
     offline: bool = False,
     show_progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Returns a local model directory, downloading from the Hub on first use.
 
     `model` is a local directory or a repo id (default `deepseek-ai/DeepSeek-OCR`). Honours HF_HOME and
-    HF_HUB_OFFLINE. Only config, tokenizer and safetensors files are fetched.
+    HF_HUB_OFFLINE. Only config, tokenizer and safetensors files are fetched. A Hub snapshot's files are checked
+    against the Hub's hashes once (`verify`; common.model.integrity).
     """
     name = str(model) if model is not None else DEFAULT_REPO
     path = Path(name).expanduser()
@@ -113,7 +116,10 @@ def resolve_model(
         raise ModelNotFoundError(f"{name} has no revision {kwargs['revision']!r}") from None
     except OSError as exc:  # network errors, disk full, permissions
         raise ModelNotFoundError(f"cannot download {name}: {exc}") from None
-    return check_model_dir(Path(local))
+    model_dir = check_model_dir(Path(local))
+    if verify:
+        verify_download(model_dir, offline=offline, show_progress=show_progress)
+    return model_dir
 
 
 def _cache_dir() -> str:
