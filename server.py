@@ -63,10 +63,13 @@ from common.serve.connections import (
     raise_open_file_limit,
 )
 from common.serve.errors import APIError, api_error_for, bad_json_message, error_type
-from common.serve.guard import HostAllowList, RequestGuard, bearer_matches
+from common.serve.external import FIGURE_POLICIES, process_document
+from common.serve.files import StoredFiles
+from common.serve.guard import HostAllowList, RequestGuard, bearer_matches, is_json_type
 from common.serve.limits import RequestLimits
 from common.serve.media import FetchPolicy, close_media
 from common.serve.metrics import Metrics, MetricsMiddleware
+from common.serve.mistral import FILE_ROUTES, file_content, ocr
 from common.serve.schema import (
     MODEL_ID,
     ChatCompletionRequest,
@@ -78,6 +81,7 @@ from common.serve.schema import (
     now,
 )
 from common.serve.stream import ChatReply, ResponsesReply, Shown, TokenNames, collect
+from common.serve.tasks import answer_task, answered_handle
 
 log = logging.getLogger("dsocr.server")
 T = TypeVar("T")
@@ -101,6 +105,9 @@ def _handle_http_exception(request: Request, exc: HTTPException) -> Response[byt
         param = first.get("key") or None
         details = "; ".join(str(p.get("message", p)) if isinstance(p, dict) else str(p) for p in problems)
         message = f"invalid request body: {details}" + (f" (field {param})" if param else "")
+    elif status == 413:  # Litestar's answer to a body past request_max_body_size
+        limit = request.app.state.settings.max_body_mb
+        message = f"the request body is larger than {limit:g} MB, this server's limit (--max-body-mb)"
     elif status == 400:  # Litestar's answer to a body its decoder refused
         body = ScopeState.from_scope(request.scope).body
         message = bad_json_message(body if isinstance(body, bytes) else b"", message)
@@ -135,8 +142,8 @@ def _decode_json(body: bytes) -> Any:
 
 async def _read_body(request: Request) -> None:
     """An empty body gets a clear answer; a large one is decoded off the event loop (Litestar then uses the result)."""
-    if request.method != "POST":
-        return
+    if request.method != "POST" or not is_json_type(request.headers.get("content-type", "")):
+        return  # the file upload's form (the guard lets no other type through)
     body = await request.body()
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
@@ -192,11 +199,16 @@ def _json(obj: Any) -> Response[bytes]:
 async def chat_completions(
     request: Request, data: Annotated[ChatCompletionRequest, Body(media_type=RequestEncodingType.JSON)]
 ) -> Response:
-    _, settings = _service(request)
+    service, settings = _service(request)
     _check_model(data.model, settings)
-    job = await _off_loop(request, chat_job, data, settings)
-    handle = await _admit(request, job)
-    reply, shown = ChatReply(data.model, _tokens(request)), Shown(job.strip_grounding)
+    if not settings.model_tasks and (task := answer_task(data)) is not None:  # common.serve.tasks
+        service.ready_engine()
+        log.debug("Open WebUI's %s task answered without the model", task.task)
+        handle, shown = answered_handle(task.text), Shown(False)
+    else:
+        job = await _off_loop(request, chat_job, data, settings)
+        handle, shown = await _admit(request, job), Shown(job.strip_grounding)
+    reply = ChatReply(data.model, _tokens(request))
     if not data.stream:
         result = await collect(request.receive, handle)
         return _json(reply.completion(shown.whole(result.text), result))
@@ -277,6 +289,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
     prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="dsocr-prepare")
     fetch_pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="dsocr-fetch")
     request_pool = ThreadPoolExecutor(2, thread_name_prefix="dsocr-request")
+    files = StoredFiles(settings.max_stored_files, int(settings.max_stored_mb * 1024 * 1024))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -291,14 +304,17 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
             fetch_pool.shutdown(wait=False, cancel_futures=True)
             request_pool.shutdown(wait=False, cancel_futures=True)
             close_media()  # the PDF render workers
+            files.close()
 
-    v1 = Router("/v1", route_handlers=[chat_completions, responses, list_models, retrieve_model],
+    v1 = Router("/v1", route_handlers=[chat_completions, responses, list_models, retrieve_model, ocr, *FILE_ROUTES],
                 guards=[_require_api_key], security=[{"bearer": []}], before_request=_read_body)
+    # Open WebUI's External document loader (not under /v1: it adds /process to the URL it is given)
+    external = Router("/", route_handlers=[process_document], guards=[_require_api_key], security=[{"bearer": []}])
     cors = (CORSConfig(allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
             if settings.cors_origins else None)
     bearer = SecurityScheme(type="http", scheme="bearer", description="--api-key / DSOCR_API_KEY")
     app = Litestar(
-        route_handlers=[v1, health, metrics],
+        route_handlers=[v1, external, file_content, health, metrics],
         lifespan=[lifespan],
         middleware=[MetricsMiddleware, RequestGuard],
         exception_handlers={HTTPException: _handle_http_exception, Exception: _handle_exception},
@@ -310,7 +326,7 @@ def create_app(engine_or_loader: Engine | Any, settings: ServerSettings | None =
         debug=False,
     )
     app.state.update(settings=settings, service=service, metrics=app_metrics, started_at=now(),
-                     prepare_pool=prepare_pool, fetch_pool=fetch_pool, request_pool=request_pool,
+                     prepare_pool=prepare_pool, fetch_pool=fetch_pool, request_pool=request_pool, files=files,
                      allowed_hosts=HostAllowList(settings.allowed_hosts, settings.bind_address))
     return app
 
@@ -388,6 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections (then the oldest one still sending its request is closed; default 1024)")
     add("--allow-private-urls", action="store_true",
         help="let image URLs reach private, loopback or link-local addresses")
+    documents = ServerSettings()
+    add("--max-document-pages", metavar="N", type=positive_int, default=documents.max_document_pages,
+        help=f"pages of one document sent to PUT /process or POST /v1/ocr, each read as one request (default "
+        f"{documents.max_document_pages})")
+    add("--extract-figures", choices=FIGURE_POLICIES, default=documents.extract_figures,
+        help="figures in PUT /process text: reference (![img-0.jpeg](img-0.jpeg), default), embed (JPEG data URLs) "
+        "or drop")
+    add("--max-stored-files", metavar="N", type=positive_int, default=documents.max_stored_files,
+        help=f"files kept for OCR by POST /v1/files (default {documents.max_stored_files})")
+    add("--max-stored-mb", metavar="MB", type=finite_float(0, exclusive=True), default=documents.max_stored_mb,
+        help=f"bytes of the files kept for OCR, in MB (default {documents.max_stored_mb:g})")
+    add("--model-tasks", action="store_true",
+        help="send Open WebUI's background tasks (titles, tags, follow-ups, search queries, autocompletion, emoji) "
+        "to the model instead of answering them at once")
     add("-v", "--verbose", action="count", default=0, help="access log; -vv: debug logging")
     read_environment(parser)
     return parser
@@ -408,6 +438,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         cors_origins=_listed(args.cors_origins), allowed_hosts=_listed(args.allowed_hosts), bind_address=args.host,
         protect_metrics=args.protect_metrics,
         max_new_tokens=args.max_new_tokens, limits=limits, fetch=fetch,
+        max_document_pages=args.max_document_pages, extract_figures=args.extract_figures,
+        max_stored_files=args.max_stored_files, max_stored_mb=args.max_stored_mb, model_tasks=args.model_tasks,
     )
 
 

@@ -59,3 +59,22 @@ def test_help_names_every_variable(capsys: pytest.CaptureFixture[str]) -> None:
                  "DSOCR_API_KEY", "DSOCR_MAX_QUEUE", "DSOCR_MAX_IMAGE_TOKENS", "DSOCR_FETCH_TIMEOUT",
                  "DSOCR_FETCH_MAX_MB", "DSOCR_CORS_ORIGINS", "DSOCR_MAX_TEXT_TOKENS"):
         assert name in out
+
+
+def test_extraction_settings_as_flags_and_variables(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    defaults = server.settings_from_args(server.build_parser().parse_args([]))
+    assert (defaults.max_document_pages, defaults.extract_figures, defaults.model_tasks) == (100, "reference", False)
+    env = {"DSOCR_MAX_DOCUMENT_PAGES": "7", "DSOCR_EXTRACT_FIGURES": "embed", "DSOCR_MAX_STORED_FILES": "5",
+           "DSOCR_MAX_STORED_MB": "2.5", "DSOCR_MODEL_TASKS": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = server.settings_from_args(server.build_parser().parse_args([]))
+    assert (settings.max_document_pages, settings.extract_figures, settings.model_tasks) == (7, "embed", True)
+    assert (settings.max_stored_files, settings.max_stored_mb) == (5, 2.5)
+    flags = server.build_parser().parse_args(["--max-document-pages", "9", "--extract-figures", "drop"])
+    assert (flags.max_document_pages, flags.extract_figures) == (9, "drop")  # the flag wins
+    for argv in (["--extract-figures", "inline"], ["--max-document-pages", "0"], ["--max-stored-mb", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            server.main(argv)
+        assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err

@@ -52,7 +52,8 @@ class Recorded:
 def served() -> Iterator[tuple[LiveServer, Engine, Recorded]]:
     engine = fakes.fixture_engine(fakes.RecordingBackend(fixture_tokenizer(), REPLY))
     recorded = Recorded(engine)
-    with LiveServer(create_app(engine, ServerSettings(mode=MODE))) as server:
+    # --model-tasks: Open WebUI's title task reaches the model here (tests/test_server_tasks.py: answered at once)
+    with LiveServer(create_app(engine, ServerSettings(mode=MODE, model_tasks=True))) as server:
         yield server, engine, recorded
 
 

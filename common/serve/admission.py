@@ -57,6 +57,12 @@ class ServerSettings:
     prepare_workers: int = 2  # images decoded and tiled at once (fetches have their own threads)
     fetch_workers: int = 8
     on_load_error: Any = None  # Callable[[BaseException], None]
+    # The extraction routes (PUT /process, POST /v1/ocr: common.serve.extraction) and Open WebUI's tasks.
+    max_document_pages: int = 100  # pages of one document; each page is then one request within `limits`
+    extract_figures: str = "reference"  # figures in /process text: "reference" (![img-0.jpeg](img-0.jpeg)), embed, drop
+    max_stored_files: int = 64  # the /v1/files store (common.serve.files), by count
+    max_stored_mb: float = 1024.0  # and by bytes
+    model_tasks: bool = False  # Open WebUI's background tasks go to the model (else answered at once: serve.tasks)
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -8,7 +8,9 @@ the bounds on what a body may cost the event loop and the memory.
 - Origin: a browser names the page that sent a request; one that is neither this server nor a --cors-origins
   entry is refused, so pages cannot drive the server with simple cross-site POSTs.
 - Content-Type: the JSON routes take application/json only (the types a page may send without asking first,
-  text/plain, forms, multipart, are exactly what a cross-site POST uses).
+  text/plain, forms, multipart, are exactly what a cross-site POST uses). Two routes take other bodies: the file
+  upload (`POST /v1/files`, multipart/form-data, as the Mistral API has it) and Open WebUI's External loader
+  (`PUT /process`, the file's raw bytes under its own type); the Origin check and the API key guard them.
 - The ledger (`common.serve.ledger`): a request with a body is counted from its first byte until its response is
   sent; a crowd past the bound gets 429 before its body is read.
 - The JSON body's size in values: commas and colons are counted chunk by chunk as the body arrives, so decoding it
@@ -38,8 +40,10 @@ MAX_JSON_SEPARATORS = 65_536
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON_ROUTE_PREFIX = "/v1/"
+FORM_ROUTES = frozenset({("POST", "/v1/files")})  # under /v1, but a multipart form
 PROTECTED_PREFIXES = ("/metrics", "/schema")
 TRIM_AFTER_BYTES = 32 << 20
+IDLE_TRIM_S = 2.0
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -101,6 +105,17 @@ def is_json_type(content_type: str) -> bool:
     return charset in ("utf-8", "utf8")
 
 
+def is_form_upload(method: str, path: str, content_type: str) -> bool:
+    """A multipart form sent to a route that takes one (the file upload)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return (method, path.rstrip("/")) in FORM_ROUTES and media == "multipart/form-data"
+
+
+def json_body(method: str, path: str, content_type: str) -> bool:
+    """The request's body must be JSON: a /v1 route's, except the file upload's form."""
+    return path.startswith(JSON_ROUTE_PREFIX) and not is_form_upload(method, path, content_type)
+
+
 def bearer_matches(authorization: str, key: str) -> bool:
     scheme, _, token = authorization.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
@@ -123,6 +138,7 @@ class RequestGuard:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._idle_trim: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,6 +160,22 @@ class RequestGuard:
             ticket.close()
             if ticket.nbytes >= TRIM_AFTER_BYTES:  # glibc keeps what a big body freed unless asked to give it back
                 asyncio.get_running_loop().run_in_executor(state.request_pool, trim_heap)
+            elif state.service.ledger.requests == 0:
+                self._trim_when_idle(state)
+
+    def _trim_when_idle(self, state: Any) -> None:
+        """Once no request has been open for IDLE_TRIM_S, what the last ones freed (a grammar's compilation, a
+        page's activations, a refused document) goes back to the system: the heap keeps freed memory for reuse."""
+        loop = asyncio.get_running_loop()
+        if self._idle_trim is not None:
+            self._idle_trim.cancel()
+
+        def trim() -> None:
+            self._idle_trim = None
+            if state.service.ledger.requests == 0:
+                loop.run_in_executor(state.request_pool, trim_heap)
+
+        self._idle_trim = loop.call_later(IDLE_TRIM_S, trim)
 
     def check(self, scope: dict[str, Any], state: Any) -> Ticket | None:
         """Refuses what must not reach a handler (APIError); a ledger ticket for a request with a body."""
@@ -164,11 +196,14 @@ class RequestGuard:
         if scope["method"] not in BODY_METHODS:
             return None
         announced = headers.get("content-length", "")
-        json_route = path.startswith(JSON_ROUTE_PREFIX)
+        json_route = json_body(scope["method"], path, headers.get("content-type", ""))
         if json_route and announced == "0":
             raise APIError(400, "the request body is empty; send a JSON object")
         if json_route and not is_json_type(headers.get("content-type", "")):
             sent = headers.get("content-type") or "none"
+            if (scope["method"], path.rstrip("/")) in FORM_ROUTES:
+                raise APIError(415, f"upload the file as multipart/form-data (a 'file' field; got {sent!r})",
+                               code="unsupported_media_type")
             raise APIError(415, f"the body must be JSON: send the header 'Content-Type: application/json' (got "
                            f"{sent!r})", code="unsupported_media_type")
         try:
@@ -178,9 +213,9 @@ class RequestGuard:
 
     @staticmethod
     def counting(scope: dict[str, Any], receive: Receive, ticket: Ticket, state: Any) -> Receive:
-        """`receive` that charges the ticket for body bytes past those announced and, on JSON routes, counts the
-        body's separators as they arrive."""
-        json_route = scope["path"].startswith(JSON_ROUTE_PREFIX)
+        """`receive` that charges the ticket for body bytes past those announced and, for a JSON body, counts its
+        separators as they arrive."""
+        json_route = json_body(scope["method"], scope["path"], _headers(scope).get("content-type", ""))
         charged = ticket.nbytes // BODY_COPIES  # the body bytes announced, already charged
         received = separators = 0
 
