@@ -65,7 +65,8 @@ def _decode_base64(text: str, start: int = 0) -> bytes:
             urlsafe = urlsafe or "-" in piece or "_" in piece
             whole = len(piece) - len(piece) % 4
             carry = piece[whole:]
-            out += base64.urlsafe_b64decode(piece[:whole]) if urlsafe else base64.b64decode(piece[:whole], validate=True)
+            chunk = piece[:whole]
+            out += base64.urlsafe_b64decode(chunk) if urlsafe else base64.b64decode(chunk, validate=True)
         if carry:
             padded = carry + "=" * (-len(carry) % 4)
             out += base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
