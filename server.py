@@ -54,6 +54,7 @@ from common.options.flags import (
     read_environment,
     render_limits,
 )
+from common.options.version import VersionAction
 from common.serve.admission import ModelService, ServerSettings, admit, chat_job, responses_job
 from common.serve.connections import (
     BODY_TIMEOUT_S,
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send Open WebUI's background tasks (titles, tags, follow-ups, search queries, autocompletion, emoji) "
         "to the model instead of answering them at once")
     add("-v", "--verbose", action="count", default=0, help="access log; -vv: debug logging")
+    add("--version", action=VersionAction)
     read_environment(parser)
     return parser
 

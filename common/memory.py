@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 
 @functools.cache
@@ -62,6 +63,26 @@ def keep_freed_heap(trim_threshold: int = 1 << 30) -> bool:
         return False
     return (bool(libc.mallopt(_M_ARENA_MAX, 1)) and bool(libc.mallopt(_M_MMAP_MAX, 0))
             and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)))
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The memory this process may use: the machine's, or less where a cgroup (a container's or a pod's memory
+    limit) caps it, so that defaults sized from it (the KV cache) do not get the process killed."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    for limit_file in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):  # v2, v1
+        try:
+            text = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:  # "max" (v2) or a huge number (v1) when unlimited
+            return int(text)
+    return total
 
 
 def rss_bytes() -> int:

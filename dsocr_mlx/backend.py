@@ -9,7 +9,6 @@ step n's tokens and does its per-sequence work.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from common.engine.backend import BackendOptions, ProgressCallback, StepControls, Trace, lane_capacity, lanes_within
 from common.errors import BackendUnavailableError
+from common.memory import memory_limit_bytes
 from common.model.inputs import PreparedInputs
 from dsocr_mlx.cache import KVCache
 from dsocr_mlx.loader import load_model
@@ -151,10 +151,7 @@ def _default_kv_bytes() -> int:
     except (AttributeError, RuntimeError):
         total = 0
     if not total:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = 16 << 30
+        total = memory_limit_bytes()
     return int(total * DEFAULT_KV_FRACTION)
 
 

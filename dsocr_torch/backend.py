@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from common.engine.backend import BackendOptions, ProgressCallback, StepControls, Trace, lane_capacity, lanes_within
+from common.memory import memory_limit_bytes
 from common.model.inputs import PreparedInputs
 from dsocr_torch.cache import KVCache
 from dsocr_torch.model import DeepseekOCRForCausalLM
@@ -25,16 +25,13 @@ DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
-    """CPU: half the machine's memory, reserved but only committed as positions are written (untouched pages
-    of a fresh allocation cost nothing); CUDA: 60% of what is free once the weights are loaded."""
+    """CPU: half the machine's memory (or its container's limit), reserved but only committed as positions are
+    written (untouched pages of a fresh allocation cost nothing); CUDA: 60% of what is free once the weights are
+    loaded."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.6)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 << 30
-    return total // 2
+    return memory_limit_bytes() // 2
 
 
 class TorchBackend:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.memory import collector_paused
+from common.memory import collector_paused, memory_limit_bytes
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
@@ -51,3 +51,18 @@ def test_the_collector_is_paused_inside_and_restored_after() -> None:
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
+
+
+def test_memory_limit_is_the_containers_where_a_cgroup_caps_it(tmp_path: Path) -> None:
+    machine = memory_limit_bytes(tmp_path)  # no cgroup files: the machine's memory
+    assert machine > 0
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2, unlimited
+    assert memory_limit_bytes(tmp_path) == machine
+    (tmp_path / "memory.max").write_text(f"{1 << 30}\n")  # a 1 GiB container
+    assert memory_limit_bytes(tmp_path) == 1 << 30
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{1 << 62}\n")  # cgroup v1, unlimited
+    assert memory_limit_bytes(tmp_path) == machine
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    assert memory_limit_bytes(tmp_path) == 2 << 30
