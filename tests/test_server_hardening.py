@@ -253,6 +253,7 @@ class HangingImage(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_requests_still_fetching_count_against_the_queue_bound() -> None:
     """Requests that wait for their image URLs (or a prepare worker) are accepted requests: with room for 2 queued
     and 1 generating, the fourth is refused at once with 429, although the engine's queue is empty."""
@@ -279,6 +280,7 @@ def test_requests_still_fetching_count_against_the_queue_bound() -> None:
         images.shutdown()
 
 
+@pytest.mark.slow
 def test_big_bodies_are_refused_before_they_are_read_when_the_memory_bound_is_reached() -> None:
     backend = SlowBackend(fixture_tokenizer().eos_id, step_s=0.05)
     settings = ServerSettings(mode="tiny", max_queued_mb=4.0, max_body_mb=8.0)
