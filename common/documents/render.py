@@ -53,6 +53,7 @@ DEFAULT_RENDER_WORKERS = 2
 DEFAULT_RENDER_MEMORY_GIB = 4.0
 DEFAULT_RENDER_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 60.0  # a fresh worker imports pypdfium2 and PIL: well under a second on a quiet machine
+RENDER_NICENESS = 15  # a renderer yields the cores to the server's event loop and the engine whenever they want them
 _MAX_HEADER_BYTES = 1 << 16
 _ROOT = Path(__file__).resolve().parents[2]  # the folder holding `common`, for the worker's sys.path
 
@@ -175,7 +176,7 @@ def _worker_main(memory_bytes: int) -> None:
     except (ImportError, ValueError, OSError):  # no RLIMIT_AS here (Windows; macOS may refuse): the deadline stays
         pass
     with contextlib.suppress(AttributeError, OSError):  # a runaway page yields the cores to the server's own threads
-        os.nice(5)
+        os.nice(RENDER_NICENESS)
     parent = os.getppid()
 
     def orphan_watch() -> None:  # the caller died (even mid-page): stop rather than render for nobody
