@@ -2,8 +2,9 @@
 
 The real weights cannot be downloaded here, so a random bfloat16 checkpoint with exactly the real tensor names
 and shapes (6.67 GB, sharded) is written once and loaded through the normal loader. Shapes, FLOPs and bytes
-equal the real model's; MoE routing on random weights is close to uniform (real routing is skewed, which does
-not change the bytes one decode step reads: always k routed + the shared experts per MoE layer).
+equal the real model's. Routing does not: random weights send most of a prompt's tokens to a few experts, a
+trained router spreads them, so prefill is timed under both (benchmarks/routing.py: uniform routing, seeded); a
+decode step reads k routed + the shared experts per MoE layer either way.
 
 Each (device, dtype) runs in its own process so that peak RSS is that configuration's alone.
 
@@ -244,8 +245,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def prefill() -> Any:
         return backend.prefill(0, embeds, 0, length)  # one chunk: the LM's share of the prompt
 
+    from benchmarks.routing import describe, routing_spread, uniform_routing
+
     prefill()
-    result["prefill_s"], _ = timed(prefill, args.repeat)
+    with routing_spread(model) as spread:
+        prefill()
+    result["routing_model"] = describe(spread)
+    with uniform_routing(model), routing_spread(model) as spread:
+        prefill()
+    result["routing_uniform"] = describe(spread)
+    own, uniform = [], []
+    for _ in range(args.repeat):  # interleaved: the model's routing, then tokens spread as a trained router would
+        own.append(timed(prefill)[0])
+        with uniform_routing(model):
+            uniform.append(timed(prefill)[0])
+    result["prefill_s"], result["prefill_uniform_s"] = min(own), min(uniform)
 
     from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
@@ -282,7 +296,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="dsocr torch backend — real DeepSeek-OCR size, random weights (routing ~uniform)")
+    table = Table(title="dsocr torch backend — real DeepSeek-OCR size, random weights")
     table.add_column("metric")
     for r in results:
         table.add_column(f"{r['config']} ({r['threads']} thr)", justify="right")
@@ -300,7 +314,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
     row("load (s)", lambda r: f"{r['load_s']:.1f}")
     row("vision Base 1024² (s)", lambda r: f"{r['vision_base_s']:.2f}", "vision_base_s")
     row("vision Gundam 1024²+2x3x640² (s)", lambda r: f"{r['vision_gundam_s']:.2f}")
-    row("prefill Base, LM only (s)", lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok)")
+    row(
+        "prefill Base, LM only (s), random weights' routing",
+        lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok; busiest expert "
+        f"{r['routing_model']['top_expert_share']:.0%}, idle {r['routing_model']['unused_experts_share']:.0%})",
+    )
+    row(
+        "prefill Base, LM only (s), uniform routing",
+        lambda r: f"{r['prefill_uniform_s']:.2f} ({r['prefill_uniform_s'] / r['prefill_s']:.2f}x; busiest "
+        f"{r['routing_uniform']['top_expert_share']:.0%}, idle {r['routing_uniform']['unused_experts_share']:.0%})",
+    )
     row("time to first token, Base (s)", lambda r: f"{r['ttft_s']:.2f}")
     row("decode (tok/s)", lambda r: f"{r['decode_tok_s']:.1f} ({r['decode_tokens']} tok)", "decode_tok_s")
     row("peak RSS (GiB)", lambda r: f"{r['peak_rss_gib']:.1f}", "peak_rss_gib")
