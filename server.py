@@ -202,7 +202,9 @@ async def chat_completions(
 ) -> Response:
     service, settings = _service(request)
     _check_model(data.model, settings)
-    if not settings.model_tasks and (task := answer_task(data)) is not None:  # common.serve.tasks
+    # common.serve.tasks; off the loop, as a job is built: it reads the whole message
+    task = None if settings.model_tasks else await _off_loop(request, answer_task, data)
+    if task is not None:
         service.ready_engine()
         log.debug("Open WebUI's %s task answered without the model", task.task)
         handle, shown = answered_handle(task.text), Shown(False)

@@ -67,6 +67,23 @@ def data_url(path: Path, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def peak_rss_reset() -> bool:
+    """Resets this process's peak resident size (False where the system cannot)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """This process's peak resident size since the last reset, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from common.memory import rss_bytes
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR, ROOT, fixture_tokenizer
 from tests.fakes import RecordingBackend, fixture_engine, script_engine
-from tests.helpers import LiveServer, json_lines, make_pdf, one_error_line, page_image
+from tests.helpers import LiveServer, json_lines, make_pdf, one_error_line, page_image, peak_rss, peak_rss_reset
 from tests.helpers import run_cli as run
 from tests.hostile import (
     HEAVY_OPERATOR,
@@ -51,21 +51,6 @@ from tests.hostile import (
 MB = 1 << 20
 TIME_BOMB = 200_000  # long strokes: 9 KB, ~45 s to render at 144 dpi
 MEMORY_BOMB = 6_000_000  # short strokes: 160 KB, ~1.6 GB to load the page
-
-
-def peak_rss_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 @pytest.fixture

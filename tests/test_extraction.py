@@ -256,6 +256,8 @@ def test_signed_urls_name_a_file_until_they_expire(monkeypatch: pytest.MonkeyPat
         assert store.signed(url.replace("expires=", "expires=1")) is None
         assert store.signed("https://example.com/scan.pdf") is None
         assert StoredFiles(2, 100).signed(url) is None  # another server's key
+        assert store.signed(url + "&pad=" + "x" * 5000) is None  # longer than any of ours: not even parsed
+        assert store.signed("data:application/pdf;base64," + "A" * 5000) is None
         later = time.time() + 2 * 3600
         monkeypatch.setattr(time, "time", lambda: later)
         with pytest.raises(APIError) as expired:

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,28 +22,13 @@ from common.serve.media import FetchPolicy
 from server import ServerSettings, create_app
 from tests.conftest import MODEL_DIR, ROOT, fixture_tokenizer, model_context
 from tests.fakes import RecordingBackend, SlowBackend, fixture_engine, script_engine
-from tests.helpers import LiveServer, make_pdf, one_error_line, page_image
+from tests.helpers import LiveServer, make_pdf, one_error_line, page_image, peak_rss, peak_rss_reset
 from tests.helpers import run_cli as run
 from tests.hostile import data_url, file_chat, image_chat, pdf_bytes, png_bomb, png_bytes, text_chat
 
 
 def fake_engine(backend: object | None = None, max_batch: int | None = None) -> Engine:
     return fixture_engine(backend or RecordingBackend(fixture_tokenizer()), max_batch=max_batch)
-
-
-def peak_rss_reset() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
 
 
 class SlowSender(http.server.BaseHTTPRequestHandler):

@@ -97,14 +97,16 @@ async def process_document(request: Request) -> Response[bytes]:
     loop = asyncio.get_running_loop()
     kind = await loop.run_in_executor(state.prepare_pool, document_kind, data)
     if kind is None:
-        text = plain_text(data)
+        text = await loop.run_in_executor(state.prepare_pool, plain_text, data)  # the whole body: off the loop
         if text is None:
             raise APIError(415, f"{name} ({media_type or 'no content type'}) is not a PDF, an image or a text file: "
                            "dsocr reads PDFs and images (PNG, JPEG, WebP, TIFF, BMP, GIF) and returns text files as "
                            "they are", code="unsupported_media_type")
         metadata = {**base, "page": 0, "page_label": "1", "total_pages": 1}
-        return Response(encode([_item(text, metadata)]), media_type="application/json")
+        body = await loop.run_in_executor(state.prepare_pool, encode, [_item(text, metadata)])
+        return Response(body, media_type="application/json")
     paged, pages, _ = await read_document(service, data, kind, name, mode, state.prepare_pool,
                                           request.scope.get("dsocr.ticket"), request.receive, param="file")
-    items = await loop.run_in_executor(state.prepare_pool, _items, paged, pages, policy, {**base, "mode": mode.name})
-    return Response(encode(items), media_type="application/json")
+    metadata = {**base, "mode": mode.name}
+    body = await loop.run_in_executor(state.prepare_pool, lambda: encode(_items(paged, pages, policy, metadata)))
+    return Response(body, media_type="application/json")

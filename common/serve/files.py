@@ -28,6 +28,7 @@ from common.serve.errors import APIError
 MAX_LIFETIME_H = 24  # the longest a file is kept (Mistral's `expiry` is in hours)
 MAX_URL_EXPIRY_H = 168  # the longest a signed URL may last (Mistral's bound)
 DEFAULT_URL_EXPIRY_H = 24
+MAX_SIGNED_URL_CHARS = 4096  # ours are about 150 characters, whatever the host name
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _CONTENT_PATH = re.compile(r"^/v1/files/([0-9a-f]{32})/content$")
 
@@ -151,6 +152,8 @@ class StoredFiles:
     def signed(self, url: str) -> StoredFile | None:
         """The file a signed URL of this store names; None for any other URL. APIError 400 for one of ours that has
         expired (404 when its file is gone)."""
+        if len(url) > MAX_SIGNED_URL_CHARS:  # a data: URL can be 64 MB: parsing it would hold the event loop
+            return None
         parts = urlsplit(url.strip())
         match = _CONTENT_PATH.match(parts.path)
         if parts.scheme not in ("http", "https") or match is None:

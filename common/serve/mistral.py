@@ -24,7 +24,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 from msgspec import Meta, Struct
 
-from common.documents.document import DEFAULT_DPI, decode_data_url, mode_pixel_budget
+from common.documents.document import DEFAULT_DPI, decode_data_url, is_data_url, mode_pixel_budget
 from common.engine.engine import Engine
 from common.engine.sampling import SamplingOptions
 from common.engine.structured import spec_from_response_format
@@ -52,7 +52,7 @@ from common.serve.extraction import (
 )
 from common.serve.files import DEFAULT_URL_EXPIRY_H, MAX_URL_EXPIRY_H, StoredFiles, clean_filename
 from common.serve.guard import bearer_matches
-from common.serve.media import media_bytes
+from common.serve.media import is_remote, media_bytes
 from common.serve.schema import encode
 
 log = logging.getLogger("dsocr.server")
@@ -143,17 +143,16 @@ async def document_content(request: Request, body: OcrRequest) -> tuple[bytes | 
     elif "image_url" in document and document.get("type", "image_url") == "image_url":
         url, param = document["image_url"], "document.image_url"
         url = url.get("url") if isinstance(url, dict) else url
-    if not isinstance(url, str) or not url.strip():
+    if not isinstance(url, str) or not url or url.isspace():  # isspace stops at the first other character
         raise APIError(400, "document: give {\"type\": \"document_url\", \"document_url\": URL}, {\"type\": "
                        "\"image_url\", \"image_url\": URL} or {\"type\": \"file\", \"file_id\": ID}", param=param)
     name = clean_filename(str(document.get("document_name") or ""), "")
     if (stored := store.signed(url)) is not None:
         return stored.path, name or stored.filename
-    lowered = url.strip().lower()
-    if lowered.startswith("data:"):
+    if is_data_url(url):  # looks at the URL's head only: nothing on the event loop is proportional to its size
         _, data = await loop.run_in_executor(state.prepare_pool, decode_data_url, url)
         return data, name or "document"
-    if not lowered.startswith(("http://", "https://")):
+    if not is_remote(MediaRef(url)):
         raise APIError(400, "the document URL must be a data: URL, an http(s) URL or a signed URL of this server's "
                        "files", param=param)
     policy = state.settings.fetch
@@ -283,9 +282,11 @@ async def ocr(request: Request, data: Annotated[OcrRequest, Body(media_type=Requ
     service, settings = state.service, state.settings
     refuse_unsupported(data)
     wanted = page_indexes(data.pages)
-    spec = spec_from_response_format(data.document_annotation_format, "document_annotation_format")
     mode = ModeOptions(settings.mode).resolve(settings.family)
     loop = asyncio.get_running_loop()
+    # the schema's shape is checked on a request thread, as a chat's is (its size is the client's to choose)
+    spec = None if data.document_annotation_format is None else await loop.run_in_executor(
+        state.request_pool, spec_from_response_format, data.document_annotation_format, "document_annotation_format")
     if spec is not None:  # compiled now, so that a schema the engine cannot enforce is refused before any work
         await loop.run_in_executor(state.prepare_pool, service.ready_engine().compile_json_spec, spec)
     content, name = await document_content(request, data)
@@ -294,9 +295,9 @@ async def ocr(request: Request, data: Annotated[OcrRequest, Body(media_type=Requ
     paged, pages, annotated = await read_document(service, content, kind, name, mode, state.prepare_pool,
                                                   request.scope.get("dsocr.ticket"), request.receive, wanted,
                                                   extra=extra)
-    answer = await loop.run_in_executor(state.prepare_pool, ocr_response, pages, data, settings.model_ids[0],
-                                        paged.nbytes, annotated)
-    return Response(encode(answer), media_type="application/json")
+    body = await loop.run_in_executor(state.prepare_pool, lambda: encode(ocr_response(
+        pages, data, settings.model_ids[0], paged.nbytes, annotated)))  # figures in base64: megabytes
+    return Response(body, media_type="application/json")
 
 
 # ------------------------------------------------------------------------------------------------ files
