@@ -82,7 +82,7 @@ from common.serve.schema import (
     now,
 )
 from common.serve.stream import ChatReply, ResponsesReply, Shown, TokenNames, collect
-from common.serve.tasks import answer_task, answered_handle
+from common.serve.tasks import answer_task
 
 log = logging.getLogger("dsocr.server")
 T = TypeVar("T")
@@ -207,7 +207,7 @@ async def chat_completions(
     if task is not None:
         service.ready_engine()
         log.debug("Open WebUI's %s task answered without the model", task.task)
-        handle, shown = answered_handle(task.text), Shown(False)
+        handle, shown = RequestHandle.answered(task.text), Shown(False)
     else:
         job = await _off_loop(request, chat_job, data, settings)
         handle, shown = await _admit(request, job), Shown(job.strip_grounding)

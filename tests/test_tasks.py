@@ -8,8 +8,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from common.engine.requests import RequestHandle
 from common.serve.schema import ChatCompletionRequest
-from common.serve.tasks import answer_task, answered_handle, chat_title
+from common.serve.tasks import answer_task, chat_title
 from tests.owui_tasks import CHAT, TASKS, parsed_answer, task_body, title_prompt
 
 
@@ -78,7 +79,7 @@ def test_the_title_comes_from_the_document(chat: list[dict[str, Any]], title: st
 
 
 def test_an_answered_handle_reads_like_a_finished_generation() -> None:
-    handle = answered_handle('{"tags": []}')
+    handle = RequestHandle.answered('{"tags": []}')
     assert handle.done and handle.result is not None
     assert handle.result.text == '{"tags": []}' and handle.result.finish_reason == "stop"
     assert "".join(handle) == '{"tags": []}'

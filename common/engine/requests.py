@@ -81,6 +81,15 @@ class RequestHandle:
         self._wake_queued = False
         self._done_callbacks: list[Callable[[RequestHandle], None]] = []
 
+    @classmethod
+    def answered(cls, text: str) -> RequestHandle:
+        """A handle already finished with `text`, for a reply that needs no generation (read like any other)."""
+        handle = cls(lambda _: None)
+        handle._push(text)
+        handle._finish(GenerationResult(text, [], FINISH_STOP, prompt_tokens=0, completion_tokens=0, image_tokens=0,
+                                        crop_grid=None))
+        return handle
+
     # ---- the engine core's side (its thread only) -------------------------------------------------------------
 
     def _push(self, text: str = "", logprob: TokenLogprob | None = None) -> None:

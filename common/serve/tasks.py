@@ -17,7 +17,6 @@ import json
 import re
 from dataclasses import dataclass
 
-from common.engine.requests import GenerationResult, RequestHandle
 from common.serve.schema import ChatCompletionRequest
 
 TASK_HEADER = "### Task:"
@@ -103,11 +102,3 @@ def answer_task(body: ChatCompletionRequest) -> TaskAnswer | None:
     key = match.group(1)
     value = chat_title(text) if key == "title" else EMPTY_ANSWERS[key]
     return TaskAnswer(TASK_NAMES[key], json.dumps({key: value}, ensure_ascii=False))
-
-
-def answered_handle(text: str) -> RequestHandle:
-    """A request handle already finished with `text`, so the replies read it like a generation's."""
-    handle = RequestHandle(lambda _: None)
-    handle._push(text)
-    handle._finish(GenerationResult(text, [], "stop", 0, 0, 0, None))
-    return handle
