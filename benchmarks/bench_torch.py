@@ -6,10 +6,13 @@ equal the real model's. Routing does not: random weights send most of a prompt's
 trained router spreads them, so prefill is timed under both (benchmarks/routing.py: uniform routing, seeded); a
 decode step reads k routed + the shared experts per MoE layer either way.
 
-Each (device, dtype) runs in its own process so that peak RSS is that configuration's alone.
+Each configuration (device:dtype[:quantize]) runs in its own process so that peak RSS is its alone; `--isa avx2`
+runs them with torch, oneDNN and MKL held to AVX2 (what a CPU without AVX-512 gets; fbgemm and the CPU's memory
+are this machine's).
 
     nice python benchmarks/bench_torch.py                       # cpu float32 + bfloat16 (+ cuda bfloat16)
     python benchmarks/bench_torch.py --configs cpu:bfloat16 --decode-tokens 64
+    python benchmarks/bench_torch.py --isa avx2 --configs cpu:float32,cpu:float32:bf16,cpu:float32:int8
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -137,20 +141,28 @@ def decode_bytes_per_token(model: Any, context: int) -> float:
 
     lm = model.config.language
     elem = model.dtype.itemsize
+    # --quantize: the decoder's linear and expert weights at their stored size (+ one float32 scale per row of int8)
+    stored = {"none": elem, "bf16": 2, "int8": 1}[model.weight_storage]
+    scale_per_row = 4 if model.weight_storage == "int8" else 0
     kv_elem = KVCache.dtype_for(model.device, model.dtype).itemsize  # float32 cache for bf16 on CPU
     hidden, heads, head_dim = lm.hidden_size, lm.num_attention_heads, lm.head_dim
     attn = hidden * heads * head_dim * 2 + hidden * lm.num_key_value_heads * head_dim * 2
-    total, kv_bytes = 0, 0
+    attn_rows = heads * head_dim + 2 * lm.num_key_value_heads * head_dim + hidden
+    linear, rows, other, kv_bytes = 0, 0, 0, 0
     for i in range(lm.num_hidden_layers):
-        total += attn + 2 * hidden
+        linear, rows, other = linear + attn, rows + attn_rows, other + 2 * hidden
         if lm.is_moe_layer(i):
-            per_expert = 3 * hidden * lm.moe_intermediate_size
-            total += per_expert * (lm.num_experts_per_tok + lm.n_shared_experts) + lm.n_routed_experts * hidden
+            experts = lm.num_experts_per_tok + lm.n_shared_experts
+            linear += 3 * hidden * lm.moe_intermediate_size * experts
+            rows += (2 * lm.moe_intermediate_size + hidden) * experts
+            other += lm.n_routed_experts * hidden  # the router
         else:
-            total += 3 * hidden * lm.intermediate_size
+            linear += 3 * hidden * lm.intermediate_size
+            rows += 2 * lm.intermediate_size + hidden
         kv_bytes += 2 * lm.num_key_value_heads * head_dim * context * kv_elem  # K and V read by attention
-    total += hidden + lm.vocab_size * hidden + hidden  # final norm, lm_head, one embedding row
-    return float(total * elem + kv_bytes)
+    linear, rows = linear + lm.vocab_size * hidden, rows + lm.vocab_size  # lm_head
+    other += 2 * hidden  # final norm, one embedding row
+    return float(linear * stored + rows * scale_per_row + other * elem + kv_bytes)
 
 
 def vision_flops(model: Any, views: list[tuple[int, int]]) -> float:
@@ -201,9 +213,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dsocr_torch.weights.loader import load_model
 
     torch.manual_seed(0)
-    result: dict[str, Any] = {"config": f"{args.device}:{args.dtype}", "threads": torch.get_num_threads()}
+    config = f"{args.device}:{args.dtype}" + (f":{args.quantize}" if args.quantize != "none" else "")
+    result: dict[str, Any] = {"config": config, "threads": torch.get_num_threads(),
+                              "isa": torch.backends.cpu.get_cpu_capability()}
     start = time.perf_counter()
-    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
+    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype, pack=True, quantize=args.quantize)
     backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
     result["load_s"] = time.perf_counter() - start
     result["rss_after_load_gib"] = peak_rss_gib()
@@ -245,7 +259,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def prefill() -> Any:
         return backend.prefill(0, embeds, 0, length)  # one chunk: the LM's share of the prompt
 
-    from benchmarks.routing import describe, routing_spread, uniform_routing
+    from benchmarks.routing import describe, moe_time, routing_spread, uniform_routing
 
     prefill()
     with routing_spread(model) as spread:
@@ -254,12 +268,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     with uniform_routing(model), routing_spread(model) as spread:
         prefill()
     result["routing_uniform"] = describe(spread)
-    own, uniform = [], []
+    own, uniform, own_moe, uniform_moe = [], [], [], []
     for _ in range(args.repeat):  # interleaved: the model's routing, then tokens spread as a trained router would
-        own.append(timed(prefill)[0])
-        with uniform_routing(model):
+        with moe_time(model) as moe:
+            own.append(timed(prefill)[0])
+        own_moe.append(moe.seconds)
+        with uniform_routing(model), moe_time(model) as moe:
             uniform.append(timed(prefill)[0])
+        uniform_moe.append(moe.seconds)
     result["prefill_s"], result["prefill_uniform_s"] = min(own), min(uniform)
+    result["prefill_moe_s"], result["prefill_moe_uniform_s"] = min(own_moe), min(uniform_moe)
+    result["prefill_moe_flops"] = moe.flops(model, length)
 
     from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
@@ -268,6 +287,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     # The same Base page through the engine core (vision + prefill + decode), as a request would run.
     core = EngineCore(lambda: backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
     core.start().wait_ready()
+    with uniform_routing(model):  # the first token as a trained router would route the page
+        result["ttft_uniform_s"] = core.submit(prepared, SamplingParams(max_new_tokens=1)).run().timings["ttft_s"]
     done = core.submit(prepared, params).run()
     core.close()
     result["ttft_s"] = done.timings["ttft_s"]
@@ -324,7 +345,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
         lambda r: f"{r['prefill_uniform_s']:.2f} ({r['prefill_uniform_s'] / r['prefill_s']:.2f}x; busiest "
         f"{r['routing_uniform']['top_expert_share']:.0%}, idle {r['routing_uniform']['unused_experts_share']:.0%})",
     )
-    row("time to first token, Base (s)", lambda r: f"{r['ttft_s']:.2f}")
+    row(
+        "prefill MoE layers (s): model's routing / uniform; FLOP floor (s)",
+        lambda r: f"{r['prefill_moe_s']:.2f} / {r['prefill_moe_uniform_s']:.2f}; "
+        f"{r['prefill_moe_flops'] / r['matmul_flops']:.2f} ({r['prefill_moe_flops'] / 1e9:.0f} GFLOP)",
+    )
+    row("time to first token, Base (s): model's routing / uniform",
+        lambda r: f"{r['ttft_s']:.2f} / {r['ttft_uniform_s']:.2f}")
     row("decode (tok/s)", lambda r: f"{r['decode_tok_s']:.1f} ({r['decode_tokens']} tok)", "decode_tok_s")
     row("peak RSS (GiB)", lambda r: f"{r['peak_rss_gib']:.1f}", "peak_rss_gib")
     row("bytes read / decoded token", lambda r: f"{r['bytes_per_token'] / GiB:.2f} GiB")
@@ -365,7 +392,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2, help="best of N for vision and prefill timings")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--worker", nargs=2, metavar=("DEVICE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("DEVICE", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: hold torch, oneDNN and MKL to AVX2 in the workers")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
 
@@ -374,7 +403,7 @@ def main() -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        args.device, args.dtype = args.worker
+        args.device, args.dtype, args.quantize = args.worker
         print(json.dumps(worker(args)))
         return
 
@@ -387,14 +416,20 @@ def main() -> None:
     write_random_checkpoint(args.checkpoint)
     print(f"random checkpoint ready in {args.checkpoint} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     results = []
+    env = os.environ.copy()
+    if args.isa == "avx2":
+        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+        # Inductor's cache does not key its kernels by this override: the AVX2 kernels get a folder of their own.
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "torchinductor-dsocr-avx2"))
     for config in configs:
-        device, dtype = config.split(":")
+        device, dtype, *quantize = config.split(":")
         command = [
             sys.executable,
             __file__,
             "--worker",
             device,
             dtype,
+            quantize[0] if quantize else "none",
             "--checkpoint",
             str(args.checkpoint),
             "--decode-tokens",
@@ -405,7 +440,7 @@ def main() -> None:
             str(args.threads),
         ]
         print(f"running {config} ...", file=sys.stderr)
-        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{config} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             continue

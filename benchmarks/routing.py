@@ -11,6 +11,7 @@ uniformly per token (seeded), which is what a well-balanced trained router looks
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,3 +97,42 @@ def routing_spread(model: torch.nn.Module) -> Iterator[RoutingSpread]:
 
 def describe(spread: RoutingSpread) -> dict[str, Any]:
     return {"top_expert_share": spread.top_share(), "unused_experts_share": spread.unused_share()}
+
+
+@dataclass
+class MoETime:
+    seconds: float = 0.0  # in the MoE feed-forward layers (router, routed and shared experts)
+
+    def flops(self, model: torch.nn.Module, tokens: int) -> float:
+        """The MoE layers' matmul FLOPs for `tokens` prompt tokens (k routed + the shared experts each)."""
+        lm = model.config.language  # type: ignore[union-attr]
+        layers = sum(1 for i in range(lm.num_hidden_layers) if lm.is_moe_layer(i))
+        per_token = 2 * 3 * lm.hidden_size * lm.moe_intermediate_size * (lm.num_experts_per_tok + lm.n_shared_experts)
+        return float(layers * tokens * (per_token + 2 * lm.hidden_size * lm.n_routed_experts))
+
+
+@contextlib.contextmanager
+def moe_time(model: torch.nn.Module) -> Iterator[MoETime]:
+    """Within the block, the time spent in the MoE feed-forward layers (CPU: their calls are synchronous)."""
+    from dsocr_torch.moe import MoEFeedForward
+
+    layers = [module for module in model.modules() if isinstance(module, MoEFeedForward)]
+    total = MoETime()
+
+    def timed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                total.seconds += time.perf_counter() - start
+
+        return run
+
+    for layer in layers:
+        layer.forward = timed(layer.forward)  # type: ignore[method-assign]
+    try:
+        yield total
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -158,6 +158,10 @@ def _default_kv_bytes() -> int:
 def load(model_dir: Path, options: BackendOptions, progress: ProgressCallback | None = None) -> MlxBackend:
     """Loads the model on MLX on the calling thread; the device is "metal" (Apple GPU) or "cpu" (MLX's CPU)."""
     device, dtype = options.device, options.dtype
+    if options.quantize != "none":
+        raise BackendUnavailableError(
+            f"--quantize {options.quantize} is for the torch backend; MLX loads weights quantized by `dsocr convert`"
+        )
     if device == "auto":
         device = "metal" if mx.metal.is_available() else "cpu"
     if device not in ("metal", "cpu"):

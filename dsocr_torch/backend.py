@@ -52,6 +52,8 @@ class TorchBackend:
         lm = model.config.language
         self.device = device.type
         self.dtype = _DTYPE_NAMES[model.dtype]
+        if model.weight_storage != "none":  # e.g. "float32 (int8 weights)": the compute dtype, the decoder's storage
+            self.dtype += f" ({model.weight_storage} weights)"
         self.eos_token_id = lm.eos_token_id
         self.vocab_size = lm.vocab_size
         self.asynchronous = device.type == "cuda"
@@ -159,6 +161,7 @@ class TorchBackend:
 
 
 def load(model_dir: Path, options: BackendOptions, progress: ProgressCallback | None = None) -> TorchBackend:
-    model = load_model(model_dir, device=options.device, dtype=options.dtype, progress=progress, pack=True)
+    model = load_model(model_dir, device=options.device, dtype=options.dtype, progress=progress, pack=True,
+                       quantize=options.quantize)
     return TorchBackend(model, max_batch=options.max_batch, kv_cache_gib=options.kv_cache_gib,
                         max_context=options.max_context, cuda_graphs=options.cuda_graphs)

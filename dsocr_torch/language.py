@@ -14,6 +14,7 @@ from torch import nn
 
 from common.model.config import LanguageConfig
 from dsocr_torch.cache import CacheWrite, KVCache
+from dsocr_torch.weight_only import kernel_operand, weight_only_linear
 from dsocr_torch.weights.onednn import pack_linear_weight
 
 
@@ -31,13 +32,20 @@ class Linear(nn.Linear):
       oneDNN uses every thread and is no slower for prefill-sized inputs.
     * bfloat16, after `pack_weight`: oneDNN's linear on a copy of the weight in oneDNN's blocked layout, which
       it reads faster than the plain layout (bit-identical results).
+    * weight-only storage (`use_weight_only`, `--quantize`): a bfloat16 or int8 weight multiplied in float32
+      (dsocr_torch/weight_only.py).
     Every other device/dtype keeps F.linear.
     """
 
     packed: torch.Tensor | None = None  # oneDNN-layout weight set by pack_weight; None: use self.weight
     packed_owner: torch.Tensor | None = None  # the mapped bytes under `packed`, when it does not own them
+    stored: torch.Tensor | None = None  # weight-only storage [out, in], bf16 or int8 (use_weight_only)
+    stored_scales: torch.Tensor | None = None  # float32 [out] for an int8 `stored`
+    stored_owner: tuple[torch.Tensor, ...] = ()  # the memory under `stored` and `stored_scales`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stored is not None:
+            return weight_only_linear(x, self.stored, self.stored_scales, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         weight = self.weight
@@ -61,6 +69,8 @@ class Linear(nn.Linear):
         """
         if self.packed is not None:
             return True
+        if self.stored is not None:
+            return False
         weight = self.weight
         if not self.packs(weight.dtype, weight.device):
             return False
@@ -82,6 +92,15 @@ class Linear(nn.Linear):
         weight; the plain Parameter becomes meta."""
         self.packed, self.packed_owner = packed, owner
         self.weight = nn.Parameter(torch.empty(packed.shape, dtype=packed.dtype, device="meta"), requires_grad=False)
+
+
+    def use_weight_only(self, stored: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Makes `stored` (bf16, or int8 with per-output-channel `scales`) this layer's weight; the plain
+        Parameter becomes meta."""
+        self.stored_owner = (stored,) if scales is None else (stored, scales)
+        self.stored = kernel_operand(stored)
+        self.stored_scales = None if scales is None else kernel_operand(scales)
+        self.weight = nn.Parameter(torch.empty(stored.shape, dtype=torch.float32, device="meta"), requires_grad=False)
 
 
 class RMSNorm(nn.Module):

@@ -230,6 +230,7 @@ class DeepseekOCRForCausalLM(nn.Module):
         self.config = cfg
         self.model = MODEL_CLASSES[cfg.family.name](cfg)
         self.lm_head = Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+        self.weight_storage = "none"  # the loader's --quantize: "bf16"/"int8" decoder weights (weight_only.py)
 
     @property
     def device(self) -> torch.device:

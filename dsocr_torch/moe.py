@@ -15,6 +15,7 @@ from torch import nn
 from common.engine.backend import Trace
 from common.model.config import LanguageConfig
 from dsocr_torch.language import MLP
+from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, dequantize, kernel_operand
 
 
 class MoEGate(nn.Module):
@@ -48,6 +49,29 @@ def _grouped_mm_works(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
 
 
+class StoredExperts:
+    """Weight-only routed experts (`--quantize`), output-major as in the checkpoint: gate_up [E, 2I, hidden]
+    (gate rows, then up rows), down [E, hidden, I], bf16 or int8; the scales of int8 ([E, 2I], [E, hidden]).
+    `expert(e)` gives expert e's four tensors as the row-product kernel takes them (weight_only.kernel_operand)."""
+
+    def __init__(self, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
+                 down_scales: torch.Tensor | None) -> None:
+        self.gate_up, self.gate_up_scales, self.down, self.down_scales = gate_up, gate_up_scales, down, down_scales
+        self._experts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(gate_up [2I, hidden], its scales, down [hidden, I], its scales) of expert `e`."""
+        if not self._experts:
+            def own(stack: torch.Tensor | None, i: int) -> torch.Tensor | None:
+                return None if stack is None else kernel_operand(stack[i])
+
+            self._experts = [
+                (own(self.gate_up, i), own(self.gate_up_scales, i), own(self.down, i), own(self.down_scales, i))
+                for i in range(self.gate_up.shape[0])
+            ]
+        return self._experts[e]  # type: ignore[return-value]
+
+
 # Up to this many tokens (a decode batch) the CPU MoE uses embedding bags; a prompt chunk uses grouped matmuls.
 EMBEDDING_BAG_MAX_TOKENS = 64
 
@@ -76,6 +100,7 @@ class MoEFeedForward(nn.Module):
         self.down_by_input: torch.Tensor | None = None
         self.gate_up_stacked: torch.Tensor | None = None
         self.down_stacked: torch.Tensor | None = None
+        self.stored: StoredExperts | None = None  # set by bind_stored_experts instead of the stacks
         self._use_grouped_mm: bool | None = None
         self._expert_range: torch.Tensor | None = None
         self._bag_ranges: dict[tuple[torch.device, int, int], torch.Tensor] = {}
@@ -94,6 +119,33 @@ class MoEFeedForward(nn.Module):
         for i, (gate, up, down_i) in enumerate(zip(*parts, strict=True)):
             views[f"{i}.gate_proj"], views[f"{i}.up_proj"], views[f"{i}.down_proj"] = gate, up, down_i
         return views
+
+    def stored_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Shapes of StoredExperts' gate_up, gate_up_scales, down and down_scales."""
+        n, inter, hidden = self.num_experts, self.intermediate, self.experts[0].gate_proj.in_features
+        return (n, 2 * inter, hidden), (n, 2 * inter), (n, hidden, inter), (n, hidden)
+
+    def stored_expert_views(self, stored: StoredExperts) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """'<e>.<gate|up|down>_proj' -> (expert e's weight [out, in], its scales [out] or None) in `stored`."""
+        inter, views = self.intermediate, {}
+        gate_up_scales, down_scales = stored.gate_up_scales, stored.down_scales
+        for i in range(self.num_experts):
+            parts = {
+                "gate_proj": (stored.gate_up[i, :inter], None if gate_up_scales is None else gate_up_scales[i, :inter]),
+                "up_proj": (stored.gate_up[i, inter:], None if gate_up_scales is None else gate_up_scales[i, inter:]),
+                "down_proj": (stored.down[i], None if down_scales is None else down_scales[i]),
+            }
+            views.update((f"{i}.{proj}", value) for proj, value in parts.items())
+        return views
+
+    def bind_stored_experts(self, stored: StoredExperts) -> None:
+        """Routes through weight-only experts (see StoredExperts); the per-expert Linear weights stay meta."""
+        shapes = self.stored_shapes()
+        found = (stored.gate_up, stored.gate_up_scales, stored.down, stored.down_scales)
+        for tensor, shape in zip(found, shapes, strict=True):
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ValueError(f"stored experts {list(tensor.shape)}; this layer needs {list(shape)}")
+        self.stored = stored
 
     def bind_stacked_experts(
         self, device: torch.device | str, dtype: torch.dtype, storage: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -133,6 +185,8 @@ class MoEFeedForward(nn.Module):
         return routed.view(shape)
 
     def _routed(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.stored is not None:
+            return self._routed_stored(self.stored, flat, ids, weights)
         if self.gate_up_by_input is None or self.down_by_input is None:
             raise RuntimeError("MoE experts are not stacked: call bind_stacked_experts (the loader does)")
         n_tokens, hidden = flat.shape
@@ -175,6 +229,36 @@ class MoEFeedForward(nn.Module):
                     out[begin:end] = (F.silu(gate) * up) @ self.down_by_input[expert]
                 begin = end
         # Back to (token, slot) order for the weighted sum over the k slots.
+        unsorted = torch.empty_like(out).index_copy_(0, order, out).view(n_tokens, self.top_k, hidden)
+        return self._combine(unsorted, weights, flat.dtype)
+
+    def _routed_stored(
+        self, stored: StoredExperts, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weight-only experts, in float32: a row product per (token, expert) for a decode step; for a prompt
+        chunk the (token, slot) pairs sorted by expert and each used expert's weights upcast once."""
+        n_tokens, hidden = flat.shape
+        inter, rows32 = self.intermediate, flat.float()
+        if n_tokens <= ROW_KERNEL_MAX_ROWS:
+            routing = weights.float()
+            chosen = ids.tolist()  # the CPU's host read of k ids costs nothing
+            out = torch.stack([
+                ROW_KERNELS.experts(rows32[token], routing[token], [stored.expert(e) for e in experts], inter)
+                for token, experts in enumerate(chosen)
+            ])
+            return out.to(flat.dtype)
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        rows = rows32[order // self.top_k]
+        ends = torch.searchsorted(flat_ids[order], self._expert_ids(flat.device), right=True).tolist()
+        out = torch.empty(rows.shape[0], hidden, device=flat.device, dtype=torch.float32)
+        begin = 0
+        for e, end in enumerate(ends):
+            if end > begin:
+                gate_up, gate_up_scales, down, down_scales = stored.expert(e)
+                gate, up = F.linear(rows[begin:end], dequantize(gate_up, gate_up_scales)).split(inter, -1)
+                out[begin:end] = F.linear(F.silu(gate) * up, dequantize(down, down_scales))
+            begin = end
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(n_tokens, self.top_k, hidden)
         return self._combine(unsorted, weights, flat.dtype)
 

@@ -26,6 +26,8 @@ def test_backend_errors() -> None:
         mlx_backend.load(MODEL_DIR, BackendOptions("cuda", "float32"))
     with pytest.raises(ConfigError, match="dtype"):
         mlx_backend.load(MODEL_DIR, BackendOptions("cpu", "int3"))
+    with pytest.raises(BackendUnavailableError, match="dsocr convert"):  # MLX quantizes ahead, not at load
+        mlx_backend.load(MODEL_DIR, BackendOptions("cpu", "float32", quantize="int8"))
 
 
 @pytest.mark.slow

@@ -8,17 +8,19 @@ import argparse
 import pytest
 
 import cli
-from common.options.flags import read_environment, variable_of
+from common.options.flags import model_options, read_environment, variable_of
 from tests.helpers import one_error_line
 
 
 def test_the_cli_reads_the_shared_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {"DSOCR_MODEL": "some/repo", "DSOCR_DEVICE": "cpu", "DSOCR_MAX_CONTEXT": "2048",
-                        "DSOCR_OFFLINE": "yes", "DSOCR_MAX_NEW_TOKENS": "100", "DSOCR_MODE": "base"}.items():
+                        "DSOCR_OFFLINE": "yes", "DSOCR_MAX_NEW_TOKENS": "100", "DSOCR_MODE": "base",
+                        "DSOCR_QUANTIZE": "int8"}.items():
         monkeypatch.setenv(name, value)
     args = cli.build_parser().parse_args([])
     assert (args.model, args.device, args.max_context, args.offline) == ("some/repo", "cpu", 2048, True)
-    assert (args.max_new_tokens, args.mode) == (100, "base")
+    assert (args.max_new_tokens, args.mode, args.quantize) == (100, "base", "int8")
+    assert model_options(args).quantize == "int8"
     assert cli.build_parser().parse_args(["--mode", "tiny"]).mode == "tiny"  # the flag wins
 
 
@@ -26,6 +28,7 @@ def test_the_cli_reads_the_shared_variables(monkeypatch: pytest.MonkeyPatch) -> 
     ("DSOCR_OFFLINE", "perhaps", "$DSOCR_OFFLINE: expected yes or no, got 'perhaps'"),
     ("DSOCR_MAX_CONTEXT", "8", "$DSOCR_MAX_CONTEXT: must be at least 16"),
     ("DSOCR_DEVICE", "gpu", "$DSOCR_DEVICE: invalid choice: 'gpu'"),
+    ("DSOCR_QUANTIZE", "int4", "$DSOCR_QUANTIZE: invalid choice: 'int4'"),
 ])
 def test_a_bad_variable_is_one_usage_line(name: str, value: str, needle: str, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ Trace = dict[str, Any]  # intermediates a parity test asks for (see Backend); No
 
 BACKENDS = ("torch", "mlx")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_CHOICES = ("none", "bf16", "int8")  # --quantize: weight-only storage of the decoder (torch, CPU)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class BackendOptions:
     kv_cache_gib: float | None = None
     max_context: int | None = None
     cuda_graphs: bool | None = None
+    quantize: str = "none"  # torch on the CPU: the decoder's weights stored as "bf16" or "int8", computed in dtype
 
 
 def load_backend(
@@ -194,7 +196,7 @@ def load_backend(
     `bounds` are BackendOptions' other fields: `max_batch` bounds the lanes (sequences decoded together),
     `kv_cache_gib` the KV cache's memory (each backend has a per-device default), `max_context` the positions per
     lane (prompt + output; default and most: the model's `max_position_embeddings`), `cuda_graphs` turns
-    decode-step capture on or off (CUDA).
+    decode-step capture on or off (CUDA), `quantize` stores the decoder's weights as bf16 or int8 (torch, CPU).
     """
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

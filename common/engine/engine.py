@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelOptions:
     """Which model to run and how: the choices behind --model, --backend, --device, --dtype and the engine's
-    bounds (--max-batch, --kv-cache-gib, --max-context, --cuda-graphs)."""
+    bounds (--max-batch, --kv-cache-gib, --max-context, --cuda-graphs), and --quantize."""
 
     model: str | None = None
     revision: str | None = None
@@ -54,6 +54,7 @@ class ModelOptions:
     kv_cache_gib: float | None = None
     max_context: int | None = None
     cuda_graphs: bool | None = None
+    quantize: str = "none"
 
     def resolved(self, show_download_progress: bool = True) -> tuple[ModelOptions, ModelFamily]:
         """These options with `model` as a local directory (downloading it on first use, as loading would) and
@@ -108,7 +109,8 @@ class Engine:
                 with collector_paused():
                     backend = load_backend(name, model_dir, device, options.dtype, progress,
                                            max_batch=options.max_batch, kv_cache_gib=options.kv_cache_gib,
-                                           max_context=options.max_context, cuda_graphs=options.cuda_graphs)
+                                           max_context=options.max_context, cuda_graphs=options.cuda_graphs,
+                                           quantize=options.quantize)
                 trim_heap()  # what the load freed goes back (a first load packs weights before the cache holds them)
                 return backend
 

@@ -16,7 +16,7 @@ from common.documents.render import (
     DEFAULT_RENDER_WORKERS,
     RenderLimits,
 )
-from common.engine.backend import BACKENDS, DTYPES
+from common.engine.backend import BACKENDS, DTYPES, QUANTIZE_CHOICES
 from common.engine.engine import ModelOptions
 from common.files import read_capped_text
 from common.model.device import DEVICES
@@ -91,6 +91,10 @@ def add_model_arguments(group: Any) -> None:
     for name, what in (("backend", "inference backend"), ("device", "device"),
                        ("dtype", "compute dtype; auto = bfloat16 where the device supports it")):
         group.add_argument(f"--{name}", choices=choices(name), default="auto", help=f"{what} (default auto)")
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                       help="torch on a CPU: store the decoder's linear and expert weights as bf16 (half of "
+                       "float32, same values for a bf16 checkpoint) or int8 (a quarter, per-channel scales), "
+                       "computed in --dtype; the vision encoder keeps --dtype (default none; see docs/cpu.md)")
     group.add_argument("--max-batch", metavar="N", type=int_in_range(1, 1024), default=None,
                        help="most sequences decoded together (default 8 on CPUs and MLX, 32 on CUDA; bounded by "
                        "the KV cache)")
@@ -137,7 +141,7 @@ def render_limits(args: argparse.Namespace) -> RenderLimits:
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """The ModelOptions of parsed --model ... flags."""
     return ModelOptions(args.model, args.revision, args.offline, args.backend, args.device, args.dtype,
-                        args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs)
+                        args.max_batch, args.kv_cache_gib, args.max_context, args.cuda_graphs, args.quantize)
 
 
 def read_prompt_file(path: Path, max_bytes: int = MAX_PROMPT_FILE_BYTES) -> str:

@@ -33,6 +33,14 @@ from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoun
 from common.model.config import ModelConfig, load_config
 from dsocr_torch.language import Linear
 from dsocr_torch.model import DeepseekOCRForCausalLM
+from dsocr_torch.moe import StoredExperts
+from dsocr_torch.weight_only import (
+    QUANTIZE_CHOICES,
+    STORAGE_DTYPES,
+    prepare_experts_kernel,
+    prepare_row_kernels,
+    quantize_int8,
+)
 from dsocr_torch.weights.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -207,17 +215,25 @@ def load_model(
     progress: ProgressCallback | None = None,
     pack: bool = False,
     prepared_cache: bool | None = None,
+    quantize: str = "none",
 ) -> DeepseekOCRForCausalLM:
     """The model, ready for inference.
 
     `pack`: pack the decoder's dense weights for oneDNN while loading (what `pack_for_cpu_decode` does, without
     ever holding the plain copy); `prepared_cache`: read and write the prepared-layout cache (default: on unless
-    DSOCR_PREPARED_CACHE=0; CPU only).
+    DSOCR_PREPARED_CACHE=0; CPU only); `quantize`: "bf16" or "int8" stores the decoder's linear and expert
+    weights so (dsocr_torch/weight_only.py), computed in `dtype` (CPU only).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"{model_dir}: model folder not found")
+    if quantize not in QUANTIZE_CHOICES:
+        raise BackendUnavailableError(f"unsupported --quantize {quantize!r}; choose {', '.join(QUANTIZE_CHOICES)}")
     torch_device = resolve_device(device)
+    if quantize != "none" and torch_device.type != "cpu":
+        raise BackendUnavailableError(
+            f"--quantize {quantize} is for the CPU; on {torch_device.type} use --quantize none (bfloat16 weights)"
+        )
     torch_dtype = resolve_dtype(dtype, torch_device)
     cfg = load_config(model_dir)
     checkpoint = Checkpoint.open(model_dir)
@@ -229,12 +245,13 @@ def load_model(
         if torch_device.type == "cpu":
             _load_on_cpu(
                 model, meta, model_dir, checkpoint, files, torch_dtype, pack=pack, cache=prepared_cache,
-                progress=progress,
+                progress=progress, storage=STORAGE_DTYPES.get(quantize),
             )
         else:
             _load_on_device(model, checkpoint, files, torch_device, torch_dtype, progress)
     model.eval()
     model.requires_grad_(False)
+    model.weight_storage = quantize
     return model
 
 
@@ -253,12 +270,17 @@ def _load_on_cpu(
     pack: bool,
     cache: bool | None,
     progress: ProgressCallback | None,
+    storage: torch.dtype | None = None,
 ) -> None:
-    """`meta`: the model's state dict, still on the meta device."""
+    """`meta`: the model's state dict, still on the meta device; `storage`: the weight-only dtype of the
+    decoder's linear and expert weights (None: `dtype`, as every other tensor)."""
     entries = checkpoint.entries
     moe_layers = model.moe_layers()
     packed: dict[str, Linear] = {}
-    if pack and Linear.packs(dtype, torch.device("cpu")):
+    stored: dict[str, Linear] = {}  # weight-only linears (--quantize), by weight name
+    if storage is not None:
+        stored = {f"{name}.weight": linear for name, linear in model.decode_linears().items()}
+    elif pack and Linear.packs(dtype, torch.device("cpu")):
         packed = {f"{name}.weight": linear for name, linear in model.decode_linears().items()}
     mapping = mapped_packing() if packed else None
     # The prepared layout: the expert stacks, then every tensor stored in another dtype (or misaligned), then
@@ -266,6 +288,11 @@ def _load_on_cpu(
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     sources: dict[str, str] = {}  # checkpoint name -> the prepared slot it goes into ("" for an expert)
     for name, moe in moe_layers:
+        if storage is not None:
+            specs += _stored_expert_specs(name, moe.stored_shapes(), storage)
+            keys = [f"{e}.{proj}" for e in range(moe.num_experts) for proj in ("gate_proj", "up_proj", "down_proj")]
+            sources.update((f"{name}.experts.{key}.weight", "") for key in keys)
+            continue
         shapes = moe.stack_shapes()
         specs += [(f"{name}.gate_up_by_input", dtype, shapes[0]), (f"{name}.down_by_input", dtype, shapes[1])]
         metas = (torch.empty(shapes[0], device="meta"), torch.empty(shapes[1], device="meta"))
@@ -275,6 +302,13 @@ def _load_on_cpu(
         if name in sources or name in packed:
             continue
         target = dtype if meta[name].is_floating_point() else meta[name].dtype
+        if name in stored:
+            target = storage  # type: ignore[assignment]
+            if storage == torch.int8:
+                sources[name] = name
+                specs += [(name, torch.int8, tuple(meta[name].shape)), (name + _SCALES, torch.float32,
+                                                                         tuple(meta[name].shape[:1]))]
+                continue
         if entry.dtype == target and aligned(entry):
             direct[name] = entry
         else:
@@ -284,8 +318,9 @@ def _load_on_cpu(
     packed_specs = [(name, dtype, tuple(meta[name].shape)) for name in packed] if mapping is not None else []
     prepared_cache = None
     if cache_enabled(cache, size + sum(entries[name].nbytes for name, _, _ in packed_specs)):
-        key = fingerprint(checkpoint, dtype, packing_fingerprint() if packed_specs else "")
-        prepared_cache = PreparedCache(model_dir, dtype, key, slots, size, packed_specs)
+        variant = {torch.bfloat16: "bf16", torch.int8: "int8"}.get(storage, "") if storage is not None else ""
+        key = fingerprint(checkpoint, dtype, (packing_fingerprint() if packed_specs else "") + variant)
+        prepared_cache = PreparedCache(model_dir, dtype, key, slots, size, packed_specs, variant)
     prepared = prepared_cache.open() if prepared_cache is not None else None
     if prepared is not None and mapping is not None and not _packing_holds(mapping, prepared, files, entries, dtype):
         log.info("packed weights in %s were packed for another CPU or oneDNN; rebuilding", prepared_cache.path)
@@ -315,12 +350,17 @@ def _load_on_cpu(
             writer = prepared_cache.create(layouts)
         computed = writer.tensors if writer is not None else slot_views(torch.empty(size, dtype=torch.uint8), slots)
         for name, moe in moe_layers:
+            if storage is not None:
+                views = moe.stored_expert_views(_stored_experts(computed, name))
+                for key, (view, scales) in views.items():
+                    jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view, scales)
+                continue
             stacks = computed[f"{name}.gate_up_by_input"], computed[f"{name}.down_by_input"]
             for key, view in moe.expert_weight_views(*stacks).items():
                 jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view)
         for name, slot in sources.items():
             if slot:
-                jobs.copy(files, entries[name], computed[slot])
+                jobs.copy(files, entries[name], computed[slot], computed.get(slot + _SCALES))
         if writer is not None:
             for name, (memory, _) in writer.packed.items():
                 jobs.copy_packed(packed[name], memory, entries[name].nbytes)
@@ -339,10 +379,15 @@ def _load_on_cpu(
     jobs.run()
     jobs.progress.finish()
     for name, moe in moe_layers:
+        if storage is not None:
+            moe.bind_stored_experts(_stored_experts(prepared.tensors, name))
+            continue
         stacks = prepared.tensors[f"{name}.gate_up_by_input"], prepared.tensors[f"{name}.down_by_input"]
         moe.bind_stacked_experts("cpu", dtype, stacks)
     for name, slot in sources.items():
-        if slot:
+        if slot and name in stored:
+            stored[name].use_weight_only(prepared.tensors[slot], prepared.tensors.get(slot + _SCALES))
+        elif slot:
             _set_tensor(model, name, prepared.tensors[slot])
     for name, (memory, metadata) in prepared.packed.items():
         assert mapping is not None
@@ -352,7 +397,52 @@ def _load_on_cpu(
             log.warning("packed weight %s not usable from the cache (%s); packing it", name, exc)
             _pack_from_checkpoint(files, entries[name], packed[name], dtype)
     for name, entry in direct.items():
-        _set_tensor(model, name, files.view(entry))
+        if name in stored:
+            stored[name].use_weight_only(files.view(entry), None)
+        else:
+            _set_tensor(model, name, files.view(entry))
+    if storage is not None:
+        _prepare_kernels(model)
+
+
+_SCALES = "#scales"  # the slot of an int8 weight's per-channel scales: its name + this
+
+
+def _stored_expert_specs(
+    name: str, shapes: tuple[tuple[int, ...], ...], storage: torch.dtype
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """Prepared slots of one MoE layer's weight-only experts (see moe.StoredExperts)."""
+    gate_up, gate_up_scales, down, down_scales = shapes
+    specs = [(f"{name}.gate_up_stored", storage, gate_up), (f"{name}.down_stored", storage, down)]
+    if storage == torch.int8:
+        specs += [(f"{name}.gate_up_stored{_SCALES}", torch.float32, gate_up_scales),
+                  (f"{name}.down_stored{_SCALES}", torch.float32, down_scales)]
+    return specs
+
+
+def _stored_experts(tensors: dict[str, torch.Tensor], name: str) -> StoredExperts:
+    return StoredExperts(
+        tensors[f"{name}.gate_up_stored"], tensors.get(f"{name}.gate_up_stored{_SCALES}"),
+        tensors[f"{name}.down_stored"], tensors.get(f"{name}.down_stored{_SCALES}"),
+    )
+
+
+def _prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
+    """Compiles and checks the row products of every weight-only shape now, not in a first request."""
+    weights: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for linear in model.decode_linears().values():
+        if linear.stored is not None:
+            weights.setdefault((tuple(linear.stored.shape), linear.stored_scales is None),
+                               (linear.stored, linear.stored_scales))
+    for _, moe in model.moe_layers():
+        if moe.stored is not None:
+            gate_up, gate_up_scales, down, down_scales = moe.stored.expert(0)
+            for weight, scales in ((gate_up, gate_up_scales), (down, down_scales)):
+                weights.setdefault((tuple(weight.shape), scales is None), (weight, scales))
+    prepare_row_kernels(list(weights.values()))
+    for _, moe in model.moe_layers()[:1]:  # the fused kernel of a token's experts, compiled and checked now
+        if moe.stored is not None:
+            prepare_experts_kernel(moe.stored, moe.top_k, moe.intermediate)
 
 
 def _pack_from_checkpoint(files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:
@@ -440,9 +530,20 @@ class _Jobs:
         self.progress = progress
         self.items: list[tuple[tuple[str, int], int, Callable[[], None]]] = []
 
-    def copy(self, files: MappedFiles, entry: TensorEntry, target: torch.Tensor) -> None:
+    def copy(
+        self, files: MappedFiles, entry: TensorEntry, target: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> None:
+        """The checkpoint tensor into `target`: converted to its dtype (int8: quantized, its per-channel scales
+        into `scales`) and, into an expert slot, transposed."""
+
         def run() -> None:
-            target.copy_(files.view(entry))  # converts the dtype and, into an expert slot, transposes
+            if target.dtype == torch.int8:
+                assert scales is not None
+                quantized, found = quantize_int8(files.view(entry))
+                target.copy_(quantized)
+                scales.copy_(found)
+            else:
+                target.copy_(files.view(entry))
             files.release(entry)
 
         self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))

@@ -1,11 +1,12 @@
 """The prepared-layout cache: the tensors whose in-memory layout is not the checkpoint's, kept on disk once.
 
 On the CPU most weights are used as stored and are memory-mapped from the checkpoint itself. The rest (the
-routed experts, stacked and transposed for the MoE kernels, every tensor converted to another dtype, and the
-decoder's dense weights packed for oneDNN) must be computed, and writing gigabytes of fresh memory costs more
-than reading the file. So the first load writes them, in their final layout, to
-`<model>/.dsocr-prepared/<dtype>.bin`, and later loads memory-map that file like the checkpoint: no copy, no
-fresh memory, pages shared with the page cache.
+routed experts, stacked and transposed for the MoE kernels, every tensor converted to another dtype, the
+decoder's dense weights packed for oneDNN, and weight-only int8 weights with their scales) must be computed,
+and writing gigabytes of fresh memory costs more than reading the file. So the first load writes them, in
+their final layout, to `<model>/.dsocr-prepared/<dtype>.bin` (`<dtype>-int8.bin` with `--quantize int8`, ...),
+and later loads memory-map that file like the checkpoint: no copy, no fresh memory, pages shared with the page
+cache.
 
 The file starts with a header naming the checkpoint's fingerprint (each shard's resolved name, size,
 modification time and safetensors header; a Hub blob's name is its sha256; with packed weights, also what
@@ -172,8 +173,10 @@ class PreparedCache:
         slots: list[Slot],
         data_size: int,
         packed: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+        variant: str = "",
     ) -> None:
-        self.path = model_dir / CACHE_DIR / f"{_DTYPE_NAMES.get(dtype, 'other')}.bin"
+        name = _DTYPE_NAMES.get(dtype, "other") + (f"-{variant}" if variant else "")  # variant: e.g. "int8"
+        self.path = model_dir / CACHE_DIR / f"{name}.bin"
         self.key, self.slots, self.data_size = key, slots, data_size
         self.packed = [(name, dtype, tuple(shape)) for name, dtype, shape in packed or []]
 

@@ -1,0 +1,293 @@
+"""Weight-only storage for the decoder (`--quantize bf16|int8`): weights kept as bfloat16, or as int8 with one
+float32 scale per output channel, and multiplied in float32.
+
+A decode step reads every active weight once per token, so its time is the weights' bytes: half (bf16) or a
+quarter (int8) of float32's. On a CPU without native bfloat16 (AVX2) torch has no product of float32
+activations with such weights that runs at memory speed (its bf16 GEMV and its int8 weight-only kernel are
+bound by arithmetic there), so a one-row product is a reduction compiled by torch.compile: Inductor's C++
+backend fuses the upcast into the vectorised dot products. A product of many rows (a prompt chunk, a large
+decode batch) upcasts the weight and uses the float32 matmul, whose arithmetic then dominates.
+
+The kernel is compiled for each weight shape (static shapes: a model has a handful) and checked against the
+eager reference at load; where it cannot be compiled (no C++ compiler) or a check fails, the eager reference is
+used and a warning says so. Inductor (torch 2.13) miscompiled every other form of this product tried: a broadcast
+over several rows at once (hence one call per row), weights at a large offset into a mapped file (hence
+`kernel_operand`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from common.engine.backend import QUANTIZE_CHOICES
+
+__all__ = ["QUANTIZE_CHOICES", "ROW_KERNELS", "dequantize", "quantize_int8", "weight_only_linear"]
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
+# Up to this many rows a product is one compiled row product per row; past it the weight is upcast once.
+ROW_KERNEL_MAX_ROWS = 4
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., out, in] -> (int8 weight, float32 scales [..., out]): symmetric, one scale per output channel."""
+    w = weight.float()
+    scales = w.abs().amax(dim=-1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    quantized = torch.round(w / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """The float32 weight a stored one stands for."""
+    if scales is None:
+        return weight.float()
+    return weight.float() * scales.unsqueeze(-1)
+
+
+def standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor whose storage starts at its first byte (the caller keeps `tensor` alive)."""
+    if tensor.storage_offset() == 0 or tensor.numel() == 0:
+        return tensor
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return tensor.contiguous().clone()
+    array = (ctypes.c_uint8 * tensor.nbytes).from_address(tensor.data_ptr())
+    return torch.frombuffer(array, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
+
+
+def kernel_operand(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a stored weight [out, in] or its scales [out]) as the compiled kernel takes it: over memory of
+    its own (see `standalone`)."""
+    return standalone(tensor)
+
+
+def row_product_reference(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, block: int = 4096
+) -> torch.Tensor:
+    """x [in] float32, weight [out, in] -> [out] float32: the eager reference, upcasting `block` rows at a time."""
+    out = torch.cat([weight[i : i + block].float() @ x for i in range(0, weight.shape[0], block)])
+    return out if scales is None else out * scales
+
+
+def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.unsqueeze(0) * weight.float()).sum(-1)
+
+
+def _row_product_scaled(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return (x.unsqueeze(0) * weight.float()).sum(-1) * scales
+
+
+def _row_product_words(x_by_byte: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 product read as int32 words: byte j of word k is input 4k + j, its value sign-extended by two
+    shifts, so the kernel loads whole vectors (on AVX2 Inductor loads int8 a partial vector at a time).
+    x_by_byte [4, in / 4] is x regrouped by byte position."""
+    words = weight.view(torch.int32)
+    total = ((words << 24) >> 24).float() * x_by_byte[0] + ((words << 16) >> 24).float() * x_by_byte[1]
+    total = total + ((words << 8) >> 24).float() * x_by_byte[2] + (words >> 24).float() * x_by_byte[3]
+    return total.sum(-1) * scales
+
+
+def _product(form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    if form == "plain":
+        return _row_product(x, weight)
+    if form == "plain_scaled":
+        return _row_product_scaled(x, weight, scales)  # type: ignore[arg-type]
+    return _row_product_words(x.view(-1, 4).t(), weight, scales)  # type: ignore[arg-type]
+
+
+Expert = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]  # gate_up, scales, down, scales
+
+
+def _experts(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert]) -> torch.Tensor:
+    """One token through its k routed experts (SwiGLU each), summed with the router's weights: one call, so a
+    decode step pays the call overhead once per layer instead of twice per expert."""
+    total = torch.zeros_like(x)
+    for j, (gate_up, gate_up_scales, down, down_scales) in enumerate(experts):
+        both = _product(form, x, gate_up, gate_up_scales)
+        act = F.silu(both[:inter]) * both[inter:]
+        total = total + routing[j] * _product(form, act, down, down_scales)
+    return total
+
+
+_KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words,
+            "experts": _experts}
+
+
+def _seconds(run: Any, repeat: int = 5) -> float:
+    """The best of `repeat` timed calls of `run`."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class RowKernels:
+    """The compiled row products, checked per weight shape. bfloat16 has one form; int8 has two (bytes, or int32
+    words), and the first int8 weight checked times both and keeps the faster for all."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, object] | None = None
+        self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
+        self._lock = threading.RLock()
+        self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
+        self.disabled_reason: str | None = None
+
+    def _kernels(self) -> dict[str, object] | None:
+        if self._compiled is None and self.disabled_reason is None:
+            try:
+                # A kernel per weight shape and form (a model has a handful); past the limit torch.compile would
+                # run the function eagerly, upcasting whole weights. Static shapes only: by default a shape
+                # change recompiles with that dimension dynamic.
+                config = torch._dynamo.config
+                config.recompile_limit = max(config.recompile_limit, 64)
+                config.automatic_dynamic_shapes = False
+                self._compiled = {name: torch.compile(fn, dynamic=False) for name, fn in _KERNELS.items()}
+            except Exception as exc:  # torch.compile missing a piece here: the eager reference serves
+                self._disable(f"torch.compile is unavailable ({exc})")
+        return self._compiled
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+            log.warning("weight-only products use the eager upcast, which is slower: %s", reason)
+
+    def _form(self, weight: torch.Tensor, scales: torch.Tensor | None) -> str:
+        if scales is None:
+            return "plain"
+        if weight.shape[-1] % 4 or self.int8_form is None:
+            return "plain_scaled"
+        return self.int8_form
+
+    def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        assert self._compiled is not None
+        kernel = self._compiled[form]
+        if form == "plain":
+            return kernel(x, weight)  # type: ignore[operator]
+        if form == "words":
+            x = x.view(-1, 4).t().contiguous()
+        return kernel(x, weight, scales)  # type: ignore[operator]
+
+    def _agrees(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
+        got = self._call(form, x, weight, scales)
+        want = row_product_reference(x, weight, scales)
+        tolerance = 1e-4 * float(want.abs().max()) + 1e-5
+        return got.shape == want.shape and float((got - want).abs().max()) <= tolerance
+
+    def _choose_int8_form(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Times both int8 forms on this weight (each checked first) and keeps the faster."""
+        seconds = {}
+        for form in ("plain_scaled", "words"):
+            if not self._agrees(form, x, weight, scales):
+                continue
+            seconds[form] = _seconds(functools.partial(self._call, form, x, weight, scales))
+        self.int8_form = min(seconds, key=seconds.__getitem__) if seconds else "plain_scaled"
+        log.info("int8 row product: %s (%s)", self.int8_form,
+                 ", ".join(f"{form} {t * 1e3:.2f} ms" for form, t in seconds.items()))
+
+    def check(self, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
+        """Compiles the kernel for this weight's shape and compares it with the reference; False: the reference
+        serves."""
+        key = (weight.dtype, (int(weight.shape[-2]), int(weight.shape[-1])), scales is not None)
+        with self._lock:
+            if key in self._checked:
+                return self._checked[key]
+            ok = False
+            if self._kernels() is not None:
+                x = torch.linspace(-1.0, 1.0, weight.shape[-1])
+                try:
+                    if scales is not None and self.int8_form is None and weight.shape[-1] % 4 == 0:
+                        self._choose_int8_form(x, weight, scales)
+                    ok = self._agrees(self._form(weight, scales), x, weight, scales)
+                    if not ok:
+                        self._disable(f"the compiled kernel disagrees with the reference on {list(weight.shape)}")
+                except Exception as exc:  # e.g. no C++ compiler for Inductor
+                    self._disable(f"the kernel could not be compiled ({type(exc).__name__}: {exc})")
+            self._checked[key] = ok and self.disabled_reason is None
+            return self._checked[key]
+
+    def row_product(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """x [in] float32, weight [out, in] (bf16 or int8), scales [out] or None -> [out] float32."""
+        if self._compiled is not None and self.check(weight, scales):
+            return self._call(self._form(weight, scales), x, weight, scales)
+        return row_product_reference(x, weight, scales)
+
+    def experts_reference(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert],
+                          inter: int) -> torch.Tensor:
+        """`_experts` as row products, one call per expert and projection."""
+        total = torch.zeros_like(x)
+        for j, (gate_up, gate_up_scales, down, down_scales) in enumerate(experts):
+            both = self.row_product(x, gate_up, gate_up_scales)
+            act = F.silu(both[:inter]) * both[inter:]
+            total = total + routing[j] * self.row_product(act, down, down_scales)
+        return total
+
+    def experts(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert], inter: int) -> torch.Tensor:
+        """x [hidden] float32 through `experts` (each `Expert` of one MoE layer), weighted by routing [k]."""
+        gate_up, gate_up_scales, down, down_scales = experts[0]
+        key = (gate_up.dtype, (*gate_up.shape, *down.shape, len(experts)), gate_up_scales is not None)
+        form = self._form(gate_up, gate_up_scales)
+        if form != self._form(down, down_scales):
+            return self.experts_reference(x, routing, experts, inter)
+        if key not in self._checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
+            with self._lock:
+                try:
+                    assert self._compiled is not None
+                    fused = functools.partial(self._compiled["experts"], form, inter, x, routing, experts)
+                    got, want = fused(), self.experts_reference(x, routing, experts, inter)
+                    agrees = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+                    if not agrees:
+                        log.warning("the fused expert kernel disagrees with the reference; one call per expert")
+                    # Kept where it is the faster (Inductor's code for the fused form is not, on every ISA).
+                    reference = functools.partial(self.experts_reference, x, routing, experts, inter)
+                    self._checked[key] = agrees and _seconds(fused) < _seconds(reference)
+                    log.info("routed experts of a token: %s", "one fused call" if self._checked[key] else
+                             "a call per expert and projection")
+                except Exception as exc:  # the row products serve
+                    log.warning("the fused expert kernel could not be compiled (%s); one call per expert", exc)
+                    self._checked[key] = False
+        if self._checked.get(key) and self._compiled is not None:
+            return self._compiled["experts"](form, inter, x, routing, experts)  # type: ignore[operator]
+        return self.experts_reference(x, routing, experts, inter)
+
+
+ROW_KERNELS = RowKernels()
+
+
+def prepare_row_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Compiles and checks the row product for every distinct weight shape (at load, not in a first request);
+    returns whether the compiled kernel serves them all."""
+    with torch.inference_mode():  # the grad mode of the steps that will call them (a guard of the compiled code)
+        return all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
+
+
+def prepare_experts_kernel(stored: Any, top_k: int, inter: int) -> None:
+    """Compiles and checks the fused expert kernel on `stored`'s (moe.StoredExperts) first k experts."""
+    experts = [stored.expert(e) for e in range(min(top_k, stored.gate_up.shape[0]))]
+    x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
+    with torch.inference_mode():
+        ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
+
+
+def weight_only_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear(x, dequantize(weight, scales), bias), computed in float32 and returned in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    if flat.shape[0] <= ROW_KERNEL_MAX_ROWS:
+        out = torch.stack([ROW_KERNELS.row_product(row, weight, scales) for row in flat])
+        if bias is not None:
+            out = out + bias.float()
+    else:
+        out = F.linear(flat, dequantize(weight, scales), None if bias is None else bias.float())
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,178 @@
+"""Weight-only storage of the decoder (`--quantize bf16|int8`, dsocr_torch/weight_only.py): the products against
+float32 references, the tiny models of both families against the reference fixtures, the prepared cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.errors import BackendUnavailableError
+from dsocr_torch.weight_only import (
+    ROW_KERNEL_MAX_ROWS,
+    ROW_KERNELS,
+    dequantize,
+    prepare_row_kernels,
+    quantize_int8,
+    standalone,
+    weight_only_linear,
+)
+from tests.conftest import MODEL_DIR, rel_err
+from tests.helpers_backend import FAMILIES, check_decoder, family_cases, generate, prefill, to_host
+
+CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def test_int8_quantization_is_per_output_channel_within_half_a_step() -> None:
+    weight = torch.randn(24, 40) * torch.logspace(-3, 1, 24)[:, None]  # rows of very different ranges
+    weight[5] = 0.0
+    quantized, scales = quantize_int8(weight)
+    assert quantized.dtype == torch.int8 and scales.shape == (24,) and scales.dtype == torch.float32
+    assert int(quantized.abs().max()) == 127 and torch.all(quantized[5] == 0) and float(scales[5]) == 1.0
+    error = (dequantize(quantized, scales) - weight).abs()
+    assert torch.all(error <= scales[:, None] / 2 + 1e-7)
+
+
+def test_standalone_views_the_same_memory_from_its_start() -> None:
+    stack = torch.arange(4 * 6 * 8, dtype=torch.float32).view(4, 6, 8).to(torch.int8)
+    view = stack[2]
+    alone = standalone(view)
+    assert alone.storage_offset() == 0 and alone.data_ptr() == view.data_ptr() and torch.equal(alone, view)
+    assert standalone(stack) is stack
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_ROWS + 3])
+def test_weight_only_linear_equals_float32_on_the_stored_values(storage: str, rows: int) -> None:
+    """Both paths (compiled row products up to ROW_KERNEL_MAX_ROWS rows, the upcast past it), with a bias, against
+    F.linear on the weight the storage stands for; float32 summation-order noise only."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(72, 56, generator=generator)
+    stored, scales = quantize_int8(weight) if storage == "int8" else (weight.bfloat16(), None)
+    bias = torch.randn(72, generator=generator)
+    x = torch.randn(1, rows, 56, generator=generator)
+    prepare_row_kernels([(stored, scales)])
+    with torch.inference_mode():
+        got = weight_only_linear(x, stored, scales, bias)
+    want = F.linear(x, dequantize(stored, scales), bias)
+    assert got.shape == (1, rows, 72) and got.dtype == torch.float32
+    assert rel_err(got.numpy(), want.numpy()) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_compiled_row_product_is_checked_and_used() -> None:
+    """Where Inductor compiles (a C++ compiler is present), the check passes on several shapes, views of a stack
+    included, and the compiled kernel serves them."""
+    weights = quantize_int8(torch.randn(3, 48, 40))
+    assert prepare_row_kernels([(weights[0][1], weights[1][1])]) or ROW_KERNELS.disabled_reason is not None
+    if ROW_KERNELS.disabled_reason is not None:
+        pytest.skip(f"no compiled kernel here: {ROW_KERNELS.disabled_reason}")
+    for shape in ((48, 40), (40, 48), (130, 7)):
+        stored = torch.randn(shape).bfloat16()
+        assert prepare_row_kernels([(stored, None)])
+
+
+# ---- the tiny models ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weight_only_backends() -> Any:
+    """(family, quantize) -> the tiny model's torch backend, float32 compute, loaded once per module."""
+    from common.engine.backend import load_backend
+
+    backends: dict[tuple[str, str], Any] = {}
+
+    def get(family: str, quantize: str) -> Any:
+        if (family, quantize) not in backends:
+            backends[family, quantize] = load_backend(
+                "torch", FAMILIES[family].model_dir, "cpu", "float32", max_batch=1, kv_cache_gib=0.25,
+                quantize=quantize,
+            )
+        return backends[family, quantize]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "case_id"), family_cases())
+def test_bf16_weights_of_a_bf16_checkpoint_match_the_reference(
+    weight_only_backends: Any, family: str, case_id: str
+) -> None:
+    """The fixtures' checkpoints are bfloat16, so bf16 storage holds the very values float32 compute upcasts:
+    every layer, the logits and the 32 greedy ids match the reference at its float32 tolerance."""
+    backend, fixtures = weight_only_backends(family, "bf16"), FAMILIES[family]
+    assert backend.dtype == "float32 (bf16 weights)"
+    check_decoder(backend, fixtures, case_id)
+    ids, _ = generate(backend, fixtures.from_embeds(case_id), 32)
+    assert ids == fixtures.tensors(case_id)["greedy.ids"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int8_weights_stay_close_to_the_reference(weight_only_backends: Any, family: str) -> None:
+    """int8 moves the logits by the weights' rounding: bounded here, measured at full size by
+    benchmarks/bench_agreement.py. Where the reference's top-1 leads its runner-up by more than twice the error,
+    the first greedy token is the reference's (a random tiny model's logits are often closer than that)."""
+    backend, fixtures = weight_only_backends(family, "int8"), FAMILIES[family]
+    decided = 0
+    for case_id in fixtures.case_ids():
+        reference = fixtures.tensors(case_id)["last_logits"]
+        logits = to_host(prefill(backend, fixtures.from_embeds(case_id)))[0]
+        assert rel_err(logits, reference) < 0.05, case_id
+        runner_up, top = np.sort(reference)[-2:]
+        if top - runner_up > 2 * float(np.abs(logits - reference).max()):
+            decided += 1
+            assert int(np.argmax(logits)) == int(np.argmax(reference)), case_id
+    assert decided > 0  # the check above ran
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the fixture model, the prepared-layout cache allowed for its tiny size."""
+    from dsocr_torch.weights import prepared
+
+    monkeypatch.setattr(prepared, "MIN_BYTES", 0)
+    monkeypatch.delenv(prepared.ENV, raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in (*CONFIG_FILES, "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_prepared_cache_holds_the_int8_layout_and_a_second_load_maps_it(model_copy: Path) -> None:
+    from dsocr_torch.weights.loader import load_model
+
+    first = load_model(model_copy, dtype="float32", quantize="int8")
+    cache = model_copy / ".dsocr-prepared" / "float32-int8.bin"
+    assert cache.is_file()
+    second = load_model(model_copy, dtype="float32", quantize="int8")
+    for a, b in ((first.lm_head, second.lm_head), (first.model.layers[0].self_attn.q_proj,
+                                                   second.model.layers[0].self_attn.q_proj)):
+        assert a.stored.dtype == torch.int8 and torch.equal(a.stored, b.stored)
+        assert torch.equal(a.stored_scales, b.stored_scales)
+    moe = second.moe_layers()[0][1]
+    assert moe.stored is not None and moe.stored.gate_up.dtype == torch.int8
+    assert torch.equal(first.moe_layers()[0][1].stored.down, moe.stored.down)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(cache) in maps  # the second load's weights are the file's pages
+    # Another storage is another file; float32 keeps its own.
+    load_model(model_copy, dtype="float32", quantize="bf16")
+    assert (model_copy / ".dsocr-prepared" / "float32-bf16.bin").is_file()
+
+
+def test_quantize_is_refused_where_it_does_not_apply() -> None:
+    from dsocr_torch.weights.loader import load_model
+
+    with pytest.raises(BackendUnavailableError, match="--quantize"):
+        load_model(MODEL_DIR, dtype="float32", quantize="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError):
+            load_model(MODEL_DIR, device="cuda", quantize="int8")
