@@ -205,6 +205,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from common.memory import keep_freed_heap
     from common.model.families import resolve_mode
     from common.model.inputs import ImageInput
     from common.model.tiling import image_token_count
@@ -212,6 +213,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.weights.loader import load_model
 
+    keep_freed_heap()  # as the CLI and the server run (freed memory reused, not mapped afresh each time)
     torch.manual_seed(0)
     config = f"{args.device}:{args.dtype}" + (f":{args.quantize}" if args.quantize != "none" else "")
     result: dict[str, Any] = {"config": config, "threads": torch.get_num_threads(),

@@ -254,6 +254,11 @@ class DeepseekOCRForCausalLM(nn.Module):
         """The Linear layers `pack_for_cpu_decode` packs, by module name: the decoder's, without routed experts."""
         return dict(_dense_linears(self.model.layers, "model.layers")) | {"lm_head": self.lm_head}
 
+    def vision_towers(self) -> dict[str, nn.Module]:
+        """The vision encoders and the projector, by module name (what `--quantize` keeps stored in bf16)."""
+        names = ("sam_model", "vision_model", "qwen2_model", "projector")
+        return {f"model.{name}": getattr(self.model, name) for name in names if hasattr(self.model, name)}
+
     def moe_layers(self) -> list[tuple[str, MoEFeedForward]]:
         # Only a decoder layer's `mlp` is ever one: no walk over the thousands of expert modules.
         layers = enumerate(self.model.layers)

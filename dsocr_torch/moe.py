@@ -15,7 +15,7 @@ from torch import nn
 from common.engine.backend import Trace
 from common.model.config import LanguageConfig
 from dsocr_torch.language import MLP
-from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, dequantize, kernel_operand
+from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, kernel_operand
 
 
 class MoEGate(nn.Module):
@@ -256,8 +256,8 @@ class MoEFeedForward(nn.Module):
         for e, end in enumerate(ends):
             if end > begin:
                 gate_up, gate_up_scales, down, down_scales = stored.expert(e)
-                gate, up = F.linear(rows[begin:end], dequantize(gate_up, gate_up_scales)).split(inter, -1)
-                out[begin:end] = F.linear(F.silu(gate) * up, dequantize(down, down_scales))
+                gate, up = F.linear(rows[begin:end], ROW_KERNELS.dequantize(gate_up, gate_up_scales)).split(inter, -1)
+                out[begin:end] = F.linear(F.silu(gate) * up, ROW_KERNELS.dequantize(down, down_scales))
             begin = end
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(n_tokens, self.top_k, hidden)
         return self._combine(unsorted, weights, flat.dtype)

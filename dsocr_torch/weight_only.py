@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
 # Up to this many rows a product is one compiled row product per row; past it the weight is upcast once.
 ROW_KERNEL_MAX_ROWS = 4
+# A weight with more output rows (an LM head) is upcast this many rows at a time: a float32 copy of a whole LM
+# head would be hundreds of MB.
+DEQUANTIZE_BLOCK_ROWS = 4096
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +122,15 @@ def _experts(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor, expe
     return total
 
 
+def _dequantize_words(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`dequantize` of int8 read as int32 words (see `_row_product_words`): on AVX2 several times the speed."""
+    words = weight.view(torch.int32)
+    values = torch.stack([(words << 24) >> 24, (words << 16) >> 24, (words << 8) >> 24, words >> 24], dim=-1)
+    return values.view(weight.shape).float() * scales.unsqueeze(-1)
+
+
 _KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words,
-            "experts": _experts}
+            "experts": _experts, "dequantize_words": _dequantize_words}
 
 
 def _seconds(run: Any, repeat: int = 5) -> float:
@@ -222,6 +233,23 @@ class RowKernels:
             return self._call(self._form(weight, scales), x, weight, scales)
         return row_product_reference(x, weight, scales)
 
+    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """`dequantize`, compiled in the int32-word form where that is the int8 form chosen (checked per shape)."""
+        if scales is None or self.int8_form != "words" or weight.shape[-1] % 4 or self._compiled is None:
+            return dequantize(weight, scales)
+        key = (torch.uint8, tuple(weight.shape), True)  # uint8: this table's mark for the dequantize kernel
+        with self._lock:
+            if key not in self._checked:
+                try:
+                    got = self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
+                    self._checked[key] = torch.equal(got, dequantize(weight, scales))
+                except Exception as exc:
+                    log.warning("the int8 dequantize kernel could not be compiled (%s)", exc)
+                    self._checked[key] = False
+        if self._checked[key]:
+            return self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
+        return dequantize(weight, scales)
+
     def experts_reference(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert],
                           inter: int) -> torch.Tensor:
         """`_experts` as row products, one call per expert and projection."""
@@ -268,7 +296,24 @@ def prepare_row_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]])
     """Compiles and checks the row product for every distinct weight shape (at load, not in a first request);
     returns whether the compiled kernel serves them all."""
     with torch.inference_mode():  # the grad mode of the steps that will call them (a guard of the compiled code)
-        return all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
+        compiled = all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
+        for weight, scales in weights:  # and the dequantize of prompt chunks, where it is compiled
+            for block, block_scales in _blocks(weight, scales):
+                ROW_KERNELS.dequantize(block, block_scales)
+                if block.shape[0] == DEQUANTIZE_BLOCK_ROWS:
+                    break  # the other full blocks have the same shape
+        return compiled
+
+
+def _blocks(weight: torch.Tensor, scales: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`weight` (and its scales) in blocks of DEQUANTIZE_BLOCK_ROWS rows, the last one shorter."""
+    if weight.shape[0] <= DEQUANTIZE_BLOCK_ROWS:
+        return [(weight, scales)]
+    return [
+        (standalone(weight[i : i + DEQUANTIZE_BLOCK_ROWS]),
+         None if scales is None else standalone(scales[i : i + DEQUANTIZE_BLOCK_ROWS]))
+        for i in range(0, weight.shape[0], DEQUANTIZE_BLOCK_ROWS)
+    ]
 
 
 def prepare_experts_kernel(stored: Any, top_k: int, inter: int) -> None:
@@ -289,5 +334,63 @@ def weight_only_linear(
         if bias is not None:
             out = out + bias.float()
     else:
-        out = F.linear(flat, dequantize(weight, scales), None if bias is None else bias.float())
+        bias32 = None if bias is None else bias.float()
+        parts = [F.linear(flat, ROW_KERNELS.dequantize(block, block_scales)) for block, block_scales
+                 in _blocks(weight, scales)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        out = out if bias32 is None else out + bias32
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- vision towers stored in bfloat16, computed in float32 ---------------------------------------------------
+
+_UNIT_BYTES = 64 << 20  # the most float32 copies one hook makes at a time
+
+
+def upcast_while_running(module: nn.Module, dtype: torch.dtype) -> int:
+    """Leaves `module`'s parameters stored as they are (bf16 of a bf16 checkpoint, mapped) and gives its forward
+    `dtype` copies, made on entry and dropped on exit of units of at most ~64 MB: a transformer block, or a
+    small module with its parent's own parameters. Returns how many modules were hooked."""
+    hooked = 0
+    for unit, owners in _units(module):
+        unit.register_forward_pre_hook(functools.partial(_upcast, owners, dtype))
+        unit.register_forward_hook(functools.partial(_restore, owners), always_call=True)
+        hooked += 1
+    return hooked
+
+
+def _float_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def _units(module: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(the module whose call is hooked, the modules whose own parameters it upcasts) for `module`'s subtree."""
+    containers = (nn.ModuleList, nn.ModuleDict)  # never called: their members are hooked one by one
+    if not isinstance(module, containers) and _float_bytes(module) <= _UNIT_BYTES:
+        return [(module, list(module.modules()))]
+    units: list[tuple[nn.Module, list[nn.Module]]] = []
+    owners = [module]
+    for child in module.children():
+        if isinstance(module, containers) or isinstance(child, containers) or _float_bytes(child) > _UNIT_BYTES:
+            units += _units(child)
+        else:  # small: upcast with its parent, which may read its weights without calling it
+            owners += list(child.modules())
+    if not isinstance(module, containers):
+        units.append((module, owners))
+    return units
+
+
+def _upcast(owners: list[nn.Module], dtype: torch.dtype, module: nn.Module, args: Any) -> None:
+    for owner in owners:
+        saved = owner.__dict__.setdefault("_stored_parameters", {})
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype and name not in saved:
+                saved[name] = param
+                owner._parameters[name] = param.to(dtype)
+
+
+def _restore(owners: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
+    for owner in owners:
+        saved = owner.__dict__.get("_stored_parameters", {})
+        owner._parameters.update(saved)
+        saved.clear()

@@ -114,6 +114,66 @@ def test_bf16_weights_of_a_bf16_checkpoint_match_the_reference(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("family", "case_id"), [("deepseek-ocr", "pm07_gray_tiny"),
+                                                 ("deepseek-ocr", "pm02_doc_gundam"),
+                                                 ("deepseek-ocr-2", "pm08_rgba_nocrop768")])
+def test_bf16_stored_vision_towers_compute_the_reference_page(
+    weight_only_backends: Any, family: str, case_id: str
+) -> None:
+    """With --quantize the vision towers keep a bf16 checkpoint's weights in bf16 and compute in float32 from
+    copies made a block at a time: the page through common's preprocessing gives the reference's ids."""
+    backend, fixtures = weight_only_backends(family, "bf16"), FAMILIES[family]
+    towers = backend.model.vision_towers()
+    assert towers and all(p.dtype == torch.bfloat16 for t in towers.values() for p in t.parameters())
+    ids, _ = generate(backend, fixtures.prepared(case_id), 32, fixtures.family.ngram.size)
+    assert ids == fixtures.tensors(case_id)["infer.ids"].tolist()
+
+
+def test_upcast_while_running_copies_a_unit_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big modules are split into units (containers never are units); a parent's small children go with it, so
+    a parent may read their weights directly; after the call every parameter is the stored one again."""
+    import dsocr_torch.weight_only as weight_only
+
+    monkeypatch.setattr(weight_only, "_UNIT_BYTES", 40 * 40 * 4 + 1000)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(40, 40)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(sum(p.dtype == torch.float32 for p in tower.parameters()))
+            return self.fc(x)
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(40))
+            self.table = torch.nn.Embedding(3, 40)  # read directly by forward, never called
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * self.scale + self.table.weight[0]
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    seen: list[int] = []
+    reference = Tower()
+    tower = Tower().to(torch.bfloat16)
+    tower.load_state_dict({k: v.bfloat16() for k, v in reference.state_dict().items()})
+    stored = {name: p for name, p in tower.named_parameters()}
+    assert weight_only.upcast_while_running(tower, torch.float32) == 4  # the tower's own unit + 3 blocks
+    x = torch.randn(2, 40)
+    want = reference.to(torch.bfloat16).float()(x)
+    seen.clear()
+    got = tower(x)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert seen == [1 + 1 + 2] * 3  # scale, table, and one block's weight and bias at a time
+    assert all(p is stored[name] for name, p in tower.named_parameters())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_int8_weights_stay_close_to_the_reference(weight_only_backends: Any, family: str) -> None:
     """int8 moves the logits by the weights' rounding: bounded here, measured at full size by

@@ -40,6 +40,7 @@ from dsocr_torch.weight_only import (
     prepare_experts_kernel,
     prepare_row_kernels,
     quantize_int8,
+    upcast_while_running,
 )
 from dsocr_torch.weights.checkpoint import (
     INDEX_FILE,
@@ -298,10 +299,15 @@ def _load_on_cpu(
         metas = (torch.empty(shapes[0], device="meta"), torch.empty(shapes[1], device="meta"))
         sources.update((f"{name}.experts.{key}.weight", "") for key in moe.expert_weight_views(*metas))
     direct: dict[str, TensorEntry] = {}
+    # With weight-only storage, a bf16 checkpoint's vision weights stay bf16 too (the same values; the towers
+    # compute in `dtype` from copies made a block at a time, see weight_only.upcast_while_running).
+    vision = tuple(f"{name}." for name in model.vision_towers()) if storage is not None else ()
     for name, entry in entries.items():
         if name in sources or name in packed:
             continue
         target = dtype if meta[name].is_floating_point() else meta[name].dtype
+        if vision and name.startswith(vision) and entry.dtype == torch.bfloat16 and meta[name].is_floating_point():
+            target = torch.bfloat16
         if name in stored:
             target = storage  # type: ignore[assignment]
             if storage == torch.int8:
@@ -334,7 +340,7 @@ def _load_on_cpu(
         jobs = _Jobs(_Progress(progress, work + sum(entries[name].nbytes for name in unpacked)))
         for name in unpacked:
             jobs.pack(files, entries[name], packed[name], dtype)
-        jobs.map_in(prepared.buffers())
+        jobs.map_in(prepared.buffers(skip=_LOOKUP_TABLES))
     else:
         writing = prepared_cache is not None
         work = sum(entries[n].nbytes for n in (*packed, *sources)) + sum(t.nbytes for t in touched)
@@ -372,7 +378,7 @@ def _load_on_cpu(
             raise
         prepared = writer.commit() if writer is not None else None
         if prepared is not None:  # the same values, now read from the finished file
-            jobs.map_in(prepared.buffers())
+            jobs.map_in(prepared.buffers(skip=_LOOKUP_TABLES))
         else:
             prepared = PreparedTensors(computed, {})
     jobs.map_in(touched)
@@ -403,6 +409,9 @@ def _load_on_cpu(
             _set_tensor(model, name, files.view(entry))
     if storage is not None:
         _prepare_kernels(model)
+        for tower in model.vision_towers().values():
+            if any(p.dtype != dtype for p in tower.parameters() if p.is_floating_point()):
+                upcast_while_running(tower, dtype)
 
 
 _SCALES = "#scales"  # the slot of an int8 weight's per-channel scales: its name + this

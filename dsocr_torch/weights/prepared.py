@@ -90,9 +90,10 @@ class PreparedTensors:
     tensors: dict[str, torch.Tensor]  # name -> tensor in its final layout
     packed: dict[str, tuple[torch.Tensor, bytes]]  # name -> (its packed bytes, oneDNN's layout description)
 
-    def buffers(self) -> list[torch.Tensor]:
-        """Every tensor and packed weight's bytes: what a load maps in."""
-        return [*self.tensors.values(), *(memory for memory, _ in self.packed.values())]
+    def buffers(self, skip: frozenset[str] = frozenset()) -> list[torch.Tensor]:
+        """Every tensor and packed weight's bytes but those named in `skip`: what a load maps in."""
+        tensors = [tensor for name, tensor in self.tensors.items() if name not in skip]
+        return [*tensors, *(memory for memory, _ in self.packed.values())]
 
 
 def _aligned(nbytes: int) -> int:
