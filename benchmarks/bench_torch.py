@@ -202,13 +202,13 @@ def synthetic_prompt(image: Any, mode: Any, bos: int, n_text: int = 10) -> Any:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+    """As the CLI and the server run: the engine core's thread loads the model and does all its work (the timings
+    below run there through `core.call`; torch's thread teams are per calling thread)."""
     import torch
 
+    from common.engine.core import EngineCore
+    from common.engine.sampling import SamplingParams
     from common.memory import keep_freed_heap
-    from common.model.families import resolve_mode
-    from common.model.inputs import ImageInput
-    from common.model.tiling import image_token_count
     from common.model.tokenizer import Tokenizer
     from dsocr_torch.backend import TorchBackend
     from dsocr_torch.weights.loader import load_model
@@ -218,11 +218,53 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     config = f"{args.device}:{args.dtype}" + (f":{args.quantize}" if args.quantize != "none" else "")
     result: dict[str, Any] = {"config": config, "threads": torch.get_num_threads(),
                               "isa": torch.backends.cpu.get_cpu_capability()}
-    start = time.perf_counter()
-    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype, pack=True, quantize=args.quantize)
-    backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
-    result["load_s"] = time.perf_counter() - start
+
+    def load() -> TorchBackend:
+        start = time.perf_counter()
+        model = load_model(args.checkpoint, device=args.device, dtype=args.dtype, pack=True, quantize=args.quantize)
+        backend = TorchBackend(model, max_batch=1)  # packs bf16 CPU weights for oneDNN: part of loading
+        result["load_s"] = time.perf_counter() - start
+        return backend
+
+    core = EngineCore(load, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
+    core.start().wait_ready()
     result["rss_after_load_gib"] = peak_rss_gib()
+    prepared, length = core.call(lambda backend: measure(backend, args, result))
+    model = core.call(lambda backend: backend.model)
+
+    from benchmarks.routing import uniform_routing
+
+    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
+    # The same Base page through the engine core (vision + prefill + decode), as a request would run.
+    with uniform_routing(model):  # the first token as a trained router would route the page
+        result["ttft_uniform_s"] = core.submit(prepared, SamplingParams(max_new_tokens=1)).run().timings["ttft_s"]
+    done = core.submit(prepared, params).run()
+    core.close()
+    result["ttft_s"] = done.timings["ttft_s"]
+    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
+    result["decode_tokens"] = done.completion_tokens
+    result["peak_rss_gib"] = peak_rss_gib()
+    print(json.dumps(result), file=sys.stderr)
+
+    device = model.device
+    context = length + args.decode_tokens // 2
+    result["bytes_per_token"] = decode_bytes_per_token(model, context)
+    result["bandwidth_Bps"] = measure_bandwidth(device)
+    result["matmul_flops"] = measure_matmul_rate(device, model.dtype)
+    result["vision_flops_base"] = vision_flops(model, [(1, 1024)])
+    result["vision_flops_gundam"] = vision_flops(model, [(1, 1024), (6, 640)])
+    return result
+
+
+def measure(backend: Any, args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any, int]:
+    """Vision and prefill timings on the backend (on the engine core's thread); returns the Base prompt."""
+    import numpy as np
+
+    from common.model.families import resolve_mode
+    from common.model.inputs import ImageInput
+    from common.model.tiling import image_token_count
+
+    model = backend.model
     device = model.device
     rng = np.random.default_rng(0)
 
@@ -281,31 +323,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result["prefill_s"], result["prefill_uniform_s"] = min(own), min(uniform)
     result["prefill_moe_s"], result["prefill_moe_uniform_s"] = min(own_moe), min(uniform_moe)
     result["prefill_moe_flops"] = moe.flops(model, length)
-
-    from common.engine.core import EngineCore
-    from common.engine.sampling import SamplingParams
-
-    params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
-    # The same Base page through the engine core (vision + prefill + decode), as a request would run.
-    core = EngineCore(lambda: backend, Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"))
-    core.start().wait_ready()
-    with uniform_routing(model):  # the first token as a trained router would route the page
-        result["ttft_uniform_s"] = core.submit(prepared, SamplingParams(max_new_tokens=1)).run().timings["ttft_s"]
-    done = core.submit(prepared, params).run()
-    core.close()
-    result["ttft_s"] = done.timings["ttft_s"]
-    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
-    result["decode_tokens"] = done.completion_tokens
-    result["peak_rss_gib"] = peak_rss_gib()
-    print(json.dumps(result), file=sys.stderr)
-
-    context = length + args.decode_tokens // 2
-    result["bytes_per_token"] = decode_bytes_per_token(model, context)
-    result["bandwidth_Bps"] = measure_bandwidth(device)
-    result["matmul_flops"] = measure_matmul_rate(device, model.dtype)
-    result["vision_flops_base"] = vision_flops(model, [(1, 1024)])
-    result["vision_flops_gundam"] = vision_flops(model, [(1, 1024), (6, 640)])
-    return result
+    return prepared, length
 
 
 # ---------------------------------------------------------------------------------------------- table

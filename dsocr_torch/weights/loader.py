@@ -19,11 +19,9 @@ to the device, so no host copy of the model is ever made.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import platform
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,13 +31,9 @@ from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoun
 from common.model.config import ModelConfig, load_config
 from dsocr_torch.language import Linear
 from dsocr_torch.model import DeepseekOCRForCausalLM
-from dsocr_torch.moe import StoredExperts
 from dsocr_torch.weight_only import (
     QUANTIZE_CHOICES,
     STORAGE_DTYPES,
-    prepare_experts_kernel,
-    prepare_row_kernels,
-    quantize_int8,
     upcast_while_running,
 )
 from dsocr_torch.weights.checkpoint import (
@@ -50,13 +44,11 @@ from dsocr_torch.weights.checkpoint import (
     TensorEntry,
     aligned,
     checkpoint_index,
-    map_in,
 )
+from dsocr_torch.weights.jobs import PROGRESS_LABEL, Jobs, Progress, ProgressCallback, pack_from_checkpoint
 from dsocr_torch.weights.onednn import (
     MappedPacking,
     mapped_packing,
-    pack_linear_weight,
-    packed_memory,
     packed_metadata,
     packing_fingerprint,
 )
@@ -68,13 +60,12 @@ from dsocr_torch.weights.prepared import (
     plan_slots,
     slot_views,
 )
+from dsocr_torch.weights.stored import SCALES, prepare_kernels, stored_expert_specs, stored_experts
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "TensorEntry", "checkpoint_index", "load_model"]
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
-PROGRESS_LABEL = "weights (MiB)"  # progress counts the MiB that need copying, converting or packing
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -290,7 +281,7 @@ def _load_on_cpu(
     sources: dict[str, str] = {}  # checkpoint name -> the prepared slot it goes into ("" for an expert)
     for name, moe in moe_layers:
         if storage is not None:
-            specs += _stored_expert_specs(name, moe.stored_shapes(), storage)
+            specs += stored_expert_specs(name, moe.stored_shapes(), storage)
             keys = [f"{e}.{proj}" for e in range(moe.num_experts) for proj in ("gate_proj", "up_proj", "down_proj")]
             sources.update((f"{name}.experts.{key}.weight", "") for key in keys)
             continue
@@ -312,7 +303,7 @@ def _load_on_cpu(
             target = storage  # type: ignore[assignment]
             if storage == torch.int8:
                 sources[name] = name
-                specs += [(name, torch.int8, tuple(meta[name].shape)), (name + _SCALES, torch.float32,
+                specs += [(name, torch.int8, tuple(meta[name].shape)), (name + SCALES, torch.float32,
                                                                          tuple(meta[name].shape[:1]))]
                 continue
         if entry.dtype == target and aligned(entry):
@@ -337,7 +328,7 @@ def _load_on_cpu(
     if prepared is not None:  # what was computed is in the cache: map it in (and pack what it cannot hold)
         unpacked = [name for name in packed if name not in prepared.packed]
         work = sum(t.nbytes for t in (*prepared.buffers(), *touched))
-        jobs = _Jobs(_Progress(progress, work + sum(entries[name].nbytes for name in unpacked)))
+        jobs = Jobs(Progress(progress, work + sum(entries[name].nbytes for name in unpacked)))
         for name in unpacked:
             jobs.pack(files, entries[name], packed[name], dtype)
         jobs.map_in(prepared.buffers(skip=_LOOKUP_TABLES))
@@ -345,7 +336,7 @@ def _load_on_cpu(
         writing = prepared_cache is not None
         work = sum(entries[n].nbytes for n in (*packed, *sources)) + sum(t.nbytes for t in touched)
         work += (size + sum(entries[name].nbytes for name, _, _ in packed_specs)) if writing else 0
-        jobs = _Jobs(_Progress(progress, work))
+        jobs = Jobs(Progress(progress, work))
         for name, linear in packed.items():
             jobs.pack(files, entries[name], linear, dtype)
         writer = None
@@ -357,7 +348,7 @@ def _load_on_cpu(
         computed = writer.tensors if writer is not None else slot_views(torch.empty(size, dtype=torch.uint8), slots)
         for name, moe in moe_layers:
             if storage is not None:
-                views = moe.stored_expert_views(_stored_experts(computed, name))
+                views = moe.stored_expert_views(stored_experts(computed, name))
                 for key, (view, scales) in views.items():
                     jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view, scales)
                 continue
@@ -366,7 +357,7 @@ def _load_on_cpu(
                 jobs.copy(files, entries[f"{name}.experts.{key}.weight"], view)
         for name, slot in sources.items():
             if slot:
-                jobs.copy(files, entries[name], computed[slot], computed.get(slot + _SCALES))
+                jobs.copy(files, entries[name], computed[slot], computed.get(slot + SCALES))
         if writer is not None:
             for name, (memory, _) in writer.packed.items():
                 jobs.copy_packed(packed[name], memory, entries[name].nbytes)
@@ -386,13 +377,13 @@ def _load_on_cpu(
     jobs.progress.finish()
     for name, moe in moe_layers:
         if storage is not None:
-            moe.bind_stored_experts(_stored_experts(prepared.tensors, name))
+            moe.bind_stored_experts(stored_experts(prepared.tensors, name))
             continue
         stacks = prepared.tensors[f"{name}.gate_up_by_input"], prepared.tensors[f"{name}.down_by_input"]
         moe.bind_stacked_experts("cpu", dtype, stacks)
     for name, slot in sources.items():
         if slot and name in stored:
-            stored[name].use_weight_only(prepared.tensors[slot], prepared.tensors.get(slot + _SCALES))
+            stored[name].use_weight_only(prepared.tensors[slot], prepared.tensors.get(slot + SCALES))
         elif slot:
             _set_tensor(model, name, prepared.tensors[slot])
     for name, (memory, metadata) in prepared.packed.items():
@@ -401,62 +392,17 @@ def _load_on_cpu(
             packed[name].use_packed(mapping.wrap(memory, tuple(meta[name].shape), dtype, metadata), owner=memory)
         except RuntimeError as exc:  # a cache written by other code: pack this one from the checkpoint
             log.warning("packed weight %s not usable from the cache (%s); packing it", name, exc)
-            _pack_from_checkpoint(files, entries[name], packed[name], dtype)
+            pack_from_checkpoint(files, entries[name], packed[name], dtype)
     for name, entry in direct.items():
         if name in stored:
             stored[name].use_weight_only(files.view(entry), None)
         else:
             _set_tensor(model, name, files.view(entry))
     if storage is not None:
-        _prepare_kernels(model)
+        prepare_kernels(model)
         for tower in model.vision_towers().values():
             if any(p.dtype != dtype for p in tower.parameters() if p.is_floating_point()):
                 upcast_while_running(tower, dtype)
-
-
-_SCALES = "#scales"  # the slot of an int8 weight's per-channel scales: its name + this
-
-
-def _stored_expert_specs(
-    name: str, shapes: tuple[tuple[int, ...], ...], storage: torch.dtype
-) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """Prepared slots of one MoE layer's weight-only experts (see moe.StoredExperts)."""
-    gate_up, gate_up_scales, down, down_scales = shapes
-    specs = [(f"{name}.gate_up_stored", storage, gate_up), (f"{name}.down_stored", storage, down)]
-    if storage == torch.int8:
-        specs += [(f"{name}.gate_up_stored{_SCALES}", torch.float32, gate_up_scales),
-                  (f"{name}.down_stored{_SCALES}", torch.float32, down_scales)]
-    return specs
-
-
-def _stored_experts(tensors: dict[str, torch.Tensor], name: str) -> StoredExperts:
-    return StoredExperts(
-        tensors[f"{name}.gate_up_stored"], tensors.get(f"{name}.gate_up_stored{_SCALES}"),
-        tensors[f"{name}.down_stored"], tensors.get(f"{name}.down_stored{_SCALES}"),
-    )
-
-
-def _prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
-    """Compiles and checks the row products of every weight-only shape now, not in a first request."""
-    weights: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for linear in model.decode_linears().values():
-        if linear.stored is not None:
-            weights.setdefault((tuple(linear.stored.shape), linear.stored_scales is None),
-                               (linear.stored, linear.stored_scales))
-    for _, moe in model.moe_layers():
-        if moe.stored is not None:
-            gate_up, gate_up_scales, down, down_scales = moe.stored.expert(0)
-            for weight, scales in ((gate_up, gate_up_scales), (down, down_scales)):
-                weights.setdefault((tuple(weight.shape), scales is None), (weight, scales))
-    prepare_row_kernels(list(weights.values()))
-    for _, moe in model.moe_layers()[:1]:  # the fused kernel of a token's experts, compiled and checked now
-        if moe.stored is not None:
-            prepare_experts_kernel(moe.stored, moe.top_k, moe.intermediate)
-
-
-def _pack_from_checkpoint(files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:
-    linear.use_packed(pack_linear_weight(files.view(entry).to(dtype)))
-    files.release(entry)  # only the packed copy is used from now on
 
 
 def _packed_layout(packed: torch.Tensor | None) -> tuple[int, bytes]:
@@ -513,89 +459,3 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[attr] = value
-
-
-class _Progress:
-    """Reports the MiB done of the load's work (copies, conversions, packing, mapping pages in)."""
-
-    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
-        self.callback, self.total, self.done = callback, total, 0
-
-    def finish(self) -> None:
-        """The bar at its end, whatever the estimate was (a cache that could not be written does less work)."""
-        if self.callback is not None:
-            self.callback(PROGRESS_LABEL, self.done >> 20, self.done >> 20)
-
-    def advance(self, nbytes: int) -> None:
-        before, self.done = self.done >> 20, self.done + nbytes
-        if self.callback is not None and (self.done >> 20 != before or self.done >= self.total):
-            self.callback(PROGRESS_LABEL, self.done >> 20, self.total >> 20)
-
-
-class _Jobs:
-    """Copies, packs and page touches of weights, run in file order on a thread per core."""
-
-    def __init__(self, progress: _Progress) -> None:
-        self.progress = progress
-        self.items: list[tuple[tuple[str, int], int, Callable[[], None]]] = []
-
-    def copy(
-        self, files: MappedFiles, entry: TensorEntry, target: torch.Tensor, scales: torch.Tensor | None = None
-    ) -> None:
-        """The checkpoint tensor into `target`: converted to its dtype (int8: quantized, its per-channel scales
-        into `scales`) and, into an expert slot, transposed."""
-
-        def run() -> None:
-            if target.dtype == torch.int8:
-                assert scales is not None
-                quantized, found = quantize_int8(files.view(entry))
-                target.copy_(quantized)
-                scales.copy_(found)
-            else:
-                target.copy_(files.view(entry))
-            files.release(entry)
-
-        self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))
-
-    def pack(self, files: MappedFiles, entry: TensorEntry, linear: Linear, dtype: torch.dtype) -> None:
-        run = functools.partial(_pack_from_checkpoint, files, entry, linear, dtype)
-        self.items.append(((str(entry.file), entry.begin), entry.nbytes, run))
-
-    def copy_packed(self, linear: Linear, target: torch.Tensor, nbytes: int) -> None:
-        """The packed weight's bytes into the cache file (counted as `nbytes` of progress)."""
-
-        def run() -> None:
-            assert linear.packed is not None
-            target.copy_(packed_memory(linear.packed))
-
-        self.items.append((("~packed", target.data_ptr()), nbytes, run))
-
-    def map_in(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Maps memory-mapped weights in now rather than one page fault at a time in a request."""
-        for tensor in tensors:
-            if tensor.numel():
-                order = (f"~{tensor.data_ptr()}", 0)  # after the file work, in address order
-                self.items.append((order, tensor.nbytes, functools.partial(map_in, tensor)))
-
-    def run(self) -> None:
-        items, self.items = sorted(self.items, key=lambda item: item[0]), []
-        if not items:
-            return
-        threads = torch.get_num_threads()
-        # One job per thread, each single-threaded: torch's own parallel copies would make every job wait for
-        # all threads at each step, which a busy machine turns into long stalls.
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(run) for _, _, run in items]
-                try:
-                    for (_, nbytes, _), future in zip(items, futures, strict=True):
-                        future.result()
-                        self.progress.advance(nbytes)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-        finally:
-            torch.set_num_threads(threads)
-
