@@ -116,7 +116,7 @@ def real_size_worker(checkpoint: Path, storage: str, tokens: int, reference_file
         reference = (saved[f"ids{index}"].tolist(), saved[f"logits{index}"])
         own, _ = run(backend, inputs, tokens)
         _, forced = run(backend, inputs, tokens, forced=reference[0])
-        results.append({"model": "DeepSeek-OCR size, random weights", "input": name, "storage": storage,
+        results.append({"model": f"{checkpoint.name} (full size)", "input": name, "storage": storage,
                         **compare(reference, own, forced)})
     if storage == "none":
         np.savez(reference_file, **saved)
@@ -141,7 +141,8 @@ def print_table(rows: list[dict[str, Any]], tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/dsocr-bench-random-ckpt"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/dsocr-bench-random-ckpt"),
+                        help="a model folder (default: the random full-size checkpoint, written there if missing)")
     parser.add_argument("--skip-real-size", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", nargs=2, metavar=("STORAGE", "REFERENCE"), help=argparse.SUPPRESS)
@@ -153,7 +154,8 @@ def main() -> None:
     if not args.skip_real_size:
         from benchmarks.bench_torch import write_random_checkpoint
 
-        write_random_checkpoint(args.checkpoint)
+        if not (args.checkpoint / "config.json").is_file():  # a model folder given is used as it is
+            write_random_checkpoint(args.checkpoint)
         with tempfile.TemporaryDirectory() as folder:
             reference = Path(folder) / "float32.npz"
             for storage in ("none", *STORAGES):
