@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_torch import (  # noqa: E402
+    engine_run,
     measure_matmul_rate,
-    peak_rss_gib,
     sync,
     vision_flops,
     write_random_checkpoint,
@@ -90,10 +90,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     core.wait_ready()
     done = core.submit(prepared, params).run()
     core.close()
-    result["ttft_s"] = done.timings["ttft_s"]
-    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
-    result["decode_tokens"] = done.completion_tokens
-    result["peak_rss_gib"] = peak_rss_gib()
+    result.update(engine_run(done))
     # Machine-independent: the vision work counted on the meta device, and this machine's matmul rate.
     sizes = [(1, mode.global_size)] + ([(len(image.local_views), mode.image_size)] if image.has_crops else [])
     result["vision_flops"] = vision_flops(model, sizes)

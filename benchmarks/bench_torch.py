@@ -240,10 +240,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         result["ttft_uniform_s"] = core.submit(prepared, SamplingParams(max_new_tokens=1)).run().timings["ttft_s"]
     done = core.submit(prepared, params).run()
     core.close()
-    result["ttft_s"] = done.timings["ttft_s"]
-    result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
-    result["decode_tokens"] = done.completion_tokens
-    result["peak_rss_gib"] = peak_rss_gib()
+    result.update(engine_run(done))
     print(json.dumps(result), file=sys.stderr)
 
     device = model.device
@@ -254,6 +251,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result["vision_flops_base"] = vision_flops(model, [(1, 1024)])
     result["vision_flops_gundam"] = vision_flops(model, [(1, 1024), (6, 640)])
     return result
+
+
+def engine_run(done: Any) -> dict[str, Any]:
+    """What one request through the engine core measured (a GenerationResult), and the process's peak RSS."""
+    return {"ttft_s": done.timings["ttft_s"], "decode_tok_s": done.timings["decode_tokens_per_s"],
+            "decode_tokens": done.completion_tokens, "peak_rss_gib": peak_rss_gib()}
 
 
 def measure(backend: Any, args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any, int]:

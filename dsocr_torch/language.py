@@ -14,7 +14,7 @@ from torch import nn
 
 from common.model.config import LanguageConfig
 from dsocr_torch.cache import CacheWrite, KVCache
-from dsocr_torch.weight_only import kernel_operand, weight_only_linear
+from dsocr_torch.weight_only import standalone, weight_only_linear
 from dsocr_torch.weights.onednn import pack_linear_weight
 
 
@@ -98,8 +98,8 @@ class Linear(nn.Linear):
         """Makes `stored` (bf16, or int8 with per-output-channel `scales`) this layer's weight; the plain
         Parameter becomes meta."""
         self.stored_owner = (stored,) if scales is None else (stored, scales)
-        self.stored = kernel_operand(stored)
-        self.stored_scales = None if scales is None else kernel_operand(scales)
+        self.stored = standalone(stored)
+        self.stored_scales = None if scales is None else standalone(scales)
         self.weight = nn.Parameter(torch.empty(stored.shape, dtype=torch.float32, device="meta"), requires_grad=False)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from common.engine.backend import Trace
 from common.model.config import LanguageConfig
 from dsocr_torch.language import MLP
-from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, kernel_operand
+from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, standalone
 
 
 class MoEGate(nn.Module):
@@ -52,7 +52,7 @@ def _grouped_mm_works(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class StoredExperts:
     """Weight-only routed experts (`--quantize`), output-major as in the checkpoint: gate_up [E, 2I, hidden]
     (gate rows, then up rows), down [E, hidden, I], bf16 or int8; the scales of int8 ([E, 2I], [E, hidden]).
-    `expert(e)` gives expert e's four tensors as the row-product kernel takes them (weight_only.kernel_operand)."""
+    `expert(e)` gives expert e's four tensors each over memory of its own (weight_only.standalone)."""
 
     def __init__(self, gate_up: torch.Tensor, gate_up_scales: torch.Tensor | None, down: torch.Tensor,
                  down_scales: torch.Tensor | None) -> None:
@@ -63,7 +63,7 @@ class StoredExperts:
         """(gate_up [2I, hidden], its scales, down [hidden, I], its scales) of expert `e`."""
         if not self._experts:
             def own(stack: torch.Tensor | None, i: int) -> torch.Tensor | None:
-                return None if stack is None else kernel_operand(stack[i])
+                return None if stack is None else standalone(stack[i])
 
             self._experts = [
                 (own(self.gate_up, i), own(self.gate_up_scales, i), own(self.down, i), own(self.down_scales, i))

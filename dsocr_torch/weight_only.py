@@ -12,12 +12,11 @@ The kernel is compiled for each weight shape (static shapes: a model has a handf
 eager reference at load; where it cannot be compiled (no C++ compiler) or a check fails, the eager reference is
 used and a warning says so. Inductor (torch 2.13) miscompiled every other form of this product tried: a broadcast
 over several rows at once (hence one call per row), weights at a large offset into a mapped file (hence
-`kernel_operand`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
+`standalone`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import threading
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
+from dsocr_torch.weights.checkpoint import bytes_at
 
 __all__ = ["QUANTIZE_CHOICES", "ROW_KERNELS", "dequantize", "quantize_int8", "weight_only_linear"]
 
@@ -64,14 +64,7 @@ def standalone(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if not tensor.is_contiguous() or tensor.device.type != "cpu":
         return tensor.contiguous().clone()
-    array = (ctypes.c_uint8 * tensor.nbytes).from_address(tensor.data_ptr())
-    return torch.frombuffer(array, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
-
-
-def kernel_operand(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (a stored weight [out, in] or its scales [out]) as the compiled kernel takes it: over memory of
-    its own (see `standalone`)."""
-    return standalone(tensor)
+    return bytes_at(tensor.data_ptr(), tensor.nbytes).view(tensor.dtype).view(tensor.shape)
 
 
 def row_product_reference(
@@ -149,7 +142,10 @@ class RowKernels:
 
     def __init__(self) -> None:
         self._compiled: dict[str, object] | None = None
+        # Whether the compiled kernel serves a weight shape: row products, int8 dequantize, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
+        self._dequantize_checked: dict[tuple[int, ...], bool] = {}
+        self._experts_checked: dict[tuple[torch.dtype, tuple[int, ...], bool], bool] = {}
         self._lock = threading.RLock()
         self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
         self.disabled_reason: str | None = None
@@ -237,16 +233,16 @@ class RowKernels:
         """`dequantize`, compiled in the int32-word form where that is the int8 form chosen (checked per shape)."""
         if scales is None or self.int8_form != "words" or weight.shape[-1] % 4 or self._compiled is None:
             return dequantize(weight, scales)
-        key = (torch.uint8, tuple(weight.shape), True)  # uint8: this table's mark for the dequantize kernel
+        key = tuple(weight.shape)
         with self._lock:
-            if key not in self._checked:
+            if key not in self._dequantize_checked:
                 try:
                     got = self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
-                    self._checked[key] = torch.equal(got, dequantize(weight, scales))
+                    self._dequantize_checked[key] = torch.equal(got, dequantize(weight, scales))
                 except Exception as exc:
                     log.warning("the int8 dequantize kernel could not be compiled (%s)", exc)
-                    self._checked[key] = False
-        if self._checked[key]:
+                    self._dequantize_checked[key] = False
+        if self._dequantize_checked[key]:
             return self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
         return dequantize(weight, scales)
 
@@ -267,7 +263,7 @@ class RowKernels:
         form = self._form(gate_up, gate_up_scales)
         if form != self._form(down, down_scales):
             return self.experts_reference(x, routing, experts, inter)
-        if key not in self._checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
+        if key not in self._experts_checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
             with self._lock:
                 try:
                     assert self._compiled is not None
@@ -278,13 +274,13 @@ class RowKernels:
                         log.warning("the fused expert kernel disagrees with the reference; one call per expert")
                     # Kept where it is the faster (Inductor's code for the fused form is not, on every ISA).
                     reference = functools.partial(self.experts_reference, x, routing, experts, inter)
-                    self._checked[key] = agrees and _seconds(fused) < _seconds(reference)
-                    log.info("routed experts of a token: %s", "one fused call" if self._checked[key] else
+                    self._experts_checked[key] = agrees and _seconds(fused) < _seconds(reference)
+                    log.info("routed experts of a token: %s", "one fused call" if self._experts_checked[key] else
                              "a call per expert and projection")
                 except Exception as exc:  # the row products serve
                     log.warning("the fused expert kernel could not be compiled (%s); one call per expert", exc)
-                    self._checked[key] = False
-        if self._checked.get(key) and self._compiled is not None:
+                    self._experts_checked[key] = False
+        if self._experts_checked.get(key) and self._compiled is not None:
             return self._compiled["experts"](form, inter, x, routing, experts)  # type: ignore[operator]
         return self.experts_reference(x, routing, experts, inter)
 

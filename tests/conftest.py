@@ -157,6 +157,26 @@ def model_dir() -> Path:
     return MODEL_DIR
 
 
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture
+def prepared_model_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the fixture model (config, tokenizer, weights), the prepared-layout cache allowed for its tiny
+    size."""
+    import shutil
+
+    from dsocr_torch.weights import prepared
+
+    monkeypatch.setattr(prepared, "MIN_BYTES", 0)
+    monkeypatch.delenv(prepared.ENV, raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in (*MODEL_FILES, "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

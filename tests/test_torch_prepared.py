@@ -15,25 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import CheckpointError
 from dsocr_torch.language import Linear
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, MODEL_FILES
 from tests.helpers_backend import FAMILIES, backend_of, prefill
 
-CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CACHE = ".dsocr-prepared"
 
 
 @pytest.fixture
-def model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the fixture model, and the prepared-layout cache allowed for its tiny size."""
-    from dsocr_torch.weights import prepared
-
-    monkeypatch.setattr(prepared, "MIN_BYTES", 0)
-    monkeypatch.delenv(prepared.ENV, raising=False)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in (*CONFIG_FILES, "model.safetensors"):
-        shutil.copy(MODEL_DIR / name, folder / name)
-    return folder
+def model_dir(prepared_model_copy: Path) -> Path:
+    return prepared_model_copy
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -249,7 +239,7 @@ def test_progress_counts_the_bytes_of_work(model_dir: Path) -> None:
 def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_named(tmp_path: Path) -> None:
     from dsocr_torch.weights.loader import load_model
 
-    for name in CONFIG_FILES:
+    for name in MODEL_FILES:
         shutil.copy(MODEL_DIR / name, tmp_path / name)
     raw = (MODEL_DIR / "model.safetensors").read_bytes()
     length = struct.unpack("<Q", raw[:8])[0]

@@ -3,7 +3,6 @@ float32 references, the tiny models of both families against the reference fixtu
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from dsocr_torch.weight_only import (
 )
 from tests.conftest import MODEL_DIR, rel_err
 from tests.helpers_backend import FAMILIES, check_decoder, family_cases, generate, prefill, to_host
-
-CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def test_int8_quantization_is_per_output_channel_within_half_a_step() -> None:
@@ -192,28 +189,14 @@ def test_int8_weights_stay_close_to_the_reference(weight_only_backends: Any, fam
     assert decided > 0  # the check above ran
 
 
-@pytest.fixture
-def model_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the fixture model, the prepared-layout cache allowed for its tiny size."""
-    from dsocr_torch.weights import prepared
-
-    monkeypatch.setattr(prepared, "MIN_BYTES", 0)
-    monkeypatch.delenv(prepared.ENV, raising=False)
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in (*CONFIG_FILES, "model.safetensors"):
-        shutil.copy(MODEL_DIR / name, folder / name)
-    return folder
-
-
 @pytest.mark.slow
-def test_the_prepared_cache_holds_the_int8_layout_and_a_second_load_maps_it(model_copy: Path) -> None:
+def test_the_prepared_cache_holds_the_int8_layout_and_a_second_load_maps_it(prepared_model_copy: Path) -> None:
     from dsocr_torch.weights.loader import load_model
 
-    first = load_model(model_copy, dtype="float32", quantize="int8")
-    cache = model_copy / ".dsocr-prepared" / "float32-int8.bin"
+    first = load_model(prepared_model_copy, dtype="float32", quantize="int8")
+    cache = prepared_model_copy / ".dsocr-prepared" / "float32-int8.bin"
     assert cache.is_file()
-    second = load_model(model_copy, dtype="float32", quantize="int8")
+    second = load_model(prepared_model_copy, dtype="float32", quantize="int8")
     for a, b in ((first.lm_head, second.lm_head), (first.model.layers[0].self_attn.q_proj,
                                                    second.model.layers[0].self_attn.q_proj)):
         assert a.stored.dtype == torch.int8 and torch.equal(a.stored, b.stored)
@@ -224,8 +207,8 @@ def test_the_prepared_cache_holds_the_int8_layout_and_a_second_load_maps_it(mode
     maps = Path("/proc/self/maps").read_text()
     assert str(cache) in maps  # the second load's weights are the file's pages
     # Another storage is another file; float32 keeps its own.
-    load_model(model_copy, dtype="float32", quantize="bf16")
-    assert (model_copy / ".dsocr-prepared" / "float32-bf16.bin").is_file()
+    load_model(prepared_model_copy, dtype="float32", quantize="bf16")
+    assert (prepared_model_copy / ".dsocr-prepared" / "float32-bf16.bin").is_file()
 
 
 def test_quantize_is_refused_where_it_does_not_apply() -> None:

@@ -48,6 +48,13 @@ INDEX_FILE = "model.safetensors.index.json"
 _PAGE = mmap.PAGESIZE
 
 
+
+def bytes_at(address: int, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over `nbytes` of existing memory at `address`: not owned, valid while its owner lives."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path

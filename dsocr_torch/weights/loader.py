@@ -315,7 +315,7 @@ def _load_on_cpu(
     packed_specs = [(name, dtype, tuple(meta[name].shape)) for name in packed] if mapping is not None else []
     prepared_cache = None
     if cache_enabled(cache, size + sum(entries[name].nbytes for name, _, _ in packed_specs)):
-        variant = {torch.bfloat16: "bf16", torch.int8: "int8"}.get(storage, "") if storage is not None else ""
+        variant = next((name for name, stored in STORAGE_DTYPES.items() if stored == storage), "")
         key = fingerprint(checkpoint, dtype, (packing_fingerprint() if packed_specs else "") + variant)
         prepared_cache = PreparedCache(model_dir, dtype, key, slots, size, packed_specs, variant)
     prepared = prepared_cache.open() if prepared_cache is not None else None

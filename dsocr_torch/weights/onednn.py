@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dsocr_torch.weights.checkpoint import bytes_at
+
 log = logging.getLogger(__name__)
 
 
@@ -41,11 +43,7 @@ def packed_metadata(packed: torch.Tensor) -> bytes:
 
 def packed_memory(packed: torch.Tensor) -> torch.Tensor:
     """The packed tensor's bytes as a uint8 tensor (a view: valid while `packed` lives)."""
-    nbytes = int(torch.ops.mkldnn._nbytes(packed))
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    array = (ctypes.c_uint8 * nbytes).from_address(int(torch.ops.mkldnn.data_ptr(packed)))
-    return torch.frombuffer(array, dtype=torch.uint8)
+    return bytes_at(int(torch.ops.mkldnn.data_ptr(packed)), int(torch.ops.mkldnn._nbytes(packed)))
 
 
 @functools.cache
