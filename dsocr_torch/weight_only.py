@@ -315,8 +315,8 @@ def _blocks(weight: torch.Tensor, scales: torch.Tensor | None) -> list[tuple[tor
 def prepare_experts_kernel(stored: Any, top_k: int, inter: int) -> None:
     """Compiles and checks the fused expert kernel on `stored`'s (moe.StoredExperts) first k experts."""
     experts = [stored.expert(e) for e in range(min(top_k, stored.gate_up.shape[0]))]
-    x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
-    with torch.inference_mode():
+    with torch.inference_mode():  # inputs made here are inference tensors, as a step's are (a guard of the kernel)
+        x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
         ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
 
 
