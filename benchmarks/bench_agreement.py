@@ -67,7 +67,7 @@ def compare(reference: tuple[list[int], np.ndarray], own: list[int], forced: np.
     }
 
 
-def load(model_dir: Path, storage: str, progress: bool = False) -> Any:
+def load(model_dir: Path, storage: str) -> Any:
     from common.engine.backend import load_backend
 
     return load_backend("torch", model_dir, "cpu", "float32", max_batch=1, kv_cache_gib=1.0, quantize=storage)
