@@ -45,6 +45,34 @@ class RecordingGenerator(PageGenerator):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class BatchingGenerator(RecordingGenerator):
+    """A fresh job's first page waits (up to 30 s) for a second one before both are queued.
+
+    Otherwise whether two calls overlap depends on how fast the CPU tasks prepare pages on a busy machine, and the
+    test of a shared decode batch would be a test of timing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._arrivals = 0
+        self._arrived = threading.Lock()
+        self._second = threading.Event()
+        assert self.opts.out_dir is not None
+        if any(self.opts.out_dir.rglob("*.json")):  # a resumed job: nothing to pair with
+            self._second.set()
+
+    def _start(self, prepared: Prepared, error: str | None) -> Any:
+        if error is None:
+            with self._arrived:
+                self._arrivals += 1
+                first = self._arrivals == 1
+            if first:
+                self._second.wait(30.0)
+            else:
+                self._second.set()
+        return super()._start(prepared, error)
+
+
 class KillingGenerator(RecordingGenerator):
     """Dies (SIGKILL) while one page is being generated and right after writing another, once each."""
 

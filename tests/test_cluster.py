@@ -178,7 +178,7 @@ def test_same_outputs_as_a_local_run_then_resume(
     ray_cluster, inputs, local_run, tmp_path, capsys, monkeypatch
 ) -> None:
     """One actor decoding up to 4 pages together writes what the local CLI writes; a second run skips them."""
-    monkeypatch.setattr(cluster, "PageGenerator", ray_faults.RecordingGenerator)
+    monkeypatch.setattr(cluster, "PageGenerator", ray_faults.BatchingGenerator)
     out_dir = tmp_path / "out"
     argv = [str(inputs), "-o", str(out_dir), "--json", "--dpi", "72", *FAST, *RAY_FLAGS, "--max-batch", "4"]
     code, out, err = run(argv, capsys)
