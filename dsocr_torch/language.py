@@ -15,14 +15,8 @@ from torch import nn
 from common.model.config import LanguageConfig
 from dsocr_torch.cache import CacheWrite, KVCache
 from dsocr_torch.weight_only import standalone, weight_only_linear
+from dsocr_torch.weights import onednn
 from dsocr_torch.weights.onednn import pack_linear_weight
-
-
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_ONEDNN_LINEAR = _onednn_linear_available()
 
 
 class Linear(nn.Linear):
@@ -48,17 +42,7 @@ class Linear(nn.Linear):
             return weight_only_linear(x, self.stored, self.stored_scales, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        weight = self.weight
-        if (
-            _ONEDNN_LINEAR
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and x.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        ):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-        return F.linear(x, weight, self.bias)
+        return onednn.linear(x, self.weight, self.bias)
 
     def pack_weight(self) -> bool:
         """Moves a bfloat16 CPU weight into oneDNN's blocked layout; returns whether the layer is packed.
@@ -80,12 +64,7 @@ class Linear(nn.Linear):
     @staticmethod
     def packs(dtype: torch.dtype, device: torch.device) -> bool:
         """Whether `pack_weight` packs a weight of this dtype on this device."""
-        return (
-            _ONEDNN_LINEAR
-            and device.type == "cpu"
-            and dtype == torch.bfloat16
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
+        return onednn.ONEDNN_BF16 and device.type == "cpu" and dtype == torch.bfloat16
 
     def use_packed(self, packed: torch.Tensor, owner: torch.Tensor | None = None) -> None:
         """Makes `packed` (from `pack_linear_weight`, or over the memory `owner` keeps alive) this layer's

@@ -8,6 +8,8 @@ step on CUDA) or, for a decode batch on the CPU, embedding bags over exactly the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,8 @@ from torch import nn
 from common.engine.backend import Trace
 from common.model.config import LanguageConfig
 from dsocr_torch.language import MLP
-from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, standalone
+from dsocr_torch.weight_only import ROW_KERNEL_MAX_ROWS, ROW_KERNELS, standalone, upcast_linear
+from dsocr_torch.weights import onednn
 
 
 class MoEGate(nn.Module):
@@ -196,38 +199,39 @@ class MoEFeedForward(nn.Module):
             # per-expert mm calls over all experts that reorders each bf16 weight on every call.
             out = self._routed_embedding_bag(flat, ids)
             return self._combine(out.view(n_tokens, self.top_k, hidden), weights, flat.dtype)
+        gate_up_by_input, down_by_input = self.gate_up_by_input, self.down_by_input
+        if flat.device.type == "cpu" and onednn.linear_is_fast(flat.dtype):
+            # A prompt chunk on the CPU: oneDNN per used expert on its slice of the stacks (a transposed view), well
+            # over the rate of the grouped matmul's CPU fallback on the few rows each expert gets.
+            return self._routed_by_expert(
+                flat, ids, weights,
+                lambda e, rows: onednn.linear(rows, gate_up_by_input[e].t()),
+                lambda e, rows: onednn.linear(rows, down_by_input[e].t()),
+            )
         if self._use_grouped_mm is None:
             # Both products: grouped_mm needs 16-byte row strides, which an odd expert width can break in one only.
-            self._use_grouped_mm = _grouped_mm_works(flat, self.gate_up_by_input) and _grouped_mm_works(
-                flat, self.down_by_input
+            self._use_grouped_mm = _grouped_mm_works(flat, gate_up_by_input) and _grouped_mm_works(flat, down_by_input)
+        if not self._use_grouped_mm and n_tokens > 4:
+            # Fallback for a prefill (e.g. float32 on CUDA): a matmul per used expert.
+            return self._routed_by_expert(
+                flat, ids, weights, lambda e, rows: rows @ gate_up_by_input[e], lambda e, rows: rows @ down_by_input[e]
             )
         flat_ids = ids.reshape(-1)
         # Sort the (token, slot) pairs by expert; all shapes are static (n_tokens * k rows).
         order = torch.argsort(flat_ids, stable=True)
         sorted_ids = flat_ids[order]
-        token_of_row = order // self.top_k
-        rows = flat[token_of_row]
+        rows = flat[order // self.top_k]
         if self._use_grouped_mm:
             # offs[e] = rows routed to experts <= e (sorted_ids is sorted, so a searchsorted gives it).
             offs = torch.searchsorted(sorted_ids, self._expert_ids(flat.device), right=True, out_int32=True)
-            gate_up = F.grouped_mm(rows, self.gate_up_by_input, offs=offs)
+            gate_up = F.grouped_mm(rows, gate_up_by_input, offs=offs)
             gate, up = gate_up.split(self.intermediate, dim=-1)
-            out = F.grouped_mm(F.silu(gate) * up, self.down_by_input, offs=offs)
-        elif rows.shape[0] <= 4 * self.top_k:
-            # Fallback for a decode step (e.g. float32 on CUDA): gather each row's expert weights, batch-multiply.
-            gate_up = torch.bmm(rows.unsqueeze(1), self.gate_up_by_input[sorted_ids]).squeeze(1)
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            out = torch.bmm((F.silu(gate) * up).unsqueeze(1), self.down_by_input[sorted_ids]).squeeze(1)
+            out = F.grouped_mm(F.silu(gate) * up, down_by_input, offs=offs)
         else:
-            # Fallback for a prefill: one host read of the per-expert row counts, then a matmul per expert.
-            ends = torch.searchsorted(sorted_ids, self._expert_ids(flat.device), right=True).tolist()
-            out = torch.empty(rows.shape[0], hidden, device=flat.device, dtype=flat.dtype)
-            begin = 0
-            for expert, end in enumerate(ends):
-                if end > begin:
-                    gate, up = (rows[begin:end] @ self.gate_up_by_input[expert]).split(self.intermediate, -1)
-                    out[begin:end] = (F.silu(gate) * up) @ self.down_by_input[expert]
-                begin = end
+            # Fallback for a decode step (e.g. float32 on CUDA): gather each row's expert weights, batch-multiply.
+            gate_up = torch.bmm(rows.unsqueeze(1), gate_up_by_input[sorted_ids]).squeeze(1)
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            out = torch.bmm((F.silu(gate) * up).unsqueeze(1), down_by_input[sorted_ids]).squeeze(1)
         # Back to (token, slot) order for the weighted sum over the k slots.
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(n_tokens, self.top_k, hidden)
         return self._combine(unsorted, weights, flat.dtype)
@@ -247,17 +251,34 @@ class MoEFeedForward(nn.Module):
                 for token, experts in enumerate(chosen)
             ])
             return out.to(flat.dtype)
+
+        def gate_up(e: int, rows: torch.Tensor) -> torch.Tensor:
+            weight, scales, _, _ = stored.expert(e)
+            return upcast_linear(rows, weight, scales)
+
+        def down(e: int, rows: torch.Tensor) -> torch.Tensor:
+            _, _, weight, scales = stored.expert(e)
+            return upcast_linear(rows, weight, scales)
+
+        return self._routed_by_expert(rows32, ids, weights, gate_up, down).to(flat.dtype)
+
+    def _routed_by_expert(
+        self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+        gate_up: Callable[[int, torch.Tensor], torch.Tensor], down: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The (token, slot) pairs sorted by expert, each used expert's rows through gate_up(e, rows) and
+        down(e, rows) (one host read of the per-expert row counts: a CPU prompt chunk's)."""
+        n_tokens, hidden = flat.shape
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        rows = rows32[order // self.top_k]
+        rows = flat[order // self.top_k]
         ends = torch.searchsorted(flat_ids[order], self._expert_ids(flat.device), right=True).tolist()
-        out = torch.empty(rows.shape[0], hidden, device=flat.device, dtype=torch.float32)
+        out = torch.empty(rows.shape[0], hidden, device=flat.device, dtype=flat.dtype)
         begin = 0
         for e, end in enumerate(ends):
             if end > begin:
-                gate_up, gate_up_scales, down, down_scales = stored.expert(e)
-                gate, up = F.linear(rows[begin:end], ROW_KERNELS.dequantize(gate_up, gate_up_scales)).split(inter, -1)
-                out[begin:end] = F.linear(F.silu(gate) * up, ROW_KERNELS.dequantize(down, down_scales))
+                gate, up = gate_up(e, rows[begin:end]).split(self.intermediate, -1)
+                out[begin:end] = down(e, F.silu(gate) * up)
             begin = end
         unsorted = torch.empty_like(out).index_copy_(0, order, out).view(n_tokens, self.top_k, hidden)
         return self._combine(unsorted, weights, flat.dtype)

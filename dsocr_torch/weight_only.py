@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
+from dsocr_torch.weights import onednn
 from dsocr_torch.weights.checkpoint import bytes_at
 
 __all__ = ["QUANTIZE_CHOICES", "ROW_KERNELS", "dequantize", "quantize_int8", "weight_only_linear"]
@@ -39,7 +40,7 @@ STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
 ROW_KERNEL_MAX_ROWS = 4
 # A weight with more output rows (an LM head) is upcast this many rows at a time: a float32 copy of a whole LM
 # head would be hundreds of MB.
-DEQUANTIZE_BLOCK_ROWS = 4096
+UPCAST_BLOCK_ROWS = 4096
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +116,8 @@ def _experts(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor, expe
     return total
 
 
-def _dequantize_words(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`dequantize` of int8 read as int32 words (see `_row_product_words`): on AVX2 several times the speed."""
-    words = weight.view(torch.int32)
-    values = torch.stack([(words << 24) >> 24, (words << 16) >> 24, (words << 8) >> 24, words >> 24], dim=-1)
-    return values.view(weight.shape).float() * scales.unsqueeze(-1)
-
-
 _KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words,
-            "experts": _experts, "dequantize_words": _dequantize_words}
+            "experts": _experts}
 
 
 def _seconds(run: Any, repeat: int = 5) -> float:
@@ -142,9 +136,8 @@ class RowKernels:
 
     def __init__(self) -> None:
         self._compiled: dict[str, object] | None = None
-        # Whether the compiled kernel serves a weight shape: row products, int8 dequantize, a token's experts.
+        # Whether the compiled kernel serves a weight shape: row products, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
-        self._dequantize_checked: dict[tuple[int, ...], bool] = {}
         self._experts_checked: dict[tuple[torch.dtype, tuple[int, ...], bool], bool] = {}
         self._lock = threading.RLock()
         self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
@@ -229,23 +222,6 @@ class RowKernels:
             return self._call(self._form(weight, scales), x, weight, scales)
         return row_product_reference(x, weight, scales)
 
-    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        """`dequantize`, compiled in the int32-word form where that is the int8 form chosen (checked per shape)."""
-        if scales is None or self.int8_form != "words" or weight.shape[-1] % 4 or self._compiled is None:
-            return dequantize(weight, scales)
-        key = tuple(weight.shape)
-        with self._lock:
-            if key not in self._dequantize_checked:
-                try:
-                    got = self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
-                    self._dequantize_checked[key] = torch.equal(got, dequantize(weight, scales))
-                except Exception as exc:
-                    log.warning("the int8 dequantize kernel could not be compiled (%s)", exc)
-                    self._dequantize_checked[key] = False
-        if self._dequantize_checked[key]:
-            return self._compiled["dequantize_words"](weight, scales)  # type: ignore[operator]
-        return dequantize(weight, scales)
-
     def experts_reference(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert],
                           inter: int) -> torch.Tensor:
         """`_experts` as row products, one call per expert and projection."""
@@ -292,23 +268,17 @@ def prepare_row_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]])
     """Compiles and checks the row product for every distinct weight shape (at load, not in a first request);
     returns whether the compiled kernel serves them all."""
     with torch.inference_mode():  # the grad mode of the steps that will call them (a guard of the compiled code)
-        compiled = all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
-        for weight, scales in weights:  # and the dequantize of prompt chunks, where it is compiled
-            for block, block_scales in _blocks(weight, scales):
-                ROW_KERNELS.dequantize(block, block_scales)
-                if block.shape[0] == DEQUANTIZE_BLOCK_ROWS:
-                    break  # the other full blocks have the same shape
-        return compiled
+        return all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
 
 
 def _blocks(weight: torch.Tensor, scales: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """`weight` (and its scales) in blocks of DEQUANTIZE_BLOCK_ROWS rows, the last one shorter."""
-    if weight.shape[0] <= DEQUANTIZE_BLOCK_ROWS:
+    """`weight` (and its scales) in blocks of UPCAST_BLOCK_ROWS rows, the last one shorter."""
+    if weight.shape[0] <= UPCAST_BLOCK_ROWS:
         return [(weight, scales)]
     return [
-        (standalone(weight[i : i + DEQUANTIZE_BLOCK_ROWS]),
-         None if scales is None else standalone(scales[i : i + DEQUANTIZE_BLOCK_ROWS]))
-        for i in range(0, weight.shape[0], DEQUANTIZE_BLOCK_ROWS)
+        (standalone(weight[i : i + UPCAST_BLOCK_ROWS]),
+         None if scales is None else standalone(scales[i : i + UPCAST_BLOCK_ROWS]))
+        for i in range(0, weight.shape[0], UPCAST_BLOCK_ROWS)
     ]
 
 
@@ -318,6 +288,13 @@ def prepare_experts_kernel(stored: Any, top_k: int, inter: int) -> None:
     with torch.inference_mode():  # inputs made here are inference tensors, as a step's are (a guard of the kernel)
         x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
         ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] float32 times a stored weight [out, in] upcast to float32 (its int8 scales applied to the
+    product, [rows, out], instead of to the weight: one pass over the weight fewer)."""
+    out = onednn.linear(x, weight.float())
+    return out if scales is None else out * scales
 
 
 def weight_only_linear(
@@ -330,11 +307,9 @@ def weight_only_linear(
         if bias is not None:
             out = out + bias.float()
     else:
-        bias32 = None if bias is None else bias.float()
-        parts = [F.linear(flat, ROW_KERNELS.dequantize(block, block_scales)) for block, block_scales
-                 in _blocks(weight, scales)]
+        parts = [upcast_linear(flat, block, block_scales) for block, block_scales in _blocks(weight, scales)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        out = out if bias32 is None else out + bias32
+        out = out if bias is None else out + bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 

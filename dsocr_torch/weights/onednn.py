@@ -1,4 +1,9 @@
-"""oneDNN-packed bfloat16 weights on the CPU, and packed weights that live in a file mapping.
+"""oneDNN on the CPU: `linear` on plain weights, oneDNN-packed bfloat16 weights, and packed weights that live in
+a file mapping.
+
+`linear` is oneDNN's product where it has one for the dtype: F.linear ends a one-row float32 product in a
+single-threaded MKL sgemv, and multiplies the few rows one expert gets from a prompt chunk well below oneDNN's
+rate (an expert's weight may be a transposed view: oneDNN takes any strides).
 
 A packed weight is an opaque oneDNN tensor (layout torch._mkldnn) holding the weight in the blocked layout
 oneDNN's one-row products read fastest. Packing writes a fresh copy, and fresh memory costs more than the
@@ -25,10 +30,33 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dsocr_torch.weights.checkpoint import bytes_at
 
 log = logging.getLogger(__name__)
+
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_BF16 = ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def linear_is_fast(dtype: torch.dtype) -> bool:
+    """Whether `linear` runs oneDNN for this dtype on the CPU."""
+    return ONEDNN_LINEAR and (dtype == torch.float32 or (dtype == torch.bfloat16 and ONEDNN_BF16))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by oneDNN for float32 (and bfloat16 where the CPU has it) on the CPU."""
+    if (
+        ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and linear_is_fast(x.dtype)
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
