@@ -4,15 +4,16 @@ float32 scale per output channel, and multiplied in float32.
 A decode step reads every active weight once per token, so its time is the weights' bytes: half (bf16) or a
 quarter (int8) of float32's. On a CPU without native bfloat16 (AVX2) torch has no product of float32
 activations with such weights that runs at memory speed (its bf16 GEMV and its int8 weight-only kernel are
-bound by arithmetic there), so a one-row product is a reduction compiled by torch.compile: Inductor's C++
-backend fuses the upcast into the vectorised dot products. A product of many rows (a prompt chunk, a large
-decode batch) upcasts the weight and uses the float32 matmul, whose arithmetic then dominates.
+bound by arithmetic there), so a one-row product is a reduction compiled by Inductor's C++ backend (ahead of
+time, dsocr_torch/aot.py), which fuses the upcast into the vectorised dot products. A product of many rows (a
+prompt chunk, a large decode batch) upcasts the weight and uses oneDNN's float32 product, whose arithmetic then
+dominates.
 
-The kernel is compiled for each weight shape (static shapes: a model has a handful) and checked against the
-eager reference at load; where it cannot be compiled (no C++ compiler) or a check fails, the eager reference is
-used and a warning says so. Inductor (torch 2.13) miscompiled every other form of this product tried: a broadcast
-over several rows at once (hence one call per row), weights at a large offset into a mapped file (hence
-`standalone`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
+The kernel is compiled for each weight shape (static shapes: a model has a handful; once per machine) and
+checked against the eager reference at every load; where it cannot be compiled (no C++ compiler) or a check
+fails, the eager reference is used and a warning says so. Inductor (torch 2.13) miscompiled every other form of
+this product tried: a broadcast over several rows at once (hence one call per row), weights at a large offset
+into a mapped file (hence `standalone`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
+from dsocr_torch.aot import aot_kernel
 from dsocr_torch.weights import onednn
 from dsocr_torch.weights.checkpoint import bytes_at
 
@@ -116,8 +119,20 @@ def _experts(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor, expe
     return total
 
 
-_KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words,
-            "experts": _experts}
+def _flat_experts(experts: list[Expert]) -> list[torch.Tensor]:
+    return [t for expert in experts for t in expert if t is not None]
+
+
+def _experts_flat(form: str, inter: int, scaled: bool, x: torch.Tensor, routing: torch.Tensor,
+                  *flat: torch.Tensor) -> torch.Tensor:
+    """`_experts` with the experts' tensors as one flat list (what a compiled kernel takes)."""
+    per = 4 if scaled else 2
+    groups = [flat[i : i + per] for i in range(0, len(flat), per)]
+    experts = [(g[0], g[1], g[2], g[3]) if scaled else (g[0], None, g[1], None) for g in groups]
+    return _experts(form, inter, x, routing, experts)
+
+
+_KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words}
 
 
 def _seconds(run: Any, repeat: int = 5) -> float:
@@ -131,31 +146,18 @@ def _seconds(run: Any, repeat: int = 5) -> float:
 
 
 class RowKernels:
-    """The compiled row products, checked per weight shape. bfloat16 has one form; int8 has two (bytes, or int32
-    words), and the first int8 weight checked times both and keeps the faster for all."""
+    """The compiled row products (dsocr_torch/aot.py), checked per weight shape. bfloat16 has one form; int8 has
+    two (bytes, or int32 words), and the first int8 weight checked times both and keeps the faster for all."""
 
     def __init__(self) -> None:
-        self._compiled: dict[str, object] | None = None
+        self._kernels: dict[tuple[str, torch.dtype, tuple[int, ...]], Callable[..., torch.Tensor]] = {}
+        self._fused: dict[tuple[torch.dtype, tuple[int, ...], bool], Callable[..., torch.Tensor]] = {}
         # Whether the compiled kernel serves a weight shape: row products, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
         self._experts_checked: dict[tuple[torch.dtype, tuple[int, ...], bool], bool] = {}
         self._lock = threading.RLock()
         self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
         self.disabled_reason: str | None = None
-
-    def _kernels(self) -> dict[str, object] | None:
-        if self._compiled is None and self.disabled_reason is None:
-            try:
-                # A kernel per weight shape and form (a model has a handful); past the limit torch.compile would
-                # run the function eagerly, upcasting whole weights. Static shapes only: by default a shape
-                # change recompiles with that dimension dynamic.
-                config = torch._dynamo.config
-                config.recompile_limit = max(config.recompile_limit, 64)
-                config.automatic_dynamic_shapes = False
-                self._compiled = {name: torch.compile(fn, dynamic=False) for name, fn in _KERNELS.items()}
-            except Exception as exc:  # torch.compile missing a piece here: the eager reference serves
-                self._disable(f"torch.compile is unavailable ({exc})")
-        return self._compiled
 
     def _disable(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -169,14 +171,23 @@ class RowKernels:
             return "plain_scaled"
         return self.int8_form
 
-    def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        assert self._compiled is not None
-        kernel = self._compiled[form]
+    @staticmethod
+    def _inputs(form: str, x: torch.Tensor, weight: torch.Tensor,
+                scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if form == "plain":
-            return kernel(x, weight)  # type: ignore[operator]
+            return x, weight
         if form == "words":
             x = x.view(-1, 4).t().contiguous()
-        return kernel(x, weight, scales)  # type: ignore[operator]
+        return x, weight, scales  # type: ignore[return-value]
+
+    def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        inputs = self._inputs(form, x, weight, scales)
+        kernel = self._kernels.get((form, weight.dtype, tuple(weight.shape)))
+        if kernel is None:
+            with self._lock:
+                kernel = self._kernels[(form, weight.dtype, tuple(weight.shape))] = aot_kernel(
+                    _KERNELS[form], (), inputs)
+        return kernel(*inputs)
 
     def _agrees(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
         got = self._call(form, x, weight, scales)
@@ -188,7 +199,11 @@ class RowKernels:
         """Times both int8 forms on this weight (each checked first) and keeps the faster."""
         seconds = {}
         for form in ("plain_scaled", "words"):
-            if not self._agrees(form, x, weight, scales):
+            try:
+                if not self._agrees(form, x, weight, scales):
+                    continue
+            except Exception as exc:  # the other form may still compile
+                log.warning("int8 row product %s could not be compiled (%s: %s)", form, type(exc).__name__, exc)
                 continue
             seconds[form] = _seconds(functools.partial(self._call, form, x, weight, scales))
         self.int8_form = min(seconds, key=seconds.__getitem__) if seconds else "plain_scaled"
@@ -199,11 +214,14 @@ class RowKernels:
         """Compiles the kernel for this weight's shape and compares it with the reference; False: the reference
         serves."""
         key = (weight.dtype, (int(weight.shape[-2]), int(weight.shape[-1])), scales is not None)
+        checked = self._checked.get(key)
+        if checked is not None:
+            return checked
         with self._lock:
             if key in self._checked:
                 return self._checked[key]
             ok = False
-            if self._kernels() is not None:
+            if self.disabled_reason is None:
                 x = torch.linspace(-1.0, 1.0, weight.shape[-1])
                 try:
                     if scales is not None and self.int8_form is None and weight.shape[-1] % 4 == 0:
@@ -218,7 +236,7 @@ class RowKernels:
 
     def row_product(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """x [in] float32, weight [out, in] (bf16 or int8), scales [out] or None -> [out] float32."""
-        if self._compiled is not None and self.check(weight, scales):
+        if self.disabled_reason is None and self.check(weight, scales):
             return self._call(self._form(weight, scales), x, weight, scales)
         return row_product_reference(x, weight, scales)
 
@@ -242,8 +260,10 @@ class RowKernels:
         if key not in self._experts_checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
             with self._lock:
                 try:
-                    assert self._compiled is not None
-                    fused = functools.partial(self._compiled["experts"], form, inter, x, routing, experts)
+                    flat = _flat_experts(experts)
+                    self._fused[key] = aot_kernel(_experts_flat, (form, inter, gate_up_scales is not None),
+                                                  (x, routing, *flat))
+                    fused = functools.partial(self._fused[key], x, routing, *flat)
                     got, want = fused(), self.experts_reference(x, routing, experts, inter)
                     agrees = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
                     if not agrees:
@@ -256,8 +276,8 @@ class RowKernels:
                 except Exception as exc:  # the row products serve
                     log.warning("the fused expert kernel could not be compiled (%s); one call per expert", exc)
                     self._experts_checked[key] = False
-        if self._experts_checked.get(key) and self._compiled is not None:
-            return self._compiled["experts"](form, inter, x, routing, experts)  # type: ignore[operator]
+        if self._experts_checked.get(key):
+            return self._fused[key](x, routing, *_flat_experts(experts))
         return self.experts_reference(x, routing, experts, inter)
 
 

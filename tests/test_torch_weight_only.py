@@ -3,6 +3,7 @@ float32 references, the tiny models of both families against the reference fixtu
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,11 @@ def test_weight_only_linear_equals_float32_on_the_stored_values(storage: str, ro
 def test_the_compiled_row_product_is_checked_and_used() -> None:
     """Where Inductor compiles (a C++ compiler is present), the check passes on several shapes, views of a stack
     included, and the compiled kernel serves them."""
+    if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler here: the eager reference serves (tested above)")
     weights = quantize_int8(torch.randn(3, 48, 40))
-    assert prepare_row_kernels([(weights[0][1], weights[1][1])]) or ROW_KERNELS.disabled_reason is not None
-    if ROW_KERNELS.disabled_reason is not None:
-        pytest.skip(f"no compiled kernel here: {ROW_KERNELS.disabled_reason}")
+    assert prepare_row_kernels([(weights[0][1], weights[1][1])]), ROW_KERNELS.disabled_reason
+    assert ROW_KERNELS.disabled_reason is None
     for shape in ((48, 40), (40, 48), (130, 7)):
         stored = torch.randn(shape).bfloat16()
         assert prepare_row_kernels([(stored, None)])
