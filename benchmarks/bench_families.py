@@ -4,7 +4,9 @@ For each family a random bfloat16 checkpoint with exactly the real tensor names 
 (from tests/fixtures/<family>/real_config.json and real_checkpoint_shapes.json) and loaded through the normal
 loader, each in its own process so that peak RSS is that model's alone. The page is the fixtures' letter-size
 document (850x1100) prepared by common's preprocessing in each family's default mode (DeepSeek-OCR: gundam,
-1024 global + 640 tiles; DeepSeek-OCR 2: gundam, 1024 global + 768 tiles). Ratios are OCR 2 / OCR.
+1024 global + 640 tiles; DeepSeek-OCR 2: gundam, 1024 global + 768 tiles). Ratios are OCR 2 / OCR. Random
+weights send most of a page's tokens to one expert; time to first token is also shown with the routers' choice
+replaced by uniform routing (benchmarks/routing.py), as a trained router spreads them.
 
     python benchmarks/bench_families.py                      # cpu bfloat16, 64 decoded tokens
     python benchmarks/bench_families.py --device cpu --dtype float32 --decode-tokens 32
@@ -81,6 +83,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     encode()  # warm-up (allocator, kernels, position tables)
     result["vision_s"] = timed(encode)
 
+    from benchmarks.routing import uniform_routing
     from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
 
@@ -88,6 +91,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
     core = EngineCore(lambda: backend, tokenizer).start()
     core.wait_ready()
+    with uniform_routing(model):  # the first token as a trained router would route the page (random weights do not)
+        result["ttft_uniform_s"] = core.submit(prepared, SamplingParams(max_new_tokens=1)).run().timings["ttft_s"]
     done = core.submit(prepared, params).run()
     core.close()
     result.update(engine_run(done))
@@ -120,7 +125,8 @@ def print_table(results: list[dict[str, Any]], config: str) -> None:
     table.add_row("vision GFLOPs (counted) / floor at the matmul rate (s)",
                   *(f"{r['vision_flops'] / 1e9:.0f} / {r['vision_flops'] / r['matmul_flops']:.2f}" for r in (v1, v2)),
                   f"{v2['vision_flops'] / v1['vision_flops']:.2f}")
-    row("time to first token (s)", "ttft_s", ".2f")
+    row("time to first token (s): random weights' routing", "ttft_s", ".2f")
+    row("time to first token (s): uniform routing (as trained)", "ttft_uniform_s", ".2f")
     row("decode (tok/s)", "decode_tok_s", ".1f")
     row("peak RSS (GiB)", "peak_rss_gib", ".2f")
     Console(width=160).print(table)

@@ -404,6 +404,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
     Console(width=180).print(table)
 
 
+def isa_env(isa: str) -> dict[str, str]:
+    """The workers' environment; `avx2` holds torch, oneDNN and MKL to AVX2."""
+    env = os.environ.copy()
+    if isa == "avx2":
+        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+        # Inductor's cache does not key its kernels by this override: the AVX2 kernels get a folder of their own.
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "torchinductor-dsocr-avx2"))
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/dsocr-bench-random-ckpt"))
@@ -439,11 +449,7 @@ def main() -> None:
     write_random_checkpoint(args.checkpoint)
     print(f"random checkpoint ready in {args.checkpoint} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     results = []
-    env = os.environ.copy()
-    if args.isa == "avx2":
-        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
-        # Inductor's cache does not key its kernels by this override: the AVX2 kernels get a folder of their own.
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "torchinductor-dsocr-avx2"))
+    env = isa_env(args.isa)
     for config in configs:
         device, dtype, *quantize = config.split(":")
         command = [

@@ -27,8 +27,10 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return aot.kernel_folder()
 
 
-def test_the_folder_is_keyed_by_torch_version_and_cpu_capability(folder: Path) -> None:
-    assert folder.name == f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+def test_the_folder_is_keyed_by_torch_version_cpu_capability_and_cpu(folder: Path) -> None:
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert folder.name.startswith(f"torch-{torch.__version__}-{capability}-")
+    assert folder.name == aot.kernel_folder().name and len(folder.name.rsplit("-", 1)[1]) == 8
 
 
 @pytest.mark.slow
