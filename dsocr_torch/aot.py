@@ -17,6 +17,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import multiprocessing
 import os
 import platform
 import sys
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ KERNEL_CACHE_ENV = "DSOCR_KERNEL_CACHE"
 # one FMA is what lets the int8 row product keep up with memory on AVX2; results move by float rounding only, and
 # every kernel is checked against the eager reference at load.
 COMPILE_SETTINGS = {"cpp.enable_floating_point_contract_flag": "fast"}
+
+MAX_COMPILE_WORKERS = 8  # each imports torch and Inductor: ~0.5 GB
+EXAMPLE_ROWS = 16  # the rows of an example input whose rows are dynamic
 
 _loaded: dict[Path, Callable[..., torch.Tensor]] = {}
 _lock = threading.Lock()
@@ -79,10 +84,18 @@ class _Kernel(nn.Module):
         return self.fn(*self.fixed, *tensors)
 
 
-def _package_name(fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]) -> str:
+Signature = list[tuple[tuple[int | None, ...], torch.dtype]]  # per input: its shape (None: any rows) and dtype
+
+
+def signature(tensors: tuple[torch.Tensor, ...], rows: tuple[int, ...] = ()) -> Signature:
+    """The inputs' shapes and dtypes; the inputs numbered in `rows` take any number of rows (their first
+    dimension, one size shared by all of them), so one package serves every weight of that width."""
+    return [(((None,) + tuple(t.shape)[1:]) if i in rows else tuple(t.shape), t.dtype) for i, t in enumerate(tensors)]
+
+
+def _package_name(fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], inputs: Signature) -> str:
     source = inspect.getsource(sys.modules[fn.__module__])
-    inputs = [(str(t.dtype), tuple(t.shape)) for t in tensors]
-    key = (source, fn.__qualname__, fixed, inputs, COMPILE_SETTINGS)
+    key = (source, fn.__qualname__, fixed, [(str(dtype), shape) for shape, dtype in inputs], COMPILE_SETTINGS)
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
     return f"{fn.__name__}-{digest}.pt2"
 
@@ -104,19 +117,51 @@ def _writable(folder: Path) -> Path:
         return _fallback_folder
 
 
-def _compile(module: _Kernel, tensors: tuple[torch.Tensor, ...], path: Path) -> None:
+def _compile(fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], inputs: Signature, path: str) -> None:
+    """Compiles fn(*fixed, *inputs) into the package at `path` (also run in a worker process: plain arguments)."""
+    target = Path(path)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export, not ours to act on
         # Export traces shapes and dtypes only: zeros stand in for the (possibly mapped, inference-mode) inputs.
-        examples = tuple(torch.zeros(t.shape, dtype=t.dtype) for t in tensors)
-        program = torch.export.export(module, examples)
-        partial = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        examples = tuple(torch.zeros([EXAMPLE_ROWS if d is None else d for d in shape], dtype=dtype)
+                         for shape, dtype in inputs)
+        rows = torch.export.Dim("rows", min=2)
+        dynamic = tuple({0: rows} if shape[:1] == (None,) else None for shape, _ in inputs)
+        program = torch.export.export(_Kernel(fn, fixed), examples, dynamic_shapes=(dynamic,))
+        partial = target.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{target.name}")
         try:
             with torch._inductor.config.patch(COMPILE_SETTINGS):
                 torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
-            os.replace(partial, path)
+            os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
+
+
+def compile_kernels(specs: list[tuple[Callable[..., torch.Tensor], tuple[Any, ...], Signature]]) -> None:
+    """Compiles the packages of `specs` (fn, fixed, signature: as aot_kernel's) that the folder lacks, several at
+    a time in worker processes (the C++ compiler is most of the time, and a first load on a machine waits for
+    every kernel). Where that fails, aot_kernel compiles them one at a time."""
+    folder = _writable(kernel_folder())
+    todo: dict[Path, tuple[Callable[..., torch.Tensor], tuple[Any, ...], list[Any]]] = {}
+    for fn, fixed, inputs in specs:
+        path = folder / _package_name(fn, fixed, inputs)
+        if not path.exists():
+            todo[path] = (fn, fixed, inputs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(todo), cores, MAX_COMPILE_WORKERS)
+    if workers < 2:
+        return
+    _tell_once(folder)
+    log.info("compiling %d kernels in %d processes", len(todo), workers)
+    try:
+        context = multiprocessing.get_context("spawn")  # not fork: this process runs threads (the engine's, OpenMP)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_compile, fn, fixed, inputs, str(path))
+                       for path, (fn, fixed, inputs) in todo.items()]
+            for future in futures:
+                future.result()
+    except Exception as exc:
+        log.info("compiling in worker processes failed (%s: %s); one at a time instead", type(exc).__name__, exc)
 
 
 def _tell_once(folder: Path) -> None:
@@ -129,18 +174,18 @@ def _tell_once(folder: Path) -> None:
 
 
 def aot_kernel(
-    fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], tensors: tuple[torch.Tensor, ...]
+    fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], inputs: Signature
 ) -> Callable[..., torch.Tensor]:
-    """fn(*fixed, *tensors') for tensors' of the dtypes and shapes of `tensors`, compiled (once per machine) and
-    loaded (once per process). Raises where it cannot be compiled (e.g. no C++ compiler)."""
-    path = _writable(kernel_folder()) / _package_name(fn, fixed, tensors)
+    """fn(*fixed, *tensors) for tensors of the `inputs` signature, compiled (once per machine) and loaded (once
+    per process). Raises where it cannot be compiled (e.g. no C++ compiler)."""
+    path = _writable(kernel_folder()) / _package_name(fn, fixed, inputs)
     with _lock:
         kernel = _loaded.get(path)
         if kernel is None:
             if not path.exists():
                 _tell_once(path.parent)
-                log.info("compiling %s for %s", fn.__name__, [list(t.shape) for t in tensors])
-                _compile(_Kernel(fn, fixed), tensors, path)
+                log.info("compiling %s for %s", fn.__name__, [shape for shape, _ in inputs])
+                _compile(fn, fixed, inputs, str(path))
             runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).run
 
             def kernel(*args: torch.Tensor, _run: Any = runner) -> torch.Tensor:

@@ -9,11 +9,12 @@ time, dsocr_torch/aot.py), which fuses the upcast into the vectorised dot produc
 prompt chunk, a large decode batch) upcasts the weight and uses oneDNN's float32 product, whose arithmetic then
 dominates.
 
-The kernel is compiled for each weight shape (static shapes: a model has a handful; once per machine) and
-checked against the eager reference at every load; where it cannot be compiled (no C++ compiler) or a check
-fails, the eager reference is used and a warning says so. Inductor (torch 2.13) miscompiled every other form of
-this product tried: a broadcast over several rows at once (hence one call per row), weights at a large offset
-into a mapped file (hence `standalone`), and dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
+The kernel is compiled once per machine for each weight width (the reduction's length is static; the number of
+rows is not: a model has a handful of widths) and checked against the eager reference on every weight shape at
+every load; where it cannot be compiled (no C++ compiler) or a check fails, the eager reference is used and a
+warning says so. Inductor (torch 2.13) miscompiled other forms of this product: a broadcast over several
+activation rows at once (hence one call per row), weights at a large offset into a mapped file (hence
+`standalone`), and torch.compile's automatic dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
-from dsocr_torch.aot import aot_kernel
+from dsocr_torch.aot import aot_kernel, compile_kernels, signature
 from dsocr_torch.weights import onednn
 from dsocr_torch.weights.checkpoint import bytes_at
 
@@ -132,6 +133,7 @@ def _experts_flat(form: str, inter: int, scaled: bool, x: torch.Tensor, routing:
     return _experts(form, inter, x, routing, experts)
 
 
+_ROWS = (1, 2)  # a row product's weight and scales: any number of rows (output channels)
 _KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words}
 
 
@@ -150,7 +152,7 @@ class RowKernels:
     two (bytes, or int32 words), and the first int8 weight checked times both and keeps the faster for all."""
 
     def __init__(self) -> None:
-        self._kernels: dict[tuple[str, torch.dtype, tuple[int, ...]], Callable[..., torch.Tensor]] = {}
+        self._kernels: dict[tuple[str, torch.dtype, int], Callable[..., torch.Tensor]] = {}
         self._fused: dict[tuple[torch.dtype, tuple[int, ...], bool], Callable[..., torch.Tensor]] = {}
         # Whether the compiled kernel serves a weight shape: row products, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
@@ -158,6 +160,7 @@ class RowKernels:
         self._lock = threading.RLock()
         self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
         self.disabled_reason: str | None = None
+        self._regrouped: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # see _by_byte
 
     def _disable(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -171,22 +174,32 @@ class RowKernels:
             return "plain_scaled"
         return self.int8_form
 
-    @staticmethod
-    def _inputs(form: str, x: torch.Tensor, weight: torch.Tensor,
+    def _inputs(self, form: str, x: torch.Tensor, weight: torch.Tensor,
                 scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if form == "plain":
             return x, weight
         if form == "words":
-            x = x.view(-1, 4).t().contiguous()
+            x = self._by_byte(x)
         return x, weight, scales  # type: ignore[return-value]
+
+    def _by_byte(self, x: torch.Tensor) -> torch.Tensor:
+        """x regrouped by byte position for the words form, reused while the same values come again (q, k and v
+        of one input; the gate_up of a token's experts). The memo holds x, so its memory is not another's."""
+        key = (x.data_ptr(), x.shape, x.stride(), x._version)
+        last = self._regrouped
+        if last is not None and last[0] == key:
+            return last[2]
+        regrouped = x.view(-1, 4).t().contiguous()
+        self._regrouped = (key, x, regrouped)
+        return regrouped
 
     def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         inputs = self._inputs(form, x, weight, scales)
-        kernel = self._kernels.get((form, weight.dtype, tuple(weight.shape)))
+        key = (form, weight.dtype, weight.shape[-1])  # one kernel per width: its rows are dynamic
+        kernel = self._kernels.get(key)
         if kernel is None:
             with self._lock:
-                kernel = self._kernels[(form, weight.dtype, tuple(weight.shape))] = aot_kernel(
-                    _KERNELS[form], (), inputs)
+                kernel = self._kernels[key] = aot_kernel(_KERNELS[form], (), signature(inputs, _ROWS))
         return kernel(*inputs)
 
     def _agrees(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
@@ -209,6 +222,30 @@ class RowKernels:
         self.int8_form = min(seconds, key=seconds.__getitem__) if seconds else "plain_scaled"
         log.info("int8 row product: %s (%s)", self.int8_form,
                  ", ".join(f"{form} {t * 1e3:.2f} ms" for form, t in seconds.items()))
+
+    def compile_ahead(self, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+                      expert_sets: list[tuple[list[Expert], int]]) -> None:
+        """Compiles the kernels of `weights` and of a token's experts (each set: a layer's first k experts, their
+        intermediate size) that are not compiled yet, several at a time (aot.compile_kernels); int8's two forms
+        first, on its first weight, so the faster is chosen before the rest are compiled in it."""
+        if self.disabled_reason is not None:
+            return
+
+        def spec(form: str, weight: torch.Tensor, scales: torch.Tensor | None) -> Any:
+            inputs = self._inputs(form, torch.zeros(weight.shape[-1]), weight, scales)
+            return _KERNELS[form], (), signature(inputs, _ROWS)
+
+        int8 = [(weight, scales) for weight, scales in weights if scales is not None and weight.shape[-1] % 4 == 0]
+        if int8 and self.int8_form is None:
+            compile_kernels([spec(form, *int8[0]) for form in ("plain_scaled", "words")])
+            self.check(*int8[0])  # times both forms and keeps the faster
+        specs = [spec(self._form(weight, scales), weight, scales) for weight, scales in weights]
+        for experts, inter in expert_sets:
+            scaled = experts[0][1] is not None
+            x, routing = torch.zeros(experts[0][0].shape[-1]), torch.zeros(len(experts))
+            fixed = (self._form(experts[0][0], experts[0][1]), inter, scaled)
+            specs.append((_experts_flat, fixed, signature((x, routing, *_flat_experts(experts)))))
+        compile_kernels(specs)
 
     def check(self, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
         """Compiles the kernel for this weight's shape and compares it with the reference; False: the reference
@@ -262,7 +299,7 @@ class RowKernels:
                 try:
                     flat = _flat_experts(experts)
                     self._fused[key] = aot_kernel(_experts_flat, (form, inter, gate_up_scales is not None),
-                                                  (x, routing, *flat))
+                                                  signature((x, routing, *flat)))
                     fused = functools.partial(self._fused[key], x, routing, *flat)
                     got, want = fused(), self.experts_reference(x, routing, experts, inter)
                     agrees = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
@@ -322,7 +359,11 @@ def weight_only_linear(
 ) -> torch.Tensor:
     """F.linear(x, dequantize(weight, scales), bias), computed in float32 and returned in x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    if flat.shape[0] <= ROW_KERNEL_MAX_ROWS:
+    if flat.shape[0] == 1:  # a decode step of one sequence
+        out = ROW_KERNELS.row_product(flat[0], weight, scales).unsqueeze(0)
+        if bias is not None:
+            out = out + bias.float()
+    elif flat.shape[0] <= ROW_KERNEL_MAX_ROWS:
         out = torch.stack([ROW_KERNELS.row_product(row, weight, scales) for row in flat])
         if bias is not None:
             out = out + bias.float()

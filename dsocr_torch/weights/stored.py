@@ -7,7 +7,7 @@ import torch
 
 from dsocr_torch.model import DeepseekOCRForCausalLM
 from dsocr_torch.moe import StoredExperts
-from dsocr_torch.weight_only import prepare_experts_kernel, prepare_row_kernels
+from dsocr_torch.weight_only import ROW_KERNELS, prepare_experts_kernel, prepare_row_kernels
 
 SCALES = "#scales"  # the slot of an int8 weight's per-channel scales: its name + this
 
@@ -43,7 +43,13 @@ def prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
             gate_up, gate_up_scales, down, down_scales = moe.stored.expert(0)
             for weight, scales in ((gate_up, gate_up_scales), (down, down_scales)):
                 weights.setdefault((tuple(weight.shape), scales is None), (weight, scales))
+    # A token's experts run in one fused call where that is faster: compiled for the first MoE layer's shapes.
+    first = next((moe for _, moe in model.moe_layers() if moe.stored is not None), None)
+    expert_sets = []
+    if first is not None and first.stored is not None:
+        top_k = min(first.top_k, first.stored.gate_up.shape[0])
+        expert_sets.append(([first.stored.expert(e) for e in range(top_k)], first.intermediate))
+    ROW_KERNELS.compile_ahead(list(weights.values()), expert_sets)  # a first load's kernels, several at a time
     prepare_row_kernels(list(weights.values()))
-    for _, moe in model.moe_layers()[:1]:  # the fused kernel of a token's experts, compiled and checked now
-        if moe.stored is not None:
-            prepare_experts_kernel(moe.stored, moe.top_k, moe.intermediate)
+    if first is not None and first.stored is not None:
+        prepare_experts_kernel(first.stored, first.top_k, first.intermediate)
