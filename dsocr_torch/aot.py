@@ -13,19 +13,20 @@ name and renamed, so concurrent processes never load half a file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import logging
-import multiprocessing
 import os
+import pickle
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +154,37 @@ def compile_kernels(specs: list[tuple[Callable[..., torch.Tensor], tuple[Any, ..
         return
     _tell_once(folder)
     log.info("compiling %d kernels in %d processes", len(todo), workers)
-    try:
-        context = multiprocessing.get_context("spawn")  # not fork: this process runs threads (the engine's, OpenMP)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_compile, fn, fixed, inputs, str(path))
-                       for path, (fn, fixed, inputs) in todo.items()]
-            for future in futures:
-                future.result()
-    except Exception as exc:
-        log.info("compiling in worker processes failed (%s: %s); one at a time instead", type(exc).__name__, exc)
+    jobs = [(fn, fixed, inputs, str(path)) for path, (fn, fixed, inputs) in todo.items()]
+    with contextlib.ExitStack() as stack:
+        running = []
+        try:
+            for share in (jobs[i::workers] for i in range(workers)):
+                # A plain interpreter, not multiprocessing's spawn, which imports the caller's __main__ again (a
+                # script without a main guard would run again in every worker).
+                errors = stack.enter_context(tempfile.TemporaryFile())
+                process = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                                           stdout=subprocess.DEVNULL, stderr=errors)
+                running.append((process, errors))
+                assert process.stdin is not None
+                process.stdin.write(pickle.dumps((sys.path, pickle.dumps(share))))
+                process.stdin.close()
+        except Exception as exc:  # what is not compiled here is compiled by aot_kernel
+            log.info("cannot start compile workers (%s: %s)", type(exc).__name__, exc)
+        for process, errors in running:
+            if process.wait() != 0:
+                errors.seek(0)
+                tail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+                log.info("a compile worker failed (%s); what it left is compiled one at a time", " ".join(tail))
+
+
+_WORKER = ("import pickle, sys; path, jobs = pickle.load(sys.stdin.buffer); sys.path[:0] = path; "
+           "from dsocr_torch.aot import compile_jobs; compile_jobs(pickle.loads(jobs))")
+
+
+def compile_jobs(jobs: list[tuple[Callable[..., torch.Tensor], tuple[Any, ...], Signature, str]]) -> None:
+    """A compile worker's share (see compile_kernels)."""
+    for fn, fixed, inputs, path in jobs:
+        _compile(fn, fixed, inputs, path)
 
 
 def _tell_once(folder: Path) -> None:

@@ -153,14 +153,13 @@ class RowKernels:
 
     def __init__(self) -> None:
         self._kernels: dict[tuple[str, torch.dtype, int], Callable[..., torch.Tensor]] = {}
-        self._fused: dict[tuple[torch.dtype, tuple[int, ...], bool], Callable[..., torch.Tensor]] = {}
+        self._fused: dict[tuple[str, torch.dtype, tuple[int, ...], bool], Callable[..., torch.Tensor]] = {}
         # Whether the compiled kernel serves a weight shape: row products, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
-        self._experts_checked: dict[tuple[torch.dtype, tuple[int, ...], bool], bool] = {}
+        self._experts_checked: dict[tuple[str, torch.dtype, tuple[int, ...], bool], bool] = {}
         self._lock = threading.RLock()
         self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
         self.disabled_reason: str | None = None
-        self._regrouped: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # see _by_byte
 
     def _disable(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -174,24 +173,14 @@ class RowKernels:
             return "plain_scaled"
         return self.int8_form
 
-    def _inputs(self, form: str, x: torch.Tensor, weight: torch.Tensor,
+    @staticmethod
+    def _inputs(form: str, x: torch.Tensor, weight: torch.Tensor,
                 scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if form == "plain":
             return x, weight
         if form == "words":
-            x = self._by_byte(x)
+            x = x.view(-1, 4).t().contiguous()
         return x, weight, scales  # type: ignore[return-value]
-
-    def _by_byte(self, x: torch.Tensor) -> torch.Tensor:
-        """x regrouped by byte position for the words form, reused while the same values come again (q, k and v
-        of one input; the gate_up of a token's experts). The memo holds x, so its memory is not another's."""
-        key = (x.data_ptr(), x.shape, x.stride(), x._version)
-        last = self._regrouped
-        if last is not None and last[0] == key:
-            return last[2]
-        regrouped = x.view(-1, 4).t().contiguous()
-        self._regrouped = (key, x, regrouped)
-        return regrouped
 
     def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         inputs = self._inputs(form, x, weight, scales)
@@ -290,8 +279,8 @@ class RowKernels:
     def experts(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert], inter: int) -> torch.Tensor:
         """x [hidden] float32 through `experts` (each `Expert` of one MoE layer), weighted by routing [k]."""
         gate_up, gate_up_scales, down, down_scales = experts[0]
-        key = (gate_up.dtype, (*gate_up.shape, *down.shape, len(experts)), gate_up_scales is not None)
         form = self._form(gate_up, gate_up_scales)
+        key = (form, gate_up.dtype, (*gate_up.shape, *down.shape, len(experts)), gate_up_scales is not None)
         if form != self._form(down, down_scales):
             return self.experts_reference(x, routing, experts, inter)
         if key not in self._experts_checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):

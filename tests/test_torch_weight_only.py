@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import BackendUnavailableError
+from common.model.inputs import PreparedInputs
 from dsocr_torch.weight_only import (
     ROW_KERNEL_MAX_ROWS,
     ROW_KERNELS,
@@ -45,18 +46,22 @@ def test_standalone_views_the_same_memory_from_its_start() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("storage", ["bf16", "int8-plain_scaled", "int8-words"])
 @pytest.mark.parametrize("rows", [1, ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_ROWS + 3])
-def test_weight_only_linear_equals_float32_on_the_stored_values(storage: str, rows: int) -> None:
+def test_weight_only_linear_equals_float32_on_the_stored_values(
+    storage: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both paths (compiled row products up to ROW_KERNEL_MAX_ROWS rows, the upcast past it), with a bias, against
     F.linear on the weight the storage stands for; float32 summation-order noise only. (A shape of the tiny
     model's: its compiled kernels serve both.)"""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 40, generator=generator)
-    stored, scales = quantize_int8(weight) if storage == "int8" else (weight.bfloat16(), None)
+    stored, scales = quantize_int8(weight) if storage.startswith("int8") else (weight.bfloat16(), None)
     bias = torch.randn(96, generator=generator)
     x = torch.randn(1, rows, 40, generator=generator)
     prepare_row_kernels([(stored, scales)])
+    if storage.startswith("int8-"):  # both int8 forms, whichever this CPU chose
+        monkeypatch.setattr(ROW_KERNELS, "int8_form", storage.split("-")[1])
     with torch.inference_mode():
         got = weight_only_linear(x, stored, scales, bias)
     want = F.linear(x, dequantize(stored, scales), bias)
@@ -190,6 +195,24 @@ def test_int8_weights_stay_close_to_the_reference(weight_only_backends: Any, fam
             decided += 1
             assert int(np.argmax(logits)) == int(np.argmax(reference)), case_id
     assert decided > 0  # the check above ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["plain_scaled", "words"])
+def test_int8_decode_steps_equal_the_prompt_path(weight_only_backends: Any, form: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step's compiled row products (and a token's fused experts, where used) in either int8 form give
+    the logits that the prompt path (each weight upcast whole) gives for the same sequence: the same int8
+    weights, float32 summation order apart."""
+    backend = weight_only_backends("deepseek-ocr", "int8")
+    monkeypatch.setattr(ROW_KERNELS, "int8_form", form)
+    prompt = np.arange(100, 124, dtype=np.int64)
+    ids, step_logits = generate(backend, PreparedInputs(prompt, np.zeros(len(prompt), bool), []), 4,
+                                until_eos=False)
+    for step in range(1, 4):  # step 0's logits come from the prompt itself
+        sequence = np.concatenate([prompt, np.asarray(ids[:step], dtype=np.int64)])
+        whole = to_host(prefill(backend, PreparedInputs(sequence, np.zeros(len(sequence), bool), [])))[0]
+        assert rel_err(step_logits[step], whole) < 1e-4, step
 
 
 @pytest.mark.slow
