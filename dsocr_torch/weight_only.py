@@ -176,10 +176,11 @@ class RowKernels:
     @staticmethod
     def _inputs(form: str, x: torch.Tensor, weight: torch.Tensor,
                 scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        # A compiled kernel reads its inputs as contiguous (it is not told their strides): weights and scales are
+        # (`standalone`), an activation row is made so.
         if form == "plain":
-            return x, weight
-        if form == "words":
-            x = x.view(-1, 4).t().contiguous()
+            return x.contiguous(), weight
+        x = x.view(-1, 4).t().contiguous() if form == "words" else x.contiguous()
         return x, weight, scales  # type: ignore[return-value]
 
     def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

@@ -17,8 +17,10 @@ def test_uniform_routing_spreads_tokens_and_is_undone() -> None:
     experts = cfg.n_routed_experts
     model = torch.nn.Sequential(MoEGate(cfg))
     gate = model[0]
-    torch.nn.init.normal_(gate.weight)
-    x = torch.randn(4096, cfg.hidden_size) + 20 * torch.randn(cfg.hidden_size)  # one dominant direction
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: other tests' draws would change these
+    torch.nn.init.normal_(gate.weight, generator=generator)
+    x = torch.randn(4096, cfg.hidden_size, generator=generator) + 20 * torch.randn(cfg.hidden_size,
+                                                                                    generator=generator)
     with routing_spread(model) as own:
         own_ids, own_weights = gate(x)
     with uniform_routing(model, seed=1), routing_spread(model) as spread:
