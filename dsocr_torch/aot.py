@@ -52,8 +52,8 @@ _told = False  # whether this process has said that it compiles kernels
 
 
 def kernel_folder() -> Path:
-    """Where this process's packages are kept: one folder per torch version and CPU capability (the ISA
-    Inductor generates code for follows ATEN_CPU_CAPABILITY, which the capability reports)."""
+    """Where this process's packages are kept: one folder per torch version, CPU capability (the ISA Inductor
+    generates vector code for follows ATEN_CPU_CAPABILITY, which the capability reports) and CPU."""
     root = os.environ.get(KERNEL_CACHE_ENV)
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsocr" / "kernels")
