@@ -16,7 +16,6 @@ from common.model.config import LanguageConfig
 from dsocr_torch.cache import CacheWrite, KVCache
 from dsocr_torch.weight_only import standalone, weight_only_linear
 from dsocr_torch.weights import onednn
-from dsocr_torch.weights.onednn import pack_linear_weight
 
 
 class Linear(nn.Linear):
@@ -58,7 +57,7 @@ class Linear(nn.Linear):
         weight = self.weight
         if not self.packs(weight.dtype, weight.device):
             return False
-        self.use_packed(pack_linear_weight(weight.detach()))
+        self.use_packed(onednn.pack_linear_weight(weight.detach()))
         return True
 
     @staticmethod

@@ -251,16 +251,11 @@ class MoEFeedForward(nn.Module):
                 for token, experts in enumerate(chosen)
             ])
             return out.to(flat.dtype)
-
-        def gate_up(e: int, rows: torch.Tensor) -> torch.Tensor:
-            weight, scales, _, _ = stored.expert(e)
-            return upcast_linear(rows, weight, scales)
-
-        def down(e: int, rows: torch.Tensor) -> torch.Tensor:
-            _, _, weight, scales = stored.expert(e)
-            return upcast_linear(rows, weight, scales)
-
-        return self._routed_by_expert(rows32, ids, weights, gate_up, down).to(flat.dtype)
+        return self._routed_by_expert(
+            rows32, ids, weights,
+            lambda e, rows: upcast_linear(rows, *stored.expert(e)[:2]),  # gate_up and its scales
+            lambda e, rows: upcast_linear(rows, *stored.expert(e)[2:]),  # down and its scales
+        ).to(flat.dtype)
 
     def _routed_by_expert(
         self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -183,13 +183,25 @@ class RowKernels:
         x = x.view(-1, 4).t().contiguous() if form == "words" else x.contiguous()
         return x, weight, scales  # type: ignore[return-value]
 
+    @staticmethod
+    def _row_spec(form: str, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """The row product's package (aot_kernel's arguments): one per form, dtype and width."""
+        return _KERNELS[form], (), signature(inputs, _ROWS)
+
+    @staticmethod
+    def _fused_spec(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor,
+                    experts: list[Expert]) -> tuple[Any, ...]:
+        """The package of a token's fused experts (aot_kernel's arguments)."""
+        scaled = experts[0][1] is not None
+        return _experts_flat, (form, inter, scaled), signature((x, routing, *_flat_experts(experts)))
+
     def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         inputs = self._inputs(form, x, weight, scales)
         key = (form, weight.dtype, weight.shape[-1])  # one kernel per width: its rows are dynamic
         kernel = self._kernels.get(key)
         if kernel is None:
             with self._lock:
-                kernel = self._kernels[key] = aot_kernel(_KERNELS[form], (), signature(inputs, _ROWS))
+                kernel = self._kernels[key] = aot_kernel(*self._row_spec(form, inputs))
         return kernel(*inputs)
 
     def _agrees(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
@@ -222,8 +234,7 @@ class RowKernels:
             return
 
         def spec(form: str, weight: torch.Tensor, scales: torch.Tensor | None) -> Any:
-            inputs = self._inputs(form, torch.zeros(weight.shape[-1]), weight, scales)
-            return _KERNELS[form], (), signature(inputs, _ROWS)
+            return self._row_spec(form, self._inputs(form, torch.zeros(weight.shape[-1]), weight, scales))
 
         int8 = [(weight, scales) for weight, scales in weights if scales is not None and weight.shape[-1] % 4 == 0]
         if int8 and self.int8_form is None:
@@ -231,10 +242,8 @@ class RowKernels:
             self.check(*int8[0])  # times both forms and keeps the faster
         specs = [spec(self._form(weight, scales), weight, scales) for weight, scales in weights]
         for experts, inter in expert_sets:
-            scaled = experts[0][1] is not None
             x, routing = torch.zeros(experts[0][0].shape[-1]), torch.zeros(len(experts))
-            fixed = (self._form(experts[0][0], experts[0][1]), inter, scaled)
-            specs.append((_experts_flat, fixed, signature((x, routing, *_flat_experts(experts)))))
+            specs.append(self._fused_spec(self._form(experts[0][0], experts[0][1]), inter, x, routing, experts))
         compile_kernels(specs)
 
     def check(self, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
@@ -287,10 +296,8 @@ class RowKernels:
         if key not in self._experts_checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
             with self._lock:
                 try:
-                    flat = _flat_experts(experts)
-                    self._fused[key] = aot_kernel(_experts_flat, (form, inter, gate_up_scales is not None),
-                                                  signature((x, routing, *flat)))
-                    fused = functools.partial(self._fused[key], x, routing, *flat)
+                    self._fused[key] = aot_kernel(*self._fused_spec(form, inter, x, routing, experts))
+                    fused = functools.partial(self._fused[key], x, routing, *_flat_experts(experts))
                     got, want = fused(), self.experts_reference(x, routing, experts, inter)
                     agrees = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
                     if not agrees:
@@ -314,7 +321,7 @@ ROW_KERNELS = RowKernels()
 def prepare_row_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
     """Compiles and checks the row product for every distinct weight shape (at load, not in a first request);
     returns whether the compiled kernel serves them all."""
-    with torch.inference_mode():  # the grad mode of the steps that will call them (a guard of the compiled code)
+    with torch.inference_mode():  # as a decode step calls them
         return all([ROW_KERNELS.check(weight, scales) for weight, scales in weights])
 
 
@@ -329,12 +336,17 @@ def _blocks(weight: torch.Tensor, scales: torch.Tensor | None) -> list[tuple[tor
     ]
 
 
-def prepare_experts_kernel(stored: Any, top_k: int, inter: int) -> None:
-    """Compiles and checks the fused expert kernel on `stored`'s (moe.StoredExperts) first k experts."""
-    experts = [stored.expert(e) for e in range(min(top_k, stored.gate_up.shape[0]))]
-    with torch.inference_mode():  # inputs made here are inference tensors, as a step's are (a guard of the kernel)
-        x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
-        ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
+def prepare_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]], experts: list[Expert],
+                    inter: int) -> None:
+    """At load, not in a first request: compiles the kernels not yet compiled (several at a time), checks the row
+    product on every weight shape, and checks and times the fused kernel of a token's `experts` (a MoE layer's
+    first k, of intermediate size `inter`; none without a MoE)."""
+    ROW_KERNELS.compile_ahead(weights, [(experts, inter)] if experts else [])
+    prepare_row_kernels(weights)
+    if experts:
+        with torch.inference_mode():  # as a decode step calls it
+            x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
+            ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

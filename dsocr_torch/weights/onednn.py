@@ -48,8 +48,7 @@ def linear_is_fast(dtype: torch.dtype) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by oneDNN for float32 (and bfloat16 where the CPU has it) on the CPU."""
     if (
-        ONEDNN_LINEAR
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == weight.dtype
         and linear_is_fast(x.dtype)

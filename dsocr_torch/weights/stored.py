@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from dsocr_torch import weight_only
 from dsocr_torch.model import DeepseekOCRForCausalLM
 from dsocr_torch.moe import StoredExperts
-from dsocr_torch.weight_only import ROW_KERNELS, prepare_experts_kernel, prepare_row_kernels
 
 SCALES = "#scales"  # the slot of an int8 weight's per-channel scales: its name + this
 
@@ -32,7 +32,8 @@ def stored_experts(tensors: dict[str, torch.Tensor], name: str) -> StoredExperts
 
 
 def prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
-    """Compiles and checks the row products of every weight-only shape now, not in a first request."""
+    """Compiles and checks the row products of every weight-only shape, and a token's fused experts, now: not in
+    a first request."""
     weights: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for linear in model.decode_linears().values():
         if linear.stored is not None:
@@ -45,11 +46,8 @@ def prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
                 weights.setdefault((tuple(weight.shape), scales is None), (weight, scales))
     # A token's experts run in one fused call where that is faster: compiled for the first MoE layer's shapes.
     first = next((moe for _, moe in model.moe_layers() if moe.stored is not None), None)
-    expert_sets = []
+    experts, inter = [], 0
     if first is not None and first.stored is not None:
-        top_k = min(first.top_k, first.stored.gate_up.shape[0])
-        expert_sets.append(([first.stored.expert(e) for e in range(top_k)], first.intermediate))
-    ROW_KERNELS.compile_ahead(list(weights.values()), expert_sets)  # a first load's kernels, several at a time
-    prepare_row_kernels(list(weights.values()))
-    if first is not None and first.stored is not None:
-        prepare_experts_kernel(first.stored, first.top_k, first.intermediate)
+        experts = [first.stored.expert(e) for e in range(min(first.top_k, first.stored.gate_up.shape[0]))]
+        inter = first.intermediate
+    weight_only.prepare_kernels(list(weights.values()), experts, inter)
