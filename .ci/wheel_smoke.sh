@@ -2,7 +2,8 @@
 # The built wheel, alone: `python -m build` (the sdist, then the wheel built from it), SHA256SUMS beside them, the
 # wheel installed with the pinned torch into a fresh venv (no system site-packages, no checkout on sys.path), and
 # from a folder outside the checkout: `dsocr --version`, `dsocr --help`, `dsocr-server --help`, an image and a
-# PDF page on the tiny test model (passed by path), and one chat request to `dsocr-server` on loopback.
+# PDF page on the tiny test model (passed by path), an image with --quantize int8 (the C kernels built from the
+# wheel's source), and one chat request to `dsocr-server` on loopback.
 #
 #   bash .ci/wheel_smoke.sh              # KEEP=1 keeps the scratch folder (dist/, the venv) and prints it
 #
@@ -73,6 +74,13 @@ dsocr --model "$FIXTURE/model" "$FIXTURE/images/doc_text.png" page.pdf --max-new
 test -s out/doc_text.md
 test -s out/page_page001.md
 echo "outputs:" out/*
+
+step "--quantize int8 on a copy of the tiny model: the C row products built from the installed wheel"
+cp -r "$FIXTURE/model" model-copy
+DSOCR_KERNEL_CACHE="$WORK/kernels" dsocr --model model-copy "$FIXTURE/images/doc_text.png" --device cpu \
+    --dtype float32 --quantize int8 --max-new-tokens 8 --temperature 0 -o out-int8 -q
+test -s out-int8/doc_text.md
+if grep -qw avx2 /proc/cpuinfo; then ls "$WORK"/kernels/*/row_products-*.so; fi
 
 step "dsocr-server on loopback: /health, one chat request with an image"
 port="$("$VENV_BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -101,7 +101,7 @@ def _package_name(fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], input
     return f"{fn.__name__}-{digest}.pt2"
 
 
-def _writable(folder: Path) -> Path:
+def writable_folder(folder: Path) -> Path:
     """`folder`, created; a temporary folder for this process where it cannot be written."""
     global _fallback_folder
     try:
@@ -116,6 +116,33 @@ def _writable(folder: Path) -> Path:
             log.warning("cannot write compiled kernels to %s (%s); compiling them into %s for this run only",
                         folder, exc, _fallback_folder)
         return _fallback_folder
+
+
+def _choice_path(choice: tuple[str, str]) -> Path:
+    name, module = choice
+    digest = hashlib.sha256(inspect.getsource(sys.modules[module]).encode()).hexdigest()[:20]
+    return kernel_folder() / f"choice-{name}-{digest}.txt"
+
+
+def remembered(choice: tuple[str, str]) -> str | None:
+    """What was measured on this CPU for `choice` (a name, the module whose code it is about), or None."""
+    try:
+        return _choice_path(choice).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def remember(choice: tuple[str, str], value: str) -> None:
+    """Keeps `value` for `choice` (see remembered) in the kernel folder, where it can be written."""
+    path = _choice_path(choice)
+    partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(value, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as exc:
+        log.info("cannot keep a measured choice in %s (%s)", path.parent, exc)
+        partial.unlink(missing_ok=True)
 
 
 def _compile(fn: Callable[..., torch.Tensor], fixed: tuple[Any, ...], inputs: Signature, path: str) -> None:
@@ -142,7 +169,7 @@ def compile_kernels(specs: list[tuple[Callable[..., torch.Tensor], tuple[Any, ..
     """Compiles the packages of `specs` (fn, fixed, signature: as aot_kernel's) that the folder lacks, several at
     a time in worker processes (the C++ compiler is most of the time, and a first load on a machine waits for
     every kernel). Where that fails, aot_kernel compiles them one at a time."""
-    folder = _writable(kernel_folder())
+    folder = writable_folder(kernel_folder())
     todo: dict[Path, tuple[Callable[..., torch.Tensor], tuple[Any, ...], list[Any]]] = {}
     for fn, fixed, inputs in specs:
         path = folder / _package_name(fn, fixed, inputs)
@@ -201,7 +228,7 @@ def aot_kernel(
 ) -> Callable[..., torch.Tensor]:
     """fn(*fixed, *tensors) for tensors of the `inputs` signature, compiled (once per machine) and loaded (once
     per process). Raises where it cannot be compiled (e.g. no C++ compiler)."""
-    path = _writable(kernel_folder()) / _package_name(fn, fixed, inputs)
+    path = writable_folder(kernel_folder()) / _package_name(fn, fixed, inputs)
     with _lock:
         kernel = _loaded.get(path)
         if kernel is None:

@@ -62,6 +62,9 @@ class StoredExperts:
         self.gate_up, self.gate_up_scales, self.down, self.down_scales = gate_up, gate_up_scales, down, down_scales
         self._experts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
 
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        return self.gate_up, self.gate_up_scales, self.down, self.down_scales
+
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(gate_up [2I, hidden], its scales, down [hidden, I], its scales) of expert `e`."""
         if not self._experts:
@@ -244,11 +247,10 @@ class MoEFeedForward(nn.Module):
         n_tokens, hidden = flat.shape
         inter, rows32 = self.intermediate, flat.float()
         if n_tokens <= ROW_KERNEL_MAX_ROWS:
-            routing = weights.float()
-            chosen = ids.tolist()  # the CPU's host read of k ids costs nothing
+            routing, stacks = weights.float(), stored.stacks()
             out = torch.stack([
-                ROW_KERNELS.experts(rows32[token], routing[token], [stored.expert(e) for e in experts], inter)
-                for token, experts in enumerate(chosen)
+                ROW_KERNELS.token_experts(rows32[token], ids[token], routing[token], stacks, stored.expert, inter)
+                for token in range(n_tokens)
             ])
             return out.to(flat.dtype)
         return self._routed_by_expert(

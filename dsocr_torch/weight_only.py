@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from common.engine.backend import QUANTIZE_CHOICES
-from dsocr_torch.aot import aot_kernel, compile_kernels, signature
+from dsocr_torch import native
+from dsocr_torch.aot import aot_kernel, compile_kernels, remember, remembered, signature
 from dsocr_torch.weights import onednn
 from dsocr_torch.weights.checkpoint import bytes_at
 
@@ -107,6 +107,8 @@ def _product(form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
 
 
 Expert = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]  # gate_up, scales, down, scales
+# A MoE layer's stored stacks: gate_up [E, 2I, hidden], its scales [E, 2I], down [E, hidden, I], its scales [E, hidden]
+Stacks = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
 def _experts(form: str, inter: int, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert]) -> torch.Tensor:
@@ -148,8 +150,10 @@ def _seconds(run: Any, repeat: int = 5) -> float:
 
 
 class RowKernels:
-    """The compiled row products (dsocr_torch/aot.py), checked per weight shape. bfloat16 has one form; int8 has
-    two (bytes, or int32 words), and the first int8 weight checked times both and keeps the faster for all."""
+    """The row products, checked per weight shape: the C kernels (dsocr_torch/native.py) where the CPU has AVX2,
+    else Inductor's, compiled ahead of time (dsocr_torch/aot.py). Of Inductor's, bfloat16 has one form; int8 has
+    two (bytes, or int32 words), and the first int8 weight checked times both and keeps the faster for all (the
+    choice is kept in the kernel folder: near-equal timings would otherwise flip it from one load to the next)."""
 
     def __init__(self) -> None:
         self._kernels: dict[tuple[str, torch.dtype, int], Callable[..., torch.Tensor]] = {}
@@ -157,8 +161,10 @@ class RowKernels:
         # Whether the compiled kernel serves a weight shape: row products, a token's experts.
         self._checked: dict[tuple[torch.dtype, tuple[int, int], bool], bool] = {}
         self._experts_checked: dict[tuple[str, torch.dtype, tuple[int, ...], bool], bool] = {}
+        self._native_experts_checked: dict[tuple[torch.dtype, tuple[int, ...], int], bool] = {}
         self._lock = threading.RLock()
-        self.int8_form: str | None = None  # "plain_scaled" or "words", chosen by measurement
+        self.native: bool | None = None  # whether the C kernels serve; None: not asked yet
+        self.int8_form: str | None = None  # Inductor's: "plain_scaled" or "words", chosen by measurement
         self.disabled_reason: str | None = None
 
     def _disable(self, reason: str) -> None:
@@ -166,7 +172,15 @@ class RowKernels:
             self.disabled_reason = reason
             log.warning("weight-only products use the eager upcast, which is slower: %s", reason)
 
+    def uses_native(self) -> bool:
+        """Whether the C kernels serve (built on first use, dsocr_torch/native.py)."""
+        if self.native is None:
+            self.native = native.library() is not None
+        return self.native
+
     def _form(self, weight: torch.Tensor, scales: torch.Tensor | None) -> str:
+        if self.uses_native() and weight.is_contiguous():
+            return "native"
         if scales is None:
             return "plain"
         if weight.shape[-1] % 4 or self.int8_form is None:
@@ -196,6 +210,8 @@ class RowKernels:
         return _experts_flat, (form, inter, scaled), signature((x, routing, *_flat_experts(experts)))
 
     def _call(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        if form == "native":
+            return native.row_product(x.contiguous(), weight, scales)
         inputs = self._inputs(form, x, weight, scales)
         key = (form, weight.dtype, weight.shape[-1])  # one kernel per width: its rows are dynamic
         kernel = self._kernels.get(key)
@@ -211,7 +227,12 @@ class RowKernels:
         return got.shape == want.shape and float((got - want).abs().max()) <= tolerance
 
     def _choose_int8_form(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        """Times both int8 forms on this weight (each checked first) and keeps the faster."""
+        """Takes the int8 form chosen on this CPU before, where it still agrees; else times both forms on this
+        weight (each checked first), keeps the faster and remembers it."""
+        chosen = remembered(_INT8_FORM_CHOICE)
+        if chosen in ("plain_scaled", "words") and self._agrees(chosen, x, weight, scales):
+            self.int8_form = chosen
+            return
         seconds = {}
         for form in ("plain_scaled", "words"):
             try:
@@ -222,6 +243,8 @@ class RowKernels:
                 continue
             seconds[form] = _seconds(functools.partial(self._call, form, x, weight, scales))
         self.int8_form = min(seconds, key=seconds.__getitem__) if seconds else "plain_scaled"
+        if seconds:
+            remember(_INT8_FORM_CHOICE, self.int8_form)
         log.info("int8 row product: %s (%s)", self.int8_form,
                  ", ".join(f"{form} {t * 1e3:.2f} ms" for form, t in seconds.items()))
 
@@ -230,15 +253,17 @@ class RowKernels:
         """Compiles the kernels of `weights` and of a token's experts (each set: a layer's first k experts, their
         intermediate size) that are not compiled yet, several at a time (aot.compile_kernels); int8's two forms
         first, on its first weight, so the faster is chosen before the rest are compiled in it."""
-        if self.disabled_reason is not None:
-            return
+        if self.disabled_reason is not None or self.uses_native():
+            return  # the C kernels are one file, built on first use
 
         def spec(form: str, weight: torch.Tensor, scales: torch.Tensor | None) -> Any:
             return self._row_spec(form, self._inputs(form, torch.zeros(weight.shape[-1]), weight, scales))
 
         int8 = [(weight, scales) for weight, scales in weights if scales is not None and weight.shape[-1] % 4 == 0]
         if int8 and self.int8_form is None:
-            compile_kernels([spec(form, *int8[0]) for form in ("plain_scaled", "words")])
+            chosen = remembered(_INT8_FORM_CHOICE)
+            forms = (chosen,) if chosen in ("plain_scaled", "words") else ("plain_scaled", "words")
+            compile_kernels([spec(form, *int8[0]) for form in forms])
             self.check(*int8[0])  # times both forms and keeps the faster
         specs = [spec(self._form(weight, scales), weight, scales) for weight, scales in weights]
         for experts, inter in expert_sets:
@@ -260,7 +285,12 @@ class RowKernels:
             if self.disabled_reason is None:
                 x = torch.linspace(-1.0, 1.0, weight.shape[-1])
                 try:
-                    if scales is not None and self.int8_form is None and weight.shape[-1] % 4 == 0:
+                    if self._form(weight, scales) == "native" and not self._agrees("native", x, weight, scales):
+                        self.native = False
+                        log.warning("the C row product disagrees with the reference on %s; Inductor's kernels "
+                                    "serve", list(weight.shape))
+                    if scales is not None and self.int8_form is None and weight.shape[-1] % 4 == 0 \
+                            and self._form(weight, scales) != "native":
                         self._choose_int8_form(x, weight, scales)
                     ok = self._agrees(self._form(weight, scales), x, weight, scales)
                     if not ok:
@@ -286,12 +316,43 @@ class RowKernels:
             total = total + routing[j] * self.row_product(act, down, down_scales)
         return total
 
+    def token_experts(self, x: torch.Tensor, ids: torch.Tensor, routing: torch.Tensor, stacks: Stacks,
+                      expert: Callable[[int], Expert], inter: int) -> torch.Tensor:
+        """x [hidden] float32 through the experts `ids` [k] of one MoE layer (its `stacks`; `expert(e)`: expert
+        e's own tensors), weighted by routing [k]: one C call where the C kernels serve."""
+        if self.uses_native() and self._native_experts(stacks, ids.shape[0]):
+            return native.experts(x.contiguous(), ids.contiguous(), routing.contiguous(), *stacks)
+        return self.experts(x, routing, [expert(e) for e in ids.tolist()], inter)
+
+    def _native_experts(self, stacks: Stacks, k: int) -> bool:
+        """Whether native.experts serves these stacks: checked against the reference once per shape."""
+        gate_up, gate_up_scales, down, down_scales = stacks
+        key = (gate_up.dtype, (*gate_up.shape, *down.shape), k)
+        checked = self._native_experts_checked.get(key)
+        if checked is None:
+            with self._lock:
+                contiguous = all(t is None or t.is_contiguous() for t in stacks)
+                checked = contiguous and self.uses_native() and self.disabled_reason is None
+                if checked:
+                    x = torch.linspace(-1.0, 1.0, gate_up.shape[-1])
+                    ids = torch.arange(gate_up.shape[0] - 1, gate_up.shape[0] - 1 - k, -1)  # the far end too
+                    routing = torch.full((k,), 1.0 / k)
+                    experts = [(gate_up[e], _row(gate_up_scales, e), down[e], _row(down_scales, e))
+                               for e in ids.tolist()]
+                    got = native.experts(x, ids, routing, *stacks)
+                    want = self.experts_reference(x, routing, experts, down.shape[-1])
+                    checked = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+                    if not checked:
+                        log.warning("the C expert kernel disagrees with the reference; a call per expert")
+                self._native_experts_checked[key] = checked
+        return checked
+
     def experts(self, x: torch.Tensor, routing: torch.Tensor, experts: list[Expert], inter: int) -> torch.Tensor:
         """x [hidden] float32 through `experts` (each `Expert` of one MoE layer), weighted by routing [k]."""
         gate_up, gate_up_scales, down, down_scales = experts[0]
         form = self._form(gate_up, gate_up_scales)
         key = (form, gate_up.dtype, (*gate_up.shape, *down.shape, len(experts)), gate_up_scales is not None)
-        if form != self._form(down, down_scales):
+        if form == "native" or form != self._form(down, down_scales):
             return self.experts_reference(x, routing, experts, inter)
         if key not in self._experts_checked and self.check(gate_up, gate_up_scales) and self.check(down, down_scales):
             with self._lock:
@@ -315,6 +376,11 @@ class RowKernels:
         return self.experts_reference(x, routing, experts, inter)
 
 
+def _row(stack: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if stack is None else stack[e]
+
+
+_INT8_FORM_CHOICE = ("int8-form", __name__)  # remembered per CPU and source of this module
 ROW_KERNELS = RowKernels()
 
 
@@ -337,16 +403,18 @@ def _blocks(weight: torch.Tensor, scales: torch.Tensor | None) -> list[tuple[tor
 
 
 def prepare_kernels(weights: list[tuple[torch.Tensor, torch.Tensor | None]], experts: list[Expert],
-                    inter: int) -> None:
+                    inter: int, stacks: Stacks | None = None) -> None:
     """At load, not in a first request: compiles the kernels not yet compiled (several at a time), checks the row
-    product on every weight shape, and checks and times the fused kernel of a token's `experts` (a MoE layer's
-    first k, of intermediate size `inter`; none without a MoE)."""
+    product on every weight shape, and checks (and times) the kernel of a token's `experts` (a MoE layer's
+    first k, of intermediate size `inter`, from its `stacks`; none without a MoE)."""
     ROW_KERNELS.compile_ahead(weights, [(experts, inter)] if experts else [])
     prepare_row_kernels(weights)
     if experts:
         with torch.inference_mode():  # as a decode step calls it
             x = torch.linspace(-1.0, 1.0, experts[0][0].shape[-1])
-            ROW_KERNELS.experts(x, torch.full((len(experts),), 1.0 / len(experts)), experts, inter)
+            routing = torch.full((len(experts),), 1.0 / len(experts))
+            if stacks is None or not ROW_KERNELS._native_experts(stacks, len(experts)):
+                ROW_KERNELS.experts(x, routing, experts, inter)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -374,57 +442,3 @@ def weight_only_linear(
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         out = out if bias is None else out + bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-# ---- vision towers stored in bfloat16, computed in float32 ---------------------------------------------------
-
-_UNIT_BYTES = 64 << 20  # the most float32 copies one hook makes at a time
-
-
-def upcast_while_running(module: nn.Module, dtype: torch.dtype) -> int:
-    """Leaves `module`'s parameters stored as they are (bf16 of a bf16 checkpoint, mapped) and gives its forward
-    `dtype` copies, made on entry and dropped on exit of units of at most ~64 MB: a transformer block, or a
-    small module with its parent's own parameters. Returns how many modules were hooked."""
-    hooked = 0
-    for unit, owners in _units(module):
-        unit.register_forward_pre_hook(functools.partial(_upcast, owners, dtype))
-        unit.register_forward_hook(functools.partial(_restore, owners), always_call=True)
-        hooked += 1
-    return hooked
-
-
-def _float_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * 4 for p in module.parameters())
-
-
-def _units(module: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
-    """(the module whose call is hooked, the modules whose own parameters it upcasts) for `module`'s subtree."""
-    containers = (nn.ModuleList, nn.ModuleDict)  # never called: their members are hooked one by one
-    if not isinstance(module, containers) and _float_bytes(module) <= _UNIT_BYTES:
-        return [(module, list(module.modules()))]
-    units: list[tuple[nn.Module, list[nn.Module]]] = []
-    owners = [module]
-    for child in module.children():
-        if isinstance(module, containers) or isinstance(child, containers) or _float_bytes(child) > _UNIT_BYTES:
-            units += _units(child)
-        else:  # small: upcast with its parent, which may read its weights without calling it
-            owners += list(child.modules())
-    if not isinstance(module, containers):
-        units.append((module, owners))
-    return units
-
-
-def _upcast(owners: list[nn.Module], dtype: torch.dtype, module: nn.Module, args: Any) -> None:
-    for owner in owners:
-        saved = owner.__dict__.setdefault("_stored_parameters", {})
-        for name, param in owner._parameters.items():
-            if param is not None and param.is_floating_point() and param.dtype != dtype and name not in saved:
-                saved[name] = param
-                owner._parameters[name] = param.to(dtype)
-
-
-def _restore(owners: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
-    for owner in owners:
-        saved = owner.__dict__.get("_stored_parameters", {})
-        owner._parameters.update(saved)
-        saved.clear()

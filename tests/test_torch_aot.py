@@ -83,5 +83,16 @@ def test_an_unwritable_folder_compiles_into_a_temporary_one(folder: Path, monkey
     blocker.write_text("")
     monkeypatch.setenv(aot.KERNEL_CACHE_ENV, str(blocker / "kernels"))  # under a file: cannot be created
     monkeypatch.setattr(aot, "_fallback_folder", None)
-    written = aot._writable(aot.kernel_folder())
+    written = aot.writable_folder(aot.kernel_folder())
     assert written.is_dir() and blocker not in written.parents
+
+
+def test_a_measured_choice_is_kept_in_the_folder(folder: Path) -> None:
+    """What a load measured (e.g. the faster int8 form) is read back by later loads on this CPU; a changed source
+    of the module it is about is another choice."""
+    choice = ("example", __name__)
+    assert aot.remembered(choice) is None
+    aot.remember(choice, "words")
+    assert aot.remembered(choice) == "words"
+    assert aot.remembered(("example", "dsocr_torch.aot")) is None
+    assert not [path for path in folder.iterdir() if path.name.startswith(".partial")]

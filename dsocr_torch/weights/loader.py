@@ -31,11 +31,7 @@ from common.errors import BackendUnavailableError, CheckpointError, ModelNotFoun
 from common.model.config import ModelConfig, load_config
 from dsocr_torch.language import Linear
 from dsocr_torch.model import DeepseekOCRForCausalLM
-from dsocr_torch.weight_only import (
-    QUANTIZE_CHOICES,
-    STORAGE_DTYPES,
-    upcast_while_running,
-)
+from dsocr_torch.weight_only import QUANTIZE_CHOICES, STORAGE_DTYPES
 from dsocr_torch.weights.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -61,6 +57,7 @@ from dsocr_torch.weights.prepared import (
     slot_views,
 )
 from dsocr_torch.weights.stored import SCALES, prepare_kernels, stored_expert_specs, stored_experts
+from dsocr_torch.weights.upcast import upcast_while_running
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "TensorEntry", "checkpoint_index", "load_model"]
 
@@ -291,7 +288,7 @@ def _load_on_cpu(
         sources.update((f"{name}.experts.{key}.weight", "") for key in moe.expert_weight_views(*metas))
     direct: dict[str, TensorEntry] = {}
     # With weight-only storage, a bf16 checkpoint's vision weights stay bf16 too (the same values; the towers
-    # compute in `dtype` from copies made a block at a time, see weight_only.upcast_while_running).
+    # compute in `dtype` from copies made a block at a time, see weights/upcast.upcast_while_running).
     vision = tuple(f"{name}." for name in model.vision_towers()) if storage is not None else ()
     for name, entry in entries.items():
         if name in sources or name in packed:

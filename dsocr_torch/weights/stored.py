@@ -46,8 +46,8 @@ def prepare_kernels(model: DeepseekOCRForCausalLM) -> None:
                 weights.setdefault((tuple(weight.shape), scales is None), (weight, scales))
     # A token's experts run in one fused call where that is faster: compiled for the first MoE layer's shapes.
     first = next((moe for _, moe in model.moe_layers() if moe.stored is not None), None)
-    experts, inter = [], 0
+    experts, inter, stacks = [], 0, None
     if first is not None and first.stored is not None:
         experts = [first.stored.expert(e) for e in range(min(first.top_k, first.stored.gate_up.shape[0]))]
-        inter = first.intermediate
-    weight_only.prepare_kernels(list(weights.values()), experts, inter)
+        inter, stacks = first.intermediate, first.stored.stacks()
+    weight_only.prepare_kernels(list(weights.values()), experts, inter, stacks)

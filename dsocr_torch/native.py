@@ -1,0 +1,121 @@
+"""The decode step's weight-only products in C (dsocr_torch/csrc/row_products.c), for x86-64 CPUs with AVX2.
+
+Inductor's code for these products (dsocr_torch/aot.py) reads weights well below the rate memory delivers them
+on AVX2; a hand-written loop that widens eight weights at a time and walks each thread's rows in address order
+keeps up with memory, and one call can run a token's routed experts, which saves a call per expert and
+projection. The file is compiled once per machine with the system's C compiler into the kernel folder
+(aot.kernel_folder) and loaded with ctypes, which releases the GIL during a call. Where there is no AVX2, no
+compiler or no OpenMP, `library()` is None and the compiled Inductor kernels serve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from dsocr_torch.aot import kernel_folder, writable_folder
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "row_products.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "dsocr_row_product_int8": [_P, _P, _P, _P, _I64, _I64, _INT],
+    "dsocr_row_product_bf16": [_P, _P, _P, _I64, _I64, _INT],
+    "dsocr_experts_int8": [_P, _P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
+    "dsocr_experts_bf16": [_P, _P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
+}
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    # torch's own dispatch level too: ATEN_CPU_CAPABILITY=default asks for no vector code.
+    return {"avx2", "fma"} <= set(flags) and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(path: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc; set CC)")
+    partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None where they cannot serve (a warning says why once)."""
+    if not _cpu_has_avx2_fma():
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode()).hexdigest()[:16]
+    with _lock:
+        try:
+            path = writable_folder(kernel_folder()) / f"row_products-{digest}.so"
+            if not path.exists():
+                log.info("compiling %s", SOURCE.name)
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as exc:
+            log.warning("the C row products cannot be built (%s); the compiled Inductor kernels serve", exc)
+            return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def row_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """x [in] float32 (contiguous), weight [out, in] int8 (with scales [out]) or bfloat16, contiguous -> [out]."""
+    lib = library()
+    assert lib is not None
+    rows, width = weight.shape
+    out = torch.empty(rows, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if scales is None:
+        lib.dsocr_row_product_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, threads)
+    else:
+        lib.dsocr_row_product_int8(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, width,
+                                   threads)
+    return out
+
+
+def experts(x: torch.Tensor, ids: torch.Tensor, routing: torch.Tensor, gate_up: torch.Tensor,
+            gate_up_scales: torch.Tensor | None, down: torch.Tensor, down_scales: torch.Tensor | None) -> torch.Tensor:
+    """One token x [hidden] float32 through its routed experts ids [k] (int64), weighted by routing [k] float32:
+    gate_up [E, 2I, hidden] and down [E, hidden, I] contiguous stacks, int8 with their scales or bfloat16."""
+    lib = library()
+    assert lib is not None
+    k, (_, hidden, inter) = ids.shape[0], down.shape
+    scratch = torch.empty(3 * k * inter, dtype=torch.float32)
+    out = torch.empty(hidden, dtype=torch.float32)
+    function = lib.dsocr_experts_bf16 if gate_up_scales is None else lib.dsocr_experts_int8
+    function(x.data_ptr(), ids.data_ptr(), routing.data_ptr(), k, gate_up.data_ptr(),
+             None if gate_up_scales is None else gate_up_scales.data_ptr(), down.data_ptr(),
+             None if down_scales is None else down_scales.data_ptr(), hidden, inter, scratch.data_ptr(),
+             out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,61 @@
+"""Vision towers stored in bfloat16 and computed in float32 (`--quantize` on a CPU without native bfloat16):
+each block's float32 copies exist only while it runs."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+_UNIT_BYTES = 64 << 20  # the most float32 copies one hook makes at a time
+
+
+def upcast_while_running(module: nn.Module, dtype: torch.dtype) -> int:
+    """Leaves `module`'s parameters stored as they are (bf16 of a bf16 checkpoint, mapped) and gives its forward
+    `dtype` copies, made on entry and dropped on exit of units of at most ~64 MB: a transformer block, or a
+    small module with its parent's own parameters. Returns how many modules were hooked."""
+    hooked = 0
+    for unit, owners in _units(module):
+        unit.register_forward_pre_hook(functools.partial(_upcast, owners, dtype))
+        unit.register_forward_hook(functools.partial(_restore, owners), always_call=True)
+        hooked += 1
+    return hooked
+
+
+def _float_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def _units(module: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(the module whose call is hooked, the modules whose own parameters it upcasts) for `module`'s subtree."""
+    containers = (nn.ModuleList, nn.ModuleDict)  # never called: their members are hooked one by one
+    if not isinstance(module, containers) and _float_bytes(module) <= _UNIT_BYTES:
+        return [(module, list(module.modules()))]
+    units: list[tuple[nn.Module, list[nn.Module]]] = []
+    owners = [module]
+    for child in module.children():
+        if isinstance(module, containers) or isinstance(child, containers) or _float_bytes(child) > _UNIT_BYTES:
+            units += _units(child)
+        else:  # small: upcast with its parent, which may read its weights without calling it
+            owners += list(child.modules())
+    if not isinstance(module, containers):
+        units.append((module, owners))
+    return units
+
+
+def _upcast(owners: list[nn.Module], dtype: torch.dtype, module: nn.Module, args: Any) -> None:
+    for owner in owners:
+        saved = owner.__dict__.setdefault("_stored_parameters", {})
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype and name not in saved:
+                saved[name] = param
+                owner._parameters[name] = param.to(dtype)
+
+
+def _restore(owners: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
+    for owner in owners:
+        saved = owner.__dict__.get("_stored_parameters", {})
+        owner._parameters.update(saved)
+        saved.clear()
