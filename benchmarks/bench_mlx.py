@@ -2,8 +2,10 @@
 
 Same table as bench_torch.py. A random bfloat16 MLX checkpoint with the real model's shapes (6.67 GB) is
 written once (MLX's own init, sharded), and `dsocr_mlx.convert` makes the 8-bit and 4-bit checkpoints
-from it; every configuration loads through the normal loader. MoE routing on random weights is close to
-uniform (the bytes one decode step reads do not depend on it: k routed + the shared experts per layer).
+from it; every configuration loads through the normal loader. Random weights route most of a prompt's tokens
+to one expert, a trained router spreads them: prefill and time to first token are shown under the model's own
+routing and under uniform routing (benchmarks/routing_mlx.py). The bytes one decode step reads do not depend on
+it (k routed + the shared experts per layer).
 
 Each configuration runs in its own process so that peak memory is that configuration's alone.
 
@@ -144,6 +146,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from benchmarks.bench_torch import synthetic_prompt
+    from benchmarks.routing_mlx import routing_spread, uniform_routing
     from common.engine.core import EngineCore
     from common.engine.sampling import SamplingParams
     from common.model.families import resolve_mode
@@ -208,7 +211,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         embeds = backend.embed_prompt(prepared, base_views)
         mx.eval(embeds)
         length = prepared.prompt_tokens
-        result["prefill_s"], _ = timed(lambda: backend.prefill(0, embeds, 0, length), args.repeat)
+        with routing_spread() as spread:
+            result["prefill_s"], _ = timed(lambda: backend.prefill(0, embeds, 0, length), args.repeat)
+        result["top_expert_share"] = spread.top_share()
+        with uniform_routing(), routing_spread() as spread:
+            result["prefill_uniform_s"], _ = timed(lambda: backend.prefill(0, embeds, 0, length), args.repeat)
+        result["top_expert_share_uniform"] = spread.top_share()
         return prepared
 
     prepared = core.call(measure)
@@ -217,6 +225,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_new_tokens=args.decode_tokens, no_repeat_ngram_size=0, ignore_eos=True)
     done = core.submit(prepared, params).run()
     result["ttft_s"] = done.timings["ttft_s"]
+    with uniform_routing():  # the page's first token as a trained router would route it (random weights do not)
+        first = core.submit(prepared, SamplingParams(max_new_tokens=1, no_repeat_ngram_size=0, ignore_eos=True)).run()
+    result["ttft_uniform_s"] = first.timings["ttft_s"]
     result["decode_tok_s"] = done.timings["decode_tokens_per_s"]
     result["decode_tokens"] = done.completion_tokens
     result["peak_rss_gib"] = peak_rss_gib()
@@ -236,7 +247,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="dsocr mlx backend — real DeepSeek-OCR size, random weights (routing ~uniform)")
+    table = Table(title="dsocr mlx backend — real DeepSeek-OCR size, random weights")
     table.add_column("metric")
     for r in results:
         table.add_column(f"{r['config']} ({r['compute']})", justify="right")
@@ -254,8 +265,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
     row("load (s)", lambda r: f"{r['load_s']:.1f}")
     row("vision, one global view (s)", lambda r: f"{r['vision_base_s']:.2f} ({r['vision_size']}²)")
     row("vision Gundam 1024²+2x3x640² (s)", lambda r: f"{r['vision_gundam_s']:.2f}")
-    row("prefill, LM only (s)", lambda r: f"{r['prefill_s']:.2f} ({r['prompt_tokens']} tok)")
-    row("time to first token (s)", lambda r: f"{r['ttft_s']:.2f}")
+    row("prefill, LM only (s): model's / uniform routing",
+        lambda r: f"{r['prefill_s']:.2f} / {r['prefill_uniform_s']:.2f} ({r['prompt_tokens']} tok)")
+    row("busiest expert's share of a prompt: model's / uniform",
+        lambda r: f"{r['top_expert_share']:.0%} / {r['top_expert_share_uniform']:.0%}")
+    row("time to first token (s): model's / uniform routing",
+        lambda r: f"{r['ttft_s']:.2f} / {r['ttft_uniform_s']:.2f}")
     row("decode (tok/s)", lambda r: f"{r['decode_tok_s']:.1f} ({r['decode_tokens']} tok)")
     row("peak RSS (GiB)", lambda r: f"{r['peak_rss_gib']:.1f}")
     row("peak MLX memory (GiB)", lambda r: f"{r['peak_mlx_gib']:.1f}")

@@ -110,6 +110,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, routing: torch.Tensor, gate_up: 
     gate_up [E, 2I, hidden] and down [E, hidden, I] contiguous stacks, int8 with their scales or bfloat16."""
     lib = library()
     assert lib is not None
+    ids = ids.to(torch.int64)  # the C side reads int64
     k, (_, hidden, inter) = ids.shape[0], down.shape
     scratch = torch.empty(3 * k * inter, dtype=torch.float32)
     out = torch.empty(hidden, dtype=torch.float32)

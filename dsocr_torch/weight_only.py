@@ -4,17 +4,19 @@ float32 scale per output channel, and multiplied in float32.
 A decode step reads every active weight once per token, so its time is the weights' bytes: half (bf16) or a
 quarter (int8) of float32's. On a CPU without native bfloat16 (AVX2) torch has no product of float32
 activations with such weights that runs at memory speed (its bf16 GEMV and its int8 weight-only kernel are
-bound by arithmetic there), so a one-row product is a reduction compiled by Inductor's C++ backend (ahead of
-time, dsocr_torch/aot.py), which fuses the upcast into the vectorised dot products. A product of many rows (a
-prompt chunk, a large decode batch) upcasts the weight and uses oneDNN's float32 product, whose arithmetic then
-dominates.
+bound by arithmetic there), so a one-row product is a kernel of our own that widens the weights inside its
+vectorised dot products: in C where the CPU has AVX2 (dsocr_torch/native.py, which also runs a token's routed
+experts in one call), else a reduction compiled by Inductor's C++ backend (ahead of time, dsocr_torch/aot.py).
+A product of many rows (a prompt chunk, a large decode batch) upcasts the weight and uses oneDNN's float32
+product, whose arithmetic then dominates.
 
-The kernel is compiled once per machine for each weight width (the reduction's length is static; the number of
-rows is not: a model has a handful of widths) and checked against the eager reference on every weight shape at
-every load; where it cannot be compiled (no C++ compiler) or a check fails, the eager reference is used and a
-warning says so. Inductor (torch 2.13) miscompiled other forms of this product: a broadcast over several
-activation rows at once (hence one call per row), weights at a large offset into a mapped file (hence
-`standalone`), and torch.compile's automatic dynamic shapes (wrong sums on AVX2, out-of-bounds writes).
+Inductor's kernel is compiled once per machine for each weight width (the reduction's length is static; the
+number of rows is not: a model has a handful of widths). Every kernel is checked against the eager reference on
+every weight shape at every load; where none can be compiled (no C or C++ compiler) or a check fails, the eager
+reference is used and a warning says so. Inductor (torch 2.13) miscompiled other forms of this product: a
+broadcast over several activation rows at once (hence one call per row), weights at a large offset into a
+mapped file (hence `standalone`), and torch.compile's automatic dynamic shapes (wrong sums on AVX2,
+out-of-bounds writes).
 """
 
 from __future__ import annotations
@@ -340,7 +342,8 @@ class RowKernels:
                     experts = [(gate_up[e], _row(gate_up_scales, e), down[e], _row(down_scales, e))
                                for e in ids.tolist()]
                     got = native.experts(x, ids, routing, *stacks)
-                    want = self.experts_reference(x, routing, experts, down.shape[-1])
+                    want = _experts("plain" if gate_up_scales is None else "plain_scaled", down.shape[-1], x, routing,
+                                    experts)  # the eager reference
                     checked = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
                     if not checked:
                         log.warning("the C expert kernel disagrees with the reference; a call per expert")
