@@ -48,3 +48,28 @@ def test_upcast_while_running_copies_a_unit_at_a_time(monkeypatch: pytest.Monkey
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
     assert seen == [1 + 1 + 2] * 3  # scale, table, and one block's weight and bias at a time
     assert all(p is stored[name] for name, p in tower.named_parameters())
+
+
+def test_copies_reuse_one_buffer_and_outputs_never_alias_it() -> None:
+    """Every call copies into the same per-thread buffer (no fresh pages per view); a unit whose output is a view
+    of its own copy (a position table returned as is) gets its own tensor back, not one the next unit overwrites."""
+
+    class Table(torch.nn.Module):
+        def __init__(self, rows: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(rows, 8))
+
+        def forward(self, n: int) -> torch.Tensor:
+            storages.append(self.weight.untyped_storage().data_ptr())
+            return self.weight[:n]  # a view of the copy
+
+    storages: list[int] = []
+    first, second = Table(100).to(torch.bfloat16), Table(100).to(torch.bfloat16)
+    for table in (first, second):
+        assert upcast.upcast_while_running(table, torch.float32) == 1
+    got = first(5)
+    second(100)  # reuses the buffer's space
+    torch.testing.assert_close(got, first.weight[:5].float())
+    assert got.dtype == torch.float32 and got.untyped_storage().data_ptr() != upcast._arena().data_ptr()
+    assert set(storages) == {upcast._arena().untyped_storage().data_ptr()}  # copies in the buffer, every call
+    assert upcast._arenas.top == 0  # everything given back
