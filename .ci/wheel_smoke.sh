@@ -80,7 +80,7 @@ cp -r "$FIXTURE/model" model-copy
 DSOCR_KERNEL_CACHE="$WORK/kernels" dsocr --model model-copy "$FIXTURE/images/doc_text.png" --device cpu \
     --dtype float32 --quantize int8 --max-new-tokens 8 --temperature 0 -o out-int8 -q
 test -s out-int8/doc_text.md
-if grep -qw avx2 /proc/cpuinfo; then ls "$WORK"/kernels/*/row_products-*.so; fi
+if grep -qw avx2 /proc/cpuinfo; then ls "$WORK"/kernels/*/decode_step-*.so; fi
 
 step "dsocr-server on loopback: /health, one chat request with an image"
 port="$("$VENV_BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -2,8 +2,8 @@
 
 A shared machine's memory bandwidth drifts by tens of percent over minutes, and decode is bandwidth: one
 configuration after another measures the drift as much as the configuration. Here every round runs every
-configuration once (its own process: load through the engine core, a 300-token text prompt, 8 warm-up tokens,
-then N timed), and each round's ratio to the first configuration is reported with the median over rounds.
+configuration once (its own process: load through the engine core, a text prompt of --prompt-tokens, 8 warm-up
+tokens, then N timed), and each round's ratio to the first configuration is reported with the median over rounds.
 
     python benchmarks/bench_decode.py --isa avx2 --configs cpu:float32,cpu:float32:bf16,cpu:float32:int8
 """
@@ -30,7 +30,6 @@ from benchmarks.bench_torch import (  # noqa: E402
     write_random_checkpoint,
 )
 
-PROMPT_TOKENS = 300
 WARMUP_TOKENS = 8
 
 
@@ -55,7 +54,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         Tokenizer.from_dir(ROOT / "tests" / "fixtures" / "deepseek-ocr" / "model"),
     )
     core.start().wait_ready()
-    ids = np.random.default_rng(0).integers(3, 128000, size=PROMPT_TOKENS).astype(np.int64)
+    ids = np.random.default_rng(0).integers(3, 128000, size=args.prompt_tokens).astype(np.int64)
     prompt = PreparedInputs(ids, np.zeros(ids.shape[0], dtype=bool), [])
 
     def decode(tokens: int) -> float:
@@ -65,12 +64,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     decode(WARMUP_TOKENS)
     tok_s = decode(args.decode_tokens)
     model = core.call(lambda backend: backend.model)
-    bytes_per_token = decode_bytes_per_token(model, PROMPT_TOKENS + args.decode_tokens // 2)
+    bytes_per_token = decode_bytes_per_token(model, args.prompt_tokens + args.decode_tokens // 2)
     bandwidth = core.call(lambda backend: measure_bandwidth(backend.model.device))
     core.close()
     return {"tok_s": tok_s, "bytes_per_token": bytes_per_token, "bandwidth_Bps": bandwidth,
             "peak_rss_gib": peak_rss_gib(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens}
 
 
 def print_table(configs: list[str], runs: dict[str, list[dict[str, Any]]], isa: str) -> None:
@@ -79,7 +78,8 @@ def print_table(configs: list[str], runs: dict[str, list[dict[str, Any]]], isa: 
 
     base = configs[0]
     rounds = len(runs[base])
-    table = Table(title=f"decode B=1, {rounds} interleaved rounds, {runs[base][0]['isa']} ({isa}), "
+    table = Table(title=f"decode B=1 after {runs[base][0]['prompt_tokens']} tokens, {rounds} interleaved rounds, "
+                        f"{runs[base][0]['isa']} ({isa}), "
                         f"{runs[base][0]['threads']} threads; ratios to {base} in the same round")
     for column in ("configuration", "tok/s (median; min-max)", "ratio (median; min-max)", "bytes/token",
                    "floor at the measured bandwidth (tok/s) / reached", "peak RSS (GiB)"):
@@ -106,6 +106,9 @@ def main() -> None:
                         help="comma list of device:dtype[:quantize]; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=300,
+                        help="the context the tokens are decoded after (a Base page's prompt is ~280; a page's "
+                             "output adds hundreds to thousands)")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: hold torch, oneDNN and MKL to AVX2 in the workers")
     parser.add_argument("--worker", nargs=3, metavar=("DEVICE", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
@@ -123,7 +126,8 @@ def main() -> None:
         for config in configs:
             device, dtype, *quantize = config.split(":")
             command = [sys.executable, __file__, "--worker", device, dtype, quantize[0] if quantize else "none",
-                       "--checkpoint", str(args.checkpoint), "--decode-tokens", str(args.decode_tokens)]
+                       "--checkpoint", str(args.checkpoint), "--decode-tokens", str(args.decode_tokens),
+                       "--prompt-tokens", str(args.prompt_tokens)]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")

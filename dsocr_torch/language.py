@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model.config import LanguageConfig
+from dsocr_torch import native
 from dsocr_torch.cache import CacheWrite, KVCache
 from dsocr_torch.weight_only import standalone, weight_only_linear
 from dsocr_torch.weights import onednn
@@ -176,6 +177,9 @@ class Attention(nn.Module):
         lanes = _lane_index(bsz, q.device)
         keys[lanes, :, write.positions] = k[:, :, 0].to(keys.dtype)
         values[lanes, :, write.positions] = v[:, :, 0].to(values.dtype)
+        if native.decode_attention_serves(keys) and values.stride() == keys.stride():
+            # On the CPU, a C loop reads each lane's cache once in address order (dsocr_torch/native.py).
+            return native.decode_attention(q.to(keys.dtype), keys, values, write.positions + 1, write.kv_length)
         keys = keys[:bsz, :, : write.kv_length]
         values = values[:bsz, :, : write.kv_length]
         q = q.to(keys.dtype)

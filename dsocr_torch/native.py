@@ -1,11 +1,13 @@
-"""The decode step's weight-only products in C (dsocr_torch/csrc/row_products.c), for x86-64 CPUs with AVX2.
+"""A decode step's kernels in C (dsocr_torch/csrc/decode_step.c), for x86-64 CPUs with AVX2: the weight-only
+products and the attention of one query per sequence over its KV cache.
 
-Inductor's code for these products (dsocr_torch/aot.py) reads weights well below the rate memory delivers them
-on AVX2; a hand-written loop that widens eight weights at a time and walks each thread's rows in address order
+Inductor's code for the products (dsocr_torch/aot.py) reads weights well below the rate memory delivers them on
+AVX2; a hand-written loop that widens eight weights at a time and walks each thread's rows in address order
 keeps up with memory, and one call can run a token's routed experts, which saves a call per expert and
-projection. The file is compiled once per machine with the system's C compiler into the kernel folder
-(aot.kernel_folder) and loaded with ctypes, which releases the GIL during a call. Where there is no AVX2, no
-compiler or no OpenMP, `library()` is None and the compiled Inductor kernels serve.
+projection. torch's attention for a single query reads a cold cache at a fraction of that rate. The file is
+compiled once per machine with the system's C compiler into the kernel folder (aot.kernel_folder) and loaded
+with ctypes, which releases the GIL during a call. Where there is no AVX2, no compiler or no OpenMP, `library()`
+is None: Inductor's kernels and torch's attention serve.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dsocr_torch.aot import kernel_folder, writable_folder
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "row_products.c"
+SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 _lock = threading.Lock()
@@ -38,6 +40,8 @@ _SIGNATURES = {
     "dsocr_row_product_bf16": [_P, _P, _P, _I64, _I64, _INT],
     "dsocr_experts_int8": [_P, _P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
     "dsocr_experts_bf16": [_P, _P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _P, _P, _INT],
+    "dsocr_decode_attention": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _P,
+                               _INT],
 }
 
 
@@ -75,7 +79,7 @@ def library() -> ctypes.CDLL | None:
     digest = hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode()).hexdigest()[:16]
     with _lock:
         try:
-            path = writable_folder(kernel_folder()) / f"row_products-{digest}.so"
+            path = writable_folder(kernel_folder()) / f"decode_step-{digest}.so"
             if not path.exists():
                 log.info("compiling %s", SOURCE.name)
                 _build(path)
@@ -120,3 +124,27 @@ def experts(x: torch.Tensor, ids: torch.Tensor, routing: torch.Tensor, gate_up: 
              None if down_scales is None else down_scales.data_ptr(), hidden, inter, scratch.data_ptr(),
              out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     kv_length: int) -> torch.Tensor:
+    """softmax(q k / sqrt(d)) v for one query per lane: q [B, heads, 1, d] float32; keys and values a layer's
+    float32 cache [lanes, kv_heads, capacity, d] (positions contiguous); lane b attends to its first lengths[b]
+    positions, none past kv_length. -> [B, heads, 1, d]."""
+    lib = library()
+    assert lib is not None
+    bsz, heads, _, dim = q.shape
+    q = q.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    scratch = torch.empty(bsz * heads * kv_length, dtype=torch.float32)
+    lib.dsocr_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), lengths.data_ptr(), bsz, heads,
+                               keys.shape[1], dim, keys.stride(0), keys.stride(1), kv_length, dim**-0.5,
+                               scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_attention_serves(keys: torch.Tensor) -> bool:
+    """Whether decode_attention can read this cache layer: float32 on the CPU, positions and features contiguous."""
+    return (keys.device.type == "cpu" and keys.dtype == torch.float32 and keys.dim() == 4
+            and keys.stride(3) == 1 and keys.stride(2) == keys.shape[3] and library() is not None)

@@ -62,7 +62,7 @@ def test_built_once_into_the_kernel_folder(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv(aot.KERNEL_CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(native, "library", native.library.__wrapped__)  # not this process's cached one
     assert native.library() is not None
-    built = list(aot.kernel_folder().glob("row_products-*.so"))
+    built = list(aot.kernel_folder().glob("decode_step-*.so"))
     assert len(built) == 1
 
     def no_building(path: Path) -> None:
@@ -80,4 +80,26 @@ def test_without_a_compiler_it_is_refused_with_a_warning(tmp_path: Path, monkeyp
     with caplog.at_level(logging.WARNING, logger="dsocr_torch.native"):
         assert native.library.__wrapped__() is None
     assert "cannot be built" in caplog.text
-    assert not list(aot.kernel_folder().glob("*row_products*"))  # nothing half-written left behind
+    assert not list(aot.kernel_folder().glob("*decode_step*"))  # nothing half-written left behind
+
+
+@needs_native
+@pytest.mark.parametrize(("lanes", "heads", "kv_heads", "dim"), [(1, 10, 10, 128), (3, 4, 2, 20), (2, 6, 1, 7)])
+def test_decode_attention_equals_sdpa_over_each_lanes_filled_keys(lanes: int, heads: int, kv_heads: int,
+                                                                   dim: int) -> None:
+    """Lanes of different lengths in a cache wider than any (capacity 64, read up to kv_length), grouped query
+    heads, a head size with a tail; against torch's attention over each lane's own keys."""
+    generator = torch.Generator().manual_seed(lanes * 100 + heads)
+    cache_keys = torch.randn(lanes + 1, kv_heads, 64, dim, generator=generator)  # one lane more than used
+    cache_values = torch.randn(lanes + 1, kv_heads, 64, dim, generator=generator)
+    q = torch.randn(lanes, heads, 1, dim, generator=generator)
+    lengths = torch.tensor([40, 1, 17][:lanes])
+    assert native.decode_attention_serves(cache_keys)
+    got = native.decode_attention(q, cache_keys, cache_values, lengths, kv_length=40)
+    for lane, length in enumerate(lengths.tolist()):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[lane : lane + 1], cache_keys[lane : lane + 1, :, :length], cache_values[lane : lane + 1, :, :length],
+            enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(got[lane : lane + 1], want, rtol=1e-5, atol=1e-5)
+    assert not native.decode_attention_serves(cache_keys.bfloat16())
+    assert not native.decode_attention_serves(cache_keys.transpose(2, 3))

@@ -1,10 +1,12 @@
-/* Products of float32 activations with weights stored as int8 (one float32 scale per output row) or bfloat16,
- * for a decode step on x86-64 CPUs with AVX2 and FMA (dsocr_torch/native.py compiles and loads this file).
+/* A decode step's kernels on x86-64 CPUs with AVX2 and FMA (dsocr_torch/native.py compiles and loads this file):
+ * products of float32 activations with weights stored as int8 (one float32 scale per output row) or bfloat16,
+ * and attention of one query per sequence over its KV cache.
  *
- * A decode step reads each weight once, so these products are bound by memory: each thread walks its rows in
- * address order (what the hardware prefetchers follow), widens 8 weights at a time to float32 and accumulates
- * with FMAs into four independent sums. The arithmetic is float32 throughout; only the order of the additions
- * differs from the eager reference (dsocr_torch/weight_only.py), which the loader checks every kernel against.
+ * A decode step reads each weight and each cached key and value once, so these are bound by memory: each thread
+ * walks its rows in address order (what the hardware prefetchers follow), widens 8 weights at a time to float32
+ * and accumulates with FMAs into four independent sums. The arithmetic is float32 throughout; only the order of
+ * the additions differs from the eager references (dsocr_torch/weight_only.py, torch's attention), which the
+ * kernels are checked against.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -106,3 +108,47 @@ void dsocr_row_product_bf16(const float* x, const uint16_t* w, float* out, int64
 
 DEFINE_EXPERTS(dsocr_experts_int8, int8_t, dot_int8)
 DEFINE_EXPERTS(dsocr_experts_bf16, uint16_t, dot_bf16)
+
+DEFINE_DOT(dot_f32, float, _mm256_loadu_ps, AS_FLOAT)
+
+/* o[0:dim] += p * v[0:dim] */
+static inline void add_scaled(float* o, float p, const float* v, int64_t dim) {
+    __m256 scale = _mm256_set1_ps(p);
+    int64_t j = 0;
+    for (; j + 8 <= dim; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + j), _mm256_loadu_ps(o + j)));
+    for (; j < dim; j++) o[j] += p * v[j];
+}
+
+/* A decode step's attention: one query per (lane, head) over the first lengths[lane] cached positions of its lane
+ * (at most span), softmax(q . k * scale) . v, in float32. q and out [lanes, heads, dim]; keys and values point
+ * at a layer's cache, [lanes, kv_heads, capacity, dim] with the given lane and head strides (in floats), both
+ * laid out alike; query head h reads key head h / (heads / kv_heads). scratch holds lanes * heads * span floats.
+ * Each (lane, head) reads its keys, then its values, in address order. */
+void dsocr_decode_attention(const float* q, const float* keys, const float* values, const int64_t* lengths,
+                            int64_t lanes, int64_t heads, int64_t kv_heads, int64_t dim, int64_t lane_stride,
+                            int64_t head_stride, int64_t span, float scale, float* scratch, float* out,
+                            int threads) {
+    int64_t group = heads / kv_heads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < lanes * heads; i++) {
+        int64_t lane = i / heads, head = i % heads, length = lengths[lane] < span ? lengths[lane] : span;
+        const float* query = q + i * dim;
+        const float* k = keys + lane * lane_stride + (head / group) * head_stride;
+        const float* v = values + lane * lane_stride + (head / group) * head_stride;
+        float* p = scratch + i * span;
+        float* o = out + i * dim;
+        float peak = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < length; t++) {
+            p[t] = scale * dot_f32(k + t * dim, query, dim);
+            peak = p[t] > peak ? p[t] : peak;
+        }
+        for (int64_t t = 0; t < length; t++) {
+            p[t] = expf(p[t] - peak);
+            total += p[t];
+        }
+        for (int64_t j = 0; j < dim; j++) o[j] = 0.0f;
+        float inverse = 1.0f / total;
+        for (int64_t t = 0; t < length; t++) add_scaled(o, p[t] * inverse, v + t * dim, dim);
+    }
+}
