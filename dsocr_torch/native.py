@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120  # a load waits for it: a compiler that hangs must not hang the load
 
 _lock = threading.Lock()
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -63,7 +64,11 @@ def _build(path: Path) -> None:
         raise RuntimeError("no C compiler (cc or gcc; set CC)")
     partial = path.with_name(f".partial-{os.getpid()}-{path.name}")
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                  text=True, timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{compiler} took over {COMPILE_TIMEOUT_S} s") from exc
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, path)
