@@ -6,15 +6,20 @@ configuration once (its own process: load through the engine core, a text prompt
 tokens, then N timed), and each round's ratio to the first configuration is reported with the median over rounds.
 
     python benchmarks/bench_decode.py --isa avx2 --configs cpu:float32,cpu:float32:bf16,cpu:float32:int8
+
+With --prefill each worker also times the prompt's prefill under the random weights' routing and under uniform
+routing (benchmarks/routing.py), so prompt paths are compared interleaved too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +68,36 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     decode(WARMUP_TOKENS)
     tok_s = decode(args.decode_tokens)
+    prefill = core.call(lambda backend: time_prefill(backend, ids)) if args.prefill else {}
     model = core.call(lambda backend: backend.model)
     bytes_per_token = decode_bytes_per_token(model, args.prompt_tokens + args.decode_tokens // 2)
     bandwidth = core.call(lambda backend: measure_bandwidth(backend.model.device))
     core.close()
     return {"tok_s": tok_s, "bytes_per_token": bytes_per_token, "bandwidth_Bps": bandwidth,
             "peak_rss_gib": peak_rss_gib(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens}
+            "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens, **prefill}
+
+
+def time_prefill(backend: Any, ids: Any) -> dict[str, float]:
+    """The prompt's prefill (best of 2) under the random weights' routing and under uniform routing, on the core's
+    thread (inside core.call)."""
+    import torch
+
+    from benchmarks.routing import uniform_routing
+
+    with torch.inference_mode():
+        embeds = backend.model.model.embed_tokens(torch.as_tensor(ids))
+        times = {}
+        routings = {"prefill_s": contextlib.nullcontext(), "prefill_uniform_s": uniform_routing(backend.model)}
+        for name, routing in routings.items():
+            with routing:
+                best = float("inf")
+                for _ in range(2):
+                    start = time.perf_counter()
+                    backend.prefill(0, embeds, 0, embeds.shape[0])
+                    best = min(best, time.perf_counter() - start)
+            times[name] = best
+    return times
 
 
 def print_table(configs: list[str], runs: dict[str, list[dict[str, Any]]], isa: str) -> None:
@@ -97,6 +125,20 @@ def print_table(configs: list[str], runs: dict[str, list[dict[str, Any]]], isa: 
             f"{max(r['peak_rss_gib'] for r in runs[config]):.1f}",
         )
     Console(width=180).print(table)
+    if "prefill_s" in runs[base][0]:
+        prefill = Table(title=f"prefill of the {runs[base][0]['prompt_tokens']}-token prompt (best of 2), the same "
+                              f"rounds; ratios to {base} in the same round")
+        for column in ("configuration", "random weights' routing (s)", "ratio", "uniform routing (s)", "ratio"):
+            prefill.add_column(column, justify="left" if column == "configuration" else "right")
+        for config in configs:
+            cells = [config]
+            for key in ("prefill_s", "prefill_uniform_s"):
+                seconds = [r[key] for r in runs[config]]
+                ratios = [r[key] / b[key] for r, b in zip(runs[config], runs[base], strict=True)]
+                cells += [f"{statistics.median(seconds):.2f}; {min(seconds):.2f}-{max(seconds):.2f}",
+                          f"{statistics.median(ratios):.2f}x; {min(ratios):.2f}-{max(ratios):.2f}"]
+            prefill.add_row(*cells)
+        Console(width=180).print(prefill)
 
 
 def main() -> None:
@@ -109,6 +151,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=300,
                         help="the context the tokens are decoded after (a Base page's prompt is ~280; a page's "
                              "output adds hundreds to thousands)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="also time the prompt's prefill, under the random weights' and uniform routing")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: hold torch, oneDNN and MKL to AVX2 in the workers")
     parser.add_argument("--worker", nargs=3, metavar=("DEVICE", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
@@ -127,7 +171,7 @@ def main() -> None:
             device, dtype, *quantize = config.split(":")
             command = [sys.executable, __file__, "--worker", device, dtype, quantize[0] if quantize else "none",
                        "--checkpoint", str(args.checkpoint), "--decode-tokens", str(args.decode_tokens),
-                       "--prompt-tokens", str(args.prompt_tokens)]
+                       "--prompt-tokens", str(args.prompt_tokens)] + (["--prefill"] if args.prefill else [])
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
