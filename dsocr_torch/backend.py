@@ -12,6 +12,7 @@ import torch
 from common.engine.backend import BackendOptions, ProgressCallback, StepControls, Trace, lane_capacity, lanes_within
 from common.memory import memory_limit_bytes
 from common.model.inputs import PreparedInputs
+from dsocr_torch import native
 from dsocr_torch.cache import KVCache
 from dsocr_torch.model import DeepseekOCRForCausalLM
 from dsocr_torch.sampling import choose_tokens, token_logprobs
@@ -58,6 +59,8 @@ class TorchBackend:
         self.vocab_size = lm.vocab_size
         self.asynchronous = device.type == "cuda"
         model.pack_for_cpu_decode()  # once, at load: a first request pays nothing extra
+        if device.type == "cpu":
+            native.library()  # the C decode kernels, built once per machine: at load, not in a first request
         wanted = max_batch or DEFAULT_MAX_BATCH.get(device.type, 8)
         budget = int(kv_cache_gib * (1 << 30)) if kv_cache_gib is not None else default_kv_cache_bytes(device)
         capacity = lane_capacity(lm.max_position_embeddings, max_context)

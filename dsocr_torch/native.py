@@ -90,7 +90,8 @@ def library() -> ctypes.CDLL | None:
                 _build(path)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as exc:
-            log.warning("the C row products cannot be built (%s); the compiled Inductor kernels serve", exc)
+            log.warning("the C decode kernels cannot be built (%s); torch's attention and Inductor's products "
+                        "serve, a slower decode", exc)
             return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
