@@ -141,6 +141,12 @@ _ROWS = (1, 2)  # a row product's weight and scales: any number of rows (output 
 _KERNELS = {"plain": _row_product, "plain_scaled": _row_product_scaled, "words": _row_product_words}
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether a kernel's result is the reference's up to float32 summation order."""
+    tolerance = 1e-4 * float(want.abs().max()) + 1e-5
+    return got.shape == want.shape and float((got - want).abs().max()) <= tolerance
+
+
 def _seconds(run: Any, repeat: int = 5) -> float:
     """The best of `repeat` timed calls of `run`."""
     best = float("inf")
@@ -225,8 +231,7 @@ class RowKernels:
     def _agrees(self, form: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> bool:
         got = self._call(form, x, weight, scales)
         want = row_product_reference(x, weight, scales)
-        tolerance = 1e-4 * float(want.abs().max()) + 1e-5
-        return got.shape == want.shape and float((got - want).abs().max()) <= tolerance
+        return _close(got, want)
 
     def _choose_int8_form(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
         """Takes the int8 form chosen on this CPU before, where it still agrees; else times both forms on this
@@ -344,7 +349,7 @@ class RowKernels:
                     got = native.experts(x, ids, routing, *stacks)
                     want = _experts("plain" if gate_up_scales is None else "plain_scaled", down.shape[-1], x, routing,
                                     experts)  # the eager reference
-                    checked = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+                    checked = _close(got, want)
                     if not checked:
                         log.warning("the C expert kernel disagrees with the reference; a call per expert")
                 self._native_experts_checked[key] = checked
@@ -363,7 +368,7 @@ class RowKernels:
                     self._fused[key] = aot_kernel(*self._fused_spec(form, inter, x, routing, experts))
                     fused = functools.partial(self._fused[key], x, routing, *_flat_experts(experts))
                     got, want = fused(), self.experts_reference(x, routing, experts, inter)
-                    agrees = float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+                    agrees = _close(got, want)
                     if not agrees:
                         log.warning("the fused expert kernel disagrees with the reference; one call per expert")
                     # Kept where it is the faster (Inductor's code for the fused form is not, on every ISA).
@@ -432,16 +437,11 @@ def weight_only_linear(
 ) -> torch.Tensor:
     """F.linear(x, dequantize(weight, scales), bias), computed in float32 and returned in x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    if flat.shape[0] == 1:  # a decode step of one sequence
-        out = ROW_KERNELS.row_product(flat[0], weight, scales).unsqueeze(0)
-        if bias is not None:
-            out = out + bias.float()
-    elif flat.shape[0] <= ROW_KERNEL_MAX_ROWS:
-        out = torch.stack([ROW_KERNELS.row_product(row, weight, scales) for row in flat])
-        if bias is not None:
-            out = out + bias.float()
+    if flat.shape[0] <= ROW_KERNEL_MAX_ROWS:  # decode steps: a row product per sequence
+        rows = [ROW_KERNELS.row_product(row, weight, scales) for row in flat]
+        out = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
     else:
         parts = [upcast_linear(flat, block, block_scales) for block, block_scales in _blocks(weight, scales)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        out = out if bias is None else out + bias.float()
+    out = out if bias is None else out + bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

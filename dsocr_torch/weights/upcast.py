@@ -34,7 +34,7 @@ def _copy_in_arena(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`param` as `dtype`, in this thread's buffer where it fits (else a fresh copy)."""
     arena = _arena()
     start = _arenas.top
-    size = param.numel() * torch.empty((), dtype=dtype).element_size()
+    size = param.numel() * dtype.itemsize
     if start + size > arena.numel():
         return param.to(dtype)
     _arenas.top = start + (size + _ALIGN - 1) // _ALIGN * _ALIGN
